@@ -1,0 +1,30 @@
+# Two entry points, both idempotent: `make demo` and `make test`.
+# The first run creates .venv and installs fedser with every extra; later runs reuse it
+# (the install is redone only when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedser-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torch, torchaudio, opacus, flwr; torchaudio.transforms.MelSpectrogram()(torch.zeros(400))"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedser demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py $(ARGS)
+
+clean:
+	rm -rf runs .cache .pytest_cache

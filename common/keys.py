@@ -1,0 +1,47 @@
+"""Message keys shared by the ServerApp and the ClientApp, so the two sides cannot drift."""
+
+# ArrayRecord / ConfigRecord / MetricRecord names inside a Message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Config sent by the server with every train / evaluate instruction.
+SERVER_ROUND = "server-round"
+MODEL_VERSION = "model-version"
+KWS_HEAD_VERSION = "kws-head-version"
+TIER = "tier"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+LEARNING_RATE = "learning-rate"
+CLIP_NORM = "clip-norm"               # user-level update clipping bound C
+NOISE_MULTIPLIER = "noise-multiplier"  # user-level noise multiplier z
+NOISE_MODE = "noise-mode"             # "local" | "distributed" | "none"
+EXPECTED_CLIENTS = "expected-clients"  # m, for distributed noise z*C/sqrt(m)
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # sample-level DP-SGD noise
+DP_MAX_GRAD_NORM = "dp-max-grad-norm"
+MODEL_CONFIG = "model-config"         # JSON of the ModelConfig
+FEATURE_SPEC = "feature-spec"         # JSON of the FeatureSpec
+
+# Metrics a client replies with.
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+EPSILON = "epsilon"                   # sample-level epsilon spent so far (ledger)
+DELTA = "delta"
+HEADS = "heads"                       # bit mask of heads trained (see HEAD_BITS)
+LOCAL_STEPS = "local-steps"
+WALL_TIME = "wall-time"
+UPDATE_NORM = "update-norm"
+DECLINED = "declined"                 # 1 when the device did not train
+ACCURACY = "accuracy"
+UAR = "uar"
+
+TASKS = ("emotion", "kws")
+HEAD_BITS = {"emotion": 1, "kws": 2}
+
+
+def heads_to_mask(heads: set[str] | list[str] | tuple[str, ...]) -> int:
+    return sum(HEAD_BITS[h] for h in heads)
+
+
+def mask_to_heads(mask: int) -> list[str]:
+    return [h for h, bit in HEAD_BITS.items() if int(mask) & bit]
