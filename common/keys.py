@@ -45,3 +45,10 @@ def heads_to_mask(heads: set[str] | list[str] | tuple[str, ...]) -> int:
 
 def mask_to_heads(mask: int) -> list[str]:
     return [h for h, bit in HEAD_BITS.items() if int(mask) & bit]
+
+# Error codes a device uses to decline an instruction (Message error replies).
+DECLINE_BUDGET = 601       # the next round would exceed the device's privacy budget
+DECLINE_NO_DATA = 602      # no usable local data (empty or entirely corrupt folder)
+DECLINE_BAD_INSTRUCTION = 603  # model version / config the device cannot use
+DECLINE_CODES = {DECLINE_BUDGET: "privacy budget", DECLINE_NO_DATA: "no data",
+                 DECLINE_BAD_INSTRUCTION: "bad instruction"}

@@ -1,0 +1,115 @@
+"""Device settings (from ``--node-config``) and the device's local data.
+
+A device is a person: its data folder (or manifest) holds its own recordings. Part of
+them is held back for federated evaluation, deterministically, so the same utterances
+are never trained on in one round and evaluated on in another.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedser.common.cache import FeatureCache
+from fedser.common.corpora import Corpus, load_corpus
+from fedser.common.data import TaskData, build_task_data
+from fedser.common.errors import ConfigError, CorpusError
+from fedser.common.features import FeatureSpec
+
+TIERS = (1.0, 0.5, 0.25)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("FEDSER_HOME", Path.home() / ".fedser"))
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    data: str                      # corpus folder or manifest CSV
+    tier: float = 1.0              # width tier; "auto" is resolved before this is built
+    max_epsilon: float = 8.0       # sample-level budget of this device
+    delta: float = 1e-5
+    ledger: str = ""               # privacy ledger path
+    cache: str = ""                # feature cache folder ("" = none)
+    holdout: float = 0.2           # share of local utterances held back for evaluation
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> "DeviceSettings":
+        """Validate ``--node-config`` values (collecting every problem) into settings."""
+        problems = []
+        data = str(node_config.get("data", "")).strip()
+        if not data:
+            problems.append("data is required (a corpus folder or manifest CSV on this device)")
+        tier = node_config.get("tier", 1.0)
+        if str(tier) == "auto":
+            from .probe import auto_tier
+            tier = auto_tier()
+        try:
+            tier = float(tier)
+        except (TypeError, ValueError):
+            problems.append(f"tier must be one of {TIERS} or auto, got {tier!r}")
+            tier = 1.0
+        if tier not in TIERS:
+            problems.append(f"tier must be one of {TIERS} or auto, got {tier}")
+        max_eps = float(node_config.get("max-epsilon", 8.0))
+        if not max_eps > 0:
+            problems.append(f"max-epsilon must be > 0, got {max_eps}")
+        delta = float(node_config.get("delta", 1e-5))
+        if not 0 < delta < 1:
+            problems.append(f"delta must be in (0, 1), got {delta}")
+        holdout = float(node_config.get("holdout", 0.2))
+        if not 0 <= holdout < 1:
+            problems.append(f"holdout must be in [0, 1), got {holdout}")
+        if problems:
+            raise ConfigError("node config: " + "; ".join(problems))
+        state = default_state_dir()
+        key = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]
+        ledger = str(node_config.get("ledger") or state / f"ledger-{key}.json")
+        cache = str(node_config.get("cache", state / "features"))
+        return cls(data=data, tier=tier, max_epsilon=max_eps, delta=delta, ledger=ledger,
+                   cache="" if cache == "none" else cache, holdout=holdout)
+
+
+def _held_back(path: str, offset: float, share: float) -> bool:
+    """Deterministic per-utterance choice, stable across rounds and restarts."""
+    h = int(hashlib.sha256(f"{path}#{offset}".encode()).hexdigest()[:8], 16)
+    return (h % 10_000) / 10_000 < share
+
+
+@dataclass
+class LocalData:
+    corpus: Corpus
+    train: dict[str, TaskData]
+    holdout: dict[str, TaskData]
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in ("emotion", "kws") if t in self.train and len(self.train[t]) > 0]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        out = list(self.corpus.skipped)
+        for d in list(self.train.values()) + list(self.holdout.values()):
+            out += d.skipped
+        return out
+
+
+def load_local_data(settings: DeviceSettings, spec: FeatureSpec, keep_waves: bool = False) -> LocalData:
+    """Load and featurise the device's data; raises CorpusError when nothing usable is there."""
+    if not Path(settings.data).exists():
+        raise CorpusError(f"data {settings.data} does not exist on this device")
+    corpus = load_corpus(settings.data)
+    cache = FeatureCache(settings.cache or None)
+    train, holdout = {}, {}
+    for task in sorted(corpus.tasks()):
+        utts = [u for u in corpus.utterances if u.task == task]
+        held = [u for u in utts if _held_back(u.path, u.offset, settings.holdout)]
+        kept = [u for u in utts if not _held_back(u.path, u.offset, settings.holdout)]
+        train[task] = build_task_data(kept, spec, task, cache, keep_waves=keep_waves, progress=False)
+        holdout[task] = build_task_data(held, spec, task, cache, progress=False)
+    data = LocalData(corpus, train, holdout)
+    if not data.tasks:
+        raise CorpusError(f"no usable utterances in {settings.data} "
+                          f"({len(data.skipped)} file(s) skipped)")
+    return data

@@ -1,0 +1,118 @@
+"""Model bundles: everything a device or evaluator needs to use a trained model.
+
+A bundle is one file (``model.fedser``) written by ``torch.save`` and read back with
+``weights_only=True`` (no pickled code is ever executed on load). It holds the weights,
+the ``ModelConfig``, the ``FeatureSpec`` the model was trained with, the label set of
+each head it was trained on, and metadata (model version, KWS head version, privacy
+figures, training corpus description).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BundleError
+from .features import FeatureSpec
+from .models import ModelConfig, MultiTaskNet, build_model
+from .params import arrays_to_state, state_to_arrays
+
+BUNDLE_FILE = "model.fedser"
+BUNDLE_FORMAT = "fedser-bundle"
+BUNDLE_VERSION = 1
+REQUIRED_PARTS = ("format", "version", "model_config", "feature_spec", "labels", "state")
+
+
+@dataclass
+class Bundle:
+    model_config: ModelConfig
+    feature_spec: FeatureSpec
+    labels: dict[str, list[str]]          # task -> class names the head was trained on
+    state: dict[str, np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in ("emotion", "kws") if self.labels.get(t)]
+
+    def build_model(self) -> MultiTaskNet:
+        model = build_model(self.model_config)
+        arrays_to_state(self.state, model)
+        model.eval()
+        return model
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, model_config: ModelConfig, feature_spec: FeatureSpec,
+                   labels: dict[str, list[str]], meta: dict | None = None) -> "Bundle":
+        return cls(model_config, feature_spec, {k: list(v) for k, v in labels.items()},
+                   state_to_arrays(model), dict(meta or {}))
+
+
+def bundle_path(path: str | Path) -> Path:
+    """The bundle file for a run directory or a bundle file path."""
+    p = Path(path)
+    return p / BUNDLE_FILE if p.is_dir() else p
+
+
+def save_bundle(bundle: Bundle, path: str | Path) -> Path:
+    """Write atomically (temp file, fsync, rename); ``path`` is a run directory or a file."""
+    target = bundle_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **bundle.meta}
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "model_config": json.dumps(bundle.model_config.to_dict()),
+        "feature_spec": json.dumps(bundle.feature_spec.to_dict()),
+        "labels": json.dumps(bundle.labels),
+        "meta": json.dumps(meta, default=str),
+        "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bundle.state.items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".bundle-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle from a run directory or a bundle file, with errors that name what is wrong."""
+    target = bundle_path(path)
+    if not target.exists():
+        hint = " (is this a run directory of `fedser train` or `fedser demo`?)" if Path(path).is_dir() else ""
+        raise BundleError(f"no model bundle at {target}{hint}")
+    try:
+        payload = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise BundleError(f"{target}: not a readable fedser bundle (truncated or corrupt?): {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BundleError(f"{target}: not a fedser bundle (unexpected content)")
+    missing = [k for k in REQUIRED_PARTS if k not in payload]
+    if missing:
+        raise BundleError(f"{target}: bundle is missing {', '.join(missing)}; re-export it with this fedser version")
+    if payload["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{target}: format {payload['format']!r} is not {BUNDLE_FORMAT!r}")
+    if int(payload["version"]) > BUNDLE_VERSION:
+        raise BundleError(f"{target}: bundle version {payload['version']} is newer than this fedser "
+                          f"understands ({BUNDLE_VERSION}); upgrade fedser")
+    try:
+        model_config = ModelConfig.from_dict(json.loads(payload["model_config"]))
+        feature_spec = FeatureSpec.from_dict(json.loads(payload["feature_spec"]))
+        labels = json.loads(payload["labels"])
+        meta = json.loads(payload.get("meta") or "{}")
+    except Exception as exc:
+        raise BundleError(f"{target}: bundle metadata is invalid: {exc}") from exc
+    state = {k: v.numpy() for k, v in payload["state"].items()}
+    return Bundle(model_config, feature_spec, labels, state, meta)

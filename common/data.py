@@ -1,0 +1,116 @@
+"""From utterances to tensors: decode, fit to the task's clip length, extract features.
+
+Bad files are skipped and reported, never fatal: one corrupt recording must not stop a
+device (or a centralized run) from using the rest of its data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import audio
+from .cache import FeatureCache
+from .errors import AudioError
+from .features import FeatureSpec, FrontEnd, fit_length
+from .corpora import Utterance
+from .taxonomy import EMOTIONS, KEYWORDS
+
+HEAD_CLASSES: dict[str, tuple[str, ...]] = {"emotion": EMOTIONS, "kws": KEYWORDS}
+
+
+@dataclass
+class TaskData:
+    """One task's examples; ``y`` indexes ``HEAD_CLASSES[task]``.
+
+    ``feats`` (N, F, frames) are the un-augmented features (cached); ``waves`` (N, samples)
+    are kept only when training augments the waveform.
+    """
+
+    task: str
+    feats: torch.Tensor
+    y: torch.Tensor
+    speakers: list[str]
+    waves: torch.Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return HEAD_CLASSES[self.task]
+
+    def labels_present(self) -> list[str]:
+        return [self.class_names[i] for i in sorted(set(self.y.tolist()))]
+
+
+def _decode(u: Utterance, spec: FeatureSpec, task: str) -> np.ndarray:
+    n = spec.clip_samples(task)
+    # Read a little more than the clip so centring has material on both sides, never unbounded.
+    wave = audio.load(u.path, sample_rate=spec.sample_rate, offset=u.offset, duration=u.duration,
+                      max_seconds=max(2.0 * n / spec.sample_rate, 1.0))
+    return fit_length(wave, n, mode="center")
+
+
+def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: str,
+                    cache: FeatureCache | None = None, keep_waves: bool = False,
+                    progress: bool = True, desc: str | None = None) -> TaskData:
+    """Decode and featurise every utterance of ``task``; bad files go to ``skipped``."""
+    classes = HEAD_CLASSES[task]
+    cache = cache or FeatureCache(None)
+    frontend = FrontEnd(spec).eval()
+    fp = spec.fingerprint()
+    feats, waves, ys, speakers, skipped = [], [], [], [], []
+    items = [u for u in utterances if u.task == task]
+    for u in tqdm(items, desc=desc or f"features ({task})", disable=not progress, unit="clip", leave=False):
+        if u.label not in classes:
+            skipped.append((u.path, f"label {u.label!r} is not a {task} class"))
+            continue
+        try:
+            digest = audio.content_hash(u.path)
+            wave_holder: dict[str, np.ndarray] = {}
+
+            def compute() -> np.ndarray:
+                wave_holder["w"] = _decode(u, spec, task)
+                with torch.no_grad():
+                    return frontend(torch.from_numpy(wave_holder["w"]))[0].numpy()
+
+            f = cache.get((digest, fp, task, u.offset, u.duration), compute)
+            if keep_waves:
+                w = wave_holder.get("w")
+                if w is None:
+                    w = _decode(u, spec, task)
+                waves.append(w)
+        except AudioError as exc:
+            skipped.append((u.path, exc.problem))
+            continue
+        except OSError as exc:
+            skipped.append((u.path, str(exc)))
+            continue
+        feats.append(f)
+        ys.append(classes.index(u.label))
+        speakers.append(u.speaker)
+    n_frames = spec.n_frames(spec.clip_samples(task))
+    return TaskData(
+        task=task,
+        feats=torch.from_numpy(np.stack(feats)) if feats else torch.zeros((0, spec.n_features(), n_frames)),
+        y=torch.tensor(ys, dtype=torch.long),
+        speakers=speakers,
+        waves=torch.from_numpy(np.stack(waves)) if (keep_waves and waves) else None,
+        skipped=skipped,
+    )
+
+
+def report_skipped(skipped: Sequence[tuple[str, str]], limit: int = 10) -> str:
+    """A short human summary: the count, then up to ``limit`` names with reasons."""
+    if not skipped:
+        return "no files skipped"
+    lines = [f"{len(skipped)} file(s) skipped:"]
+    lines += [f"  {p}: {why}" for p, why in list(skipped)[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (see the run's metrics.json)")
+    return "\n".join(lines)

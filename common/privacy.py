@@ -1,0 +1,404 @@
+"""Privacy maths both sides share: (epsilon, delta) accounting and the user-level noise bounds.
+
+Two layers (see DESIGN.md):
+
+* sample-level DP-SGD on a device, accounted over its whole life by the device's ledger
+  (``fedser.client.ledger``) from a history of :class:`SpendRecord`;
+* user-level clipping + Gaussian noise of a whole update, accounted by the server with
+  :class:`UserLevelAccountant` (one "step" per round, sample rate = clients per round / all clients).
+
+Epsilon always comes from an Opacus accountant whose ``history`` is set from the records,
+so anyone holding a recorded history can recompute the same figure with stock Opacus::
+
+    acc = opacus.accountants.RDPAccountant()
+    acc.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records]
+    acc.get_epsilon(delta)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, collect
+
+ACCOUNTANTS = ("rdp", "prv")
+"""Opacus accountants whose epsilon is an upper bound (Opacus's "gdp" is an asymptotic estimate)."""
+
+NOISE_MODES = ("local", "distributed", "none")
+"""User-level noise placement: full noise per update, 1/sqrt(m) of it per update, or no noise."""
+
+NORM_RTOL = 1e-5
+"""Relative slack on norm bounds: updates travel as float32, so a clipped norm can exceed C by rounding."""
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_delta(delta: Any, problems: list[str], name: str = "delta") -> None:
+    if not _is_real(delta) or not 0.0 < float(delta) < 1.0:
+        problems.append(f"{name}={delta!r} must be a number in (0, 1), e.g. 1e-5 (below 1/dataset size)")
+
+
+def _check_accountant(accountant: Any, problems: list[str]) -> None:
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"accountant={accountant!r} must be one of {ACCOUNTANTS}")
+
+
+def _check_noise_multiplier(z: Any, problems: list[str], name: str = "noise_multiplier") -> None:
+    if not _is_real(z) or not math.isfinite(float(z)) or float(z) < 0.0:
+        problems.append(f"{name}={z!r} must be a finite number >= 0")
+
+
+def _check_mode(mode: Any, problems: list[str]) -> None:
+    if mode not in NOISE_MODES:
+        problems.append(f"mode={mode!r} must be one of {NOISE_MODES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# accounting
+
+
+@dataclass(frozen=True)
+class SpendRecord:
+    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
+
+    One entry of an Opacus accountant's ``history``: noise multiplier z (noise std / clip bound),
+    sample rate q in (0, 1] and the number of steps taken with that (z, q).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check_noise_multiplier(self.noise_multiplier, problems)
+        if not _is_real(self.sample_rate) or not 0.0 < float(self.sample_rate) <= 1.0:
+            problems.append(f"sample_rate={self.sample_rate!r} must be a number in (0, 1]")
+        if not _is_int(self.steps) or self.steps < 0:
+            problems.append(f"steps={self.steps!r} must be an integer >= 0")
+        collect(problems, ConfigError, prefix="SpendRecord")
+        # Normalise numpy scalars so records compare, hash and serialise as plain Python numbers.
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+        object.__setattr__(self, "sample_rate", float(self.sample_rate))
+        object.__setattr__(self, "steps", int(self.steps))
+
+    def as_tuple(self) -> tuple[float, float, int]:
+        """The ``(noise_multiplier, sample_rate, steps)`` tuple of an Opacus accountant history."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SpendRecord":
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"SpendRecord: expected a mapping with keys {names}; got {type(d).__name__}")
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise ConfigError(f"SpendRecord: missing keys {missing} in {dict(d)!r}")
+        return cls(**{n: d[n] for n in names})
+
+
+def spends_from_accountant(accountant: Any) -> list[SpendRecord]:
+    """The history of an Opacus accountant (e.g. ``PrivacyEngine.accountant``) as SpendRecords."""
+    return [SpendRecord(z, q, steps) for z, q, steps in accountant.history]
+
+
+def _merged(history: Iterable[SpendRecord]) -> list[tuple[float, float, int]]:
+    # Composition is commutative and both RDP and PRV compose a repeated (z, q) as one entry with
+    # the summed step count, so merging is exact and keeps PRV's convolution short.
+    steps: dict[tuple[float, float], int] = {}
+    for r in history:
+        if not isinstance(r, SpendRecord):
+            raise ConfigError(f"history entries must be SpendRecord; got {type(r).__name__}: {r!r}")
+        if r.steps:
+            key = (r.noise_multiplier, r.sample_rate)
+            steps[key] = steps.get(key, 0) + r.steps
+    return [(z, q, n) for (z, q), n in steps.items()]
+
+
+def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` spent by the composition of every record in ``history``.
+
+    Computed by a stock Opacus accountant ("rdp" or "prv") with its ``history`` set from the
+    records. An empty history (or only zero-step records) spends 0; any record with noise
+    multiplier 0 spends ``inf`` (no noise, no guarantee).
+    """
+    problems: list[str] = []
+    _check_delta(delta, problems)
+    _check_accountant(accountant, problems)
+    collect(problems, ConfigError, prefix="epsilon_of")
+    merged = _merged(history)
+    if not merged:
+        return 0.0
+    if any(z == 0.0 for z, _, _ in merged):
+        return math.inf
+    from opacus.accountants import create_accountant  # torch-heavy; loaded only when needed
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = merged
+    with warnings.catch_warnings():
+        # RDP warns when the best order sits at the edge of its default grid: the bound is still
+        # valid (only looser). The default grid is kept so stock Opacus reproduces the figure.
+        warnings.filterwarnings("ignore", message="Optimal order is")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
+        return float(acc.get_epsilon(delta=float(delta)))
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest noise multiplier (within ``epsilon_tolerance``) whose epsilon after ``steps`` is <= target.
+
+    Wraps ``opacus.accountants.utils.get_noise_multiplier``.
+    """
+    problems: list[str] = []
+    if not _is_real(target_epsilon) or not 0.0 < float(target_epsilon) < math.inf:
+        problems.append(f"target_epsilon={target_epsilon!r} must be a finite number > 0")
+    _check_delta(delta, problems)
+    if not _is_real(sample_rate) or not 0.0 < float(sample_rate) <= 1.0:
+        problems.append(f"sample_rate={sample_rate!r} must be a number in (0, 1]")
+    if not _is_int(steps) or steps < 1:
+        problems.append(f"steps={steps!r} must be an integer >= 1")
+    _check_accountant(accountant, problems)
+    collect(problems, ConfigError, prefix="noise_for_budget")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is")
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
+            return float(get_noise_multiplier(
+                target_epsilon=float(target_epsilon), target_delta=float(delta),
+                sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+            ))
+    except ValueError as e:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(
+            f"noise_for_budget: no noise multiplier reaches epsilon={target_epsilon} at delta={delta} "
+            f"with sample_rate={sample_rate} over {steps} steps ({e}); raise the budget or take fewer steps"
+        ) from e
+
+
+class UserLevelAccountant:
+    """Server-side user-level accountant: one composition step per round.
+
+    Each round samples ``clients_per_round`` (m) of ``total_clients`` (N) devices, so the
+    sample rate is m / N, and the aggregate carries Gaussian noise of ``noise_multiplier`` (z)
+    times the update clipping bound C. ``step`` may override z or q for a round (for example the
+    effective z of a round in which fewer than m clients replied, or the clients differed).
+
+    With z == 0 there is no user-level guarantee: ``epsilon`` is ``inf`` once a round has run
+    and ``summary`` says so.
+    """
+
+    def __init__(self, noise_multiplier: float, clients_per_round: int, total_clients: int,
+                 accountant: str = "rdp"):
+        problems: list[str] = []
+        _check_noise_multiplier(noise_multiplier, problems)
+        if not _is_int(total_clients) or total_clients < 1:
+            problems.append(f"total_clients={total_clients!r} must be an integer >= 1")
+        if not _is_int(clients_per_round) or clients_per_round < 1:
+            problems.append(f"clients_per_round={clients_per_round!r} must be an integer >= 1")
+        elif _is_int(total_clients) and clients_per_round > total_clients:
+            problems.append(
+                f"clients_per_round={clients_per_round} must be in [1, total_clients={total_clients}]")
+        _check_accountant(accountant, problems)
+        collect(problems, ConfigError, prefix="UserLevelAccountant")
+        self.noise_multiplier = float(noise_multiplier)
+        self.clients_per_round = int(clients_per_round)
+        self.total_clients = int(total_clients)
+        self.accountant = accountant
+        self.history: list[SpendRecord] = []
+
+    @property
+    def sample_rate(self) -> float:
+        return self.clients_per_round / self.total_clients
+
+    @property
+    def rounds(self) -> int:
+        return sum(r.steps for r in self.history)
+
+    def step(self, rounds: int = 1, *, noise_multiplier: float | None = None,
+             sample_rate: float | None = None) -> None:
+        """Account ``rounds`` more rounds (with the configured z and q unless overridden)."""
+        if not _is_int(rounds) or rounds < 1:
+            raise ConfigError(f"UserLevelAccountant.step: rounds={rounds!r} must be an integer >= 1")
+        rec = SpendRecord(
+            self.noise_multiplier if noise_multiplier is None else noise_multiplier,
+            self.sample_rate if sample_rate is None else sample_rate,
+            int(rounds),
+        )
+        last = self.history[-1] if self.history else None
+        if last is not None and (last.noise_multiplier, last.sample_rate) == (rec.noise_multiplier, rec.sample_rate):
+            self.history[-1] = SpendRecord(last.noise_multiplier, last.sample_rate, last.steps + rec.steps)
+        else:
+            self.history.append(rec)
+
+    def epsilon(self, delta: float) -> float:
+        """User-level epsilon at ``delta`` over every round accounted so far (``inf`` if z == 0)."""
+        return epsilon_of(self.history, delta, self.accountant)
+
+    def summary(self, delta: float) -> dict[str, Any]:
+        """Figures for run reports: epsilon, delta, rounds, z, q and a plain-words note."""
+        eps = self.epsilon(delta)
+        if math.isinf(eps):
+            note = ("no user-level noise (noise multiplier 0): updates carry no user-level "
+                    "differential-privacy guarantee, epsilon is infinite")
+        else:
+            note = (f"user-level ({eps:.3g}, {delta:g})-DP over {self.rounds} rounds, "
+                    f"z={self.noise_multiplier:g}, q={self.clients_per_round}/{self.total_clients}")
+        return {"epsilon": eps, "delta": float(delta), "rounds": self.rounds,
+                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                "clients_per_round": self.clients_per_round, "total_clients": self.total_clients,
+                "accountant": self.accountant, "note": note}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state; ``load_state_dict`` of it restores this accountant exactly."""
+        return {"noise_multiplier": self.noise_multiplier, "clients_per_round": self.clients_per_round,
+                "total_clients": self.total_clients, "accountant": self.accountant,
+                "history": [r.to_dict() for r in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        keys = ("noise_multiplier", "clients_per_round", "total_clients", "accountant", "history")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ConfigError(f"UserLevelAccountant.load_state_dict: expected keys {list(keys)}; got {got}")
+        fresh = UserLevelAccountant(state["noise_multiplier"], state["clients_per_round"],
+                                    state["total_clients"], state["accountant"])
+        history = [SpendRecord.from_dict(d) for d in state["history"]]
+        self.__dict__.update(fresh.__dict__)
+        self.history = history
+
+
+# ---------------------------------------------------------------------------------------------
+# user-level update noise: shared by the device (adds it) and the server (bounds it)
+
+
+def update_settings_problems(clip_norm: Any, noise_multiplier: Any, mode: Any,
+                             expected_clients: Any) -> list[str]:
+    """Every problem with user-level update settings (C, z, mode, m), for collect-then-raise."""
+    problems: list[str] = []
+    if not _is_real(clip_norm) or not 0.0 < float(clip_norm) < math.inf:
+        problems.append(f"clip_norm={clip_norm!r} must be a finite number > 0")
+    _check_noise_multiplier(noise_multiplier, problems)
+    _check_mode(mode, problems)
+    if not _is_int(expected_clients) or expected_clients < 1:
+        problems.append(f"expected_clients={expected_clients!r} must be an integer >= 1")
+    return problems
+
+
+def update_noise_std(clip_norm: float, noise_multiplier: float, mode: str, expected_clients: int) -> float:
+    """Per-element std of the Gaussian noise one device adds to its clipped update.
+
+    "local": z*C; "distributed": z*C/sqrt(m), so the sum over m devices carries z*C; "none": 0.
+    """
+    problems = update_settings_problems(clip_norm, noise_multiplier, mode, expected_clients)
+    collect(problems, ConfigError, prefix="update_noise_std")
+    if mode == "none":
+        return 0.0
+    std = float(noise_multiplier) * float(clip_norm)
+    return std / math.sqrt(expected_clients) if mode == "distributed" else std
+
+
+def global_norm(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> float:
+    """L2 norm of all arrays taken together as one flat vector, computed in float64."""
+    values = arrays.values() if isinstance(arrays, Mapping) else arrays
+    total = 0.0
+    for a in values:
+        v = np.asarray(a, dtype=np.float64).ravel()
+        total += float(np.dot(v, v))
+    return math.sqrt(total)
+
+
+def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expected_clients: int,
+                      n_params: int, tail: float = 1e-6) -> float:
+    """Norm an honest privatized update exceeds with probability at most ``tail``.
+
+    An honest update is u + e with ||u|| <= C and e ~ N(0, s^2 I_n). Then
+    ||u + e||^2 = ||u||^2 + 2<u, e> + ||e||^2, where <u, e> ~ N(0, ||u||^2 s^2) and
+    ||e||^2 / s^2 ~ chi^2_n. Splitting ``tail`` evenly between the two, with x = ln(2 / tail):
+    <u, e> <= C s sqrt(2x) (Gaussian tail) and ||e||^2 <= s^2 (n + 2 sqrt(n x) + 2x)
+    (Laurent & Massart 2000, Lemma 1). Both bounds grow with ||u||, so ||u|| = C is the worst
+    case. With no noise the bound is C. A relative slack of ``NORM_RTOL`` covers float32 rounding.
+
+    For large n the bound is close to sqrt(C^2 + n s^2), the typical norm, so an update scaled
+    up by 2x fails it; for a handful of parameters the chi tail is wide and scaling is harder to see.
+    """
+    problems = update_settings_problems(clip_norm, noise_multiplier, mode, expected_clients)
+    if not _is_int(n_params) or n_params < 1:
+        problems.append(f"n_params={n_params!r} must be an integer >= 1")
+    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
+        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    collect(problems, ConfigError, prefix="max_expected_norm")
+    c = float(clip_norm)
+    s = update_noise_std(clip_norm, noise_multiplier, mode, expected_clients)
+    if s == 0.0:
+        return c * (1.0 + NORM_RTOL)
+    x = math.log(2.0 / float(tail))
+    n = float(n_params)
+    sq = c * c + 2.0 * c * s * math.sqrt(2.0 * x) + s * s * (n + 2.0 * math.sqrt(n * x) + 2.0 * x)
+    return math.sqrt(sq) * (1.0 + NORM_RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample-level DP-SGD settings
+
+
+@dataclass
+class DPConfig:
+    """Sample-level DP-SGD settings of a device.
+
+    ``noise_multiplier`` and ``max_grad_norm`` go to Opacus's ``PrivacyEngine.make_private``;
+    ``max_epsilon`` is the device's lifetime budget at ``delta``, enforced by the ledger
+    (``inf`` = no budget). ``accountant`` names the Opacus accountant used for the ledger.
+    """
+
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    max_epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check_noise_multiplier(self.noise_multiplier, problems)
+        if not _is_real(self.max_grad_norm) or not 0.0 < float(self.max_grad_norm) < math.inf:
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0")
+        if not _is_real(self.max_epsilon) or math.isnan(float(self.max_epsilon)) or float(self.max_epsilon) <= 0:
+            problems.append(f"max_epsilon={self.max_epsilon!r} must be a number > 0 (inf for no budget)")
+        _check_delta(self.delta, problems)
+        _check_accountant(self.accountant, problems)
+        if (not problems and float(self.noise_multiplier) == 0.0 and math.isfinite(float(self.max_epsilon))):
+            problems.append(
+                f"noise_multiplier=0 spends infinite epsilon, so a device with max_epsilon="
+                f"{self.max_epsilon} could never train: use noise_multiplier > 0 or max_epsilon=inf")
+        collect(problems, ConfigError, prefix="DPConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DPConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"DPConfig: unknown keys {unknown}; allowed {sorted(names)}")
+        return cls(**dict(d))

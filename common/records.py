@@ -1,0 +1,39 @@
+"""Conversions between fedser values and Flower records (pairs with round-trip tests).
+
+Only model arrays travel in an ArrayRecord and only scalars in Config/MetricRecords;
+``arrays_to_record`` refuses anything that is not a named float32 array.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from .errors import ConfigError
+from .features import FeatureSpec
+from .models import ModelConfig
+from . import keys
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    bad = [k for k, v in arrays.items() if not isinstance(v, np.ndarray) or v.dtype != np.float32]
+    if bad:
+        raise ConfigError(f"only float32 model arrays may be sent; not: {', '.join(bad)}")
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def model_to_config(model_config: ModelConfig, spec: FeatureSpec) -> dict[str, str]:
+    return {keys.MODEL_CONFIG: json.dumps(model_config.to_dict()), keys.FEATURE_SPEC: json.dumps(spec.to_dict())}
+
+
+def model_from_config(config: ConfigRecord | dict) -> tuple[ModelConfig, FeatureSpec]:
+    missing = [k for k in (keys.MODEL_CONFIG, keys.FEATURE_SPEC) if k not in config]
+    if missing:
+        raise ConfigError(f"instruction lacks {', '.join(missing)}")
+    return (ModelConfig.from_dict(json.loads(str(config[keys.MODEL_CONFIG]))),
+            FeatureSpec.from_dict(json.loads(str(config[keys.FEATURE_SPEC]))))

@@ -1,0 +1,371 @@
+"""Heterogeneous FedAvg: per-element weighted means over the clients that trained each element.
+
+Clients differ in three ways, and the rule below handles all three at once:
+
+- **width tier** (HeteroFL): a client trains a nested slice of every global array, so
+  an element is only *covered* by the clients whose slice contains it;
+- **labels**: the emotion head is trained only by clients with emotion labels, the KWS
+  head only by clients with command labels (``ClientUpdate.heads``), while the shared
+  encoder is trained by every client;
+- **data size**: each client counts with its number of training examples.
+
+For every global element ``x``::
+
+    C(x)  = clients whose slice covers x and that trained the head x belongs to
+    x_new = x + server_lr * sum_{i in C(x)} n_i * delta_i(x) / sum_{i in C(x)} n_i   if C(x) is not empty
+    x_new = x                                                                        otherwise
+
+**Deltas, not weights.** Clients send ``delta = local - global_slice``. For covered
+elements, ``x + mean(delta_i)`` equals ``mean(x + delta_i) = mean(local_i)``, so with
+``server_lr = 1`` this is exactly FedAvg over weights (sample-weighted, per element);
+with every client at full width and both heads it *is* plain FedAvg (a test holds it
+against Flower's own aggregation). Averaging deltas is also what DP-FedAvg needs: the
+device clips its delta to norm C and adds Gaussian noise, and the server averages those
+noised deltas (McMahan et al., 2018). ``server_lr != 1`` scales the averaged step
+(FedAvg with a server learning rate).
+
+Updates must be validated first (``fedser.server.validation.validate_update``); the
+caller drops rejected replies, so a rejected reply never touches the model. As a last
+line of defence :func:`aggregate` raises instead of writing a non-finite value.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ENCODER",
+    "AggregationStats",
+    "ClientUpdate",
+    "aggregate",
+    "full_index",
+]
+
+# Name under which stats count the shared (head-less) parameters.
+ENCODER = "encoder"
+
+
+@dataclass
+class ClientUpdate:
+    """One validated client reply, ready to aggregate.
+
+    ``delta[name]`` has the shape of the client's sub-array, i.e. ``global[name][index[name]]``;
+    it is ``local - global_slice``, already clipped and noised on the device.
+    ``index[name]`` is the ``np.ix_``-style tuple (one integer array per axis) that places the
+    sub-array inside the global array, as ``fedser.common.slicing.slice_index`` returns it
+    for the client's width tier. Passing the same index dict to every client of one tier
+    lets :func:`aggregate` analyse each index once.
+    """
+
+    node_id: int | str
+    delta: dict[str, np.ndarray]
+    index: dict[str, tuple[np.ndarray, ...]]
+    num_examples: int
+    heads: set[str]                 # heads trained, e.g. {"emotion"}, {"kws"}, {"emotion", "kws"}
+    width: float
+
+
+@dataclass
+class AggregationStats:
+    """What one aggregation did.
+
+    ``coverage[name]`` has the shape of the global array and counts, per element, the
+    updates that contributed to it (0 = left unchanged).
+    """
+
+    num_updates: int
+    total_examples: int
+    coverage: dict[str, np.ndarray] = field(default_factory=dict)            # int32, global shapes
+    fraction_updated: dict[str, float] = field(default_factory=dict)         # per param, in [0, 1]
+    head_contributors: dict[str, int] = field(default_factory=dict)          # "encoder"/"emotion"/"kws" -> n
+    tier_contributors: dict[float, int] = field(default_factory=dict)        # width -> n updates
+
+    def overall_fraction_updated(self) -> float:
+        """Share of all global elements that changed this round (element-weighted)."""
+        total = sum(c.size for c in self.coverage.values())
+        if total == 0:
+            return 0.0
+        return sum(int(np.count_nonzero(c)) for c in self.coverage.values()) / total
+
+    def to_metrics(self) -> dict[str, float]:
+        """Flat scalar metrics (MetricRecord-ready) for run reports."""
+        metrics = {
+            "agg-updates": float(self.num_updates),
+            "agg-examples": float(self.total_examples),
+            "agg-fraction-updated": self.overall_fraction_updated(),
+        }
+        for head, n in self.head_contributors.items():
+            metrics[f"agg-contributors-{head}"] = float(n)
+        for width, n in self.tier_contributors.items():
+            metrics[f"agg-tier-{width:g}"] = float(n)
+        return metrics
+
+
+def full_index(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, ...]]:
+    """The ``np.ix_`` index of every array as a whole (the width-1.0 tier)."""
+    return {name: np.ix_(*(np.arange(d) for d in np.shape(a))) for name, a in state.items()}
+
+
+@dataclass(frozen=True)
+class _Region:
+    key: tuple            # equal keys <=> identical element sets
+    where: tuple          # basic slices (a view) when contiguous, else an np.ix_ tuple
+    shape: tuple[int, ...]
+    size: int
+
+
+def _region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
+    """Turn an np.ix_-style index into the cheapest equivalent selector, or explain why it is bad.
+
+    HeteroFL slices are prefixes, so they become basic slices: ``acc[slices] += ...`` then
+    works on a view with no gather/scatter, which is what makes 1000 updates cheap.
+    """
+    if len(ix) != len(shape):
+        return f"index has {len(ix)} axes, the array has {len(shape)}"
+    flats, slices, contiguous = [], [], True
+    for axis, (a, dim) in enumerate(zip(ix, shape)):
+        flat = np.asarray(a).reshape(-1)
+        if flat.size and flat.dtype.kind not in "iu":
+            return f"index of axis {axis} has dtype {flat.dtype}; expected integers"
+        flat = flat.astype(np.intp, copy=False)
+        k = flat.size
+        start = int(flat[0]) if k else 0
+        if k == 0 or (int(flat[-1]) - start == k - 1 and (k < 3 or bool(np.all(np.diff(flat) == 1)))):
+            if start < 0 or start + k > dim:
+                return f"index of axis {axis} spans [{start}, {start + k - 1}], outside [0, {dim - 1}]"
+            slices.append(slice(start, start + k))
+        else:
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= dim:
+                return f"index of axis {axis} spans [{lo}, {hi}], outside [0, {dim - 1}]"
+            # np.ix_ with a repeated entry would make `acc[ix] += v` drop contributions.
+            if np.unique(flat).size != k:
+                return f"index of axis {axis} repeats elements"
+            contiguous = False
+        flats.append(flat)
+    sub_shape = tuple(f.size for f in flats)
+    size = math.prod(sub_shape)
+    if contiguous:
+        return _Region(tuple((s.start, s.stop) for s in slices), tuple(slices), sub_shape, size)
+    key = tuple(f.tobytes() for f in flats)
+    return _Region(key, np.ix_(*flats), sub_shape, size)
+
+
+def _check_updates(
+    global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], server_lr: float
+) -> list[str]:
+    """Problems visible without looking at the arrays."""
+    problems = []
+    number = isinstance(server_lr, (int, float, np.integer, np.floating)) and not isinstance(server_lr, bool)
+    if not (number and math.isfinite(server_lr) and server_lr > 0):
+        problems.append(f"server_lr must be a finite number > 0; got {server_lr!r}")
+    seen: set = set()
+    known = set(global_state)
+    for u in updates:
+        who = f"update from node {u.node_id!r}"
+        if u.node_id in seen:
+            problems.append(f"{who} appears twice; each client may contribute once per round")
+        seen.add(u.node_id)
+        n = u.num_examples
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            problems.append(f"{who}: num_examples must be a positive integer; got {n!r}")
+        unknown = sorted(set(u.delta) - known)
+        if unknown:
+            problems.append(f"{who}: arrays not in the global model: {', '.join(unknown)}")
+    return problems
+
+
+@dataclass
+class _Group:
+    """Updates that train the same parameters with the very same index objects.
+
+    Their deltas, flattened and concatenated in ``names`` order, are rows of one matrix,
+    so the weighted sum of the whole group is one matrix-vector product.
+    """
+
+    names: list[str]
+    regions: list[_Region]
+    offsets: list[int]
+    size: int
+    members: list[ClientUpdate] = field(default_factory=list)
+
+
+# Deltas are stacked at most this many rows (clients) at a time, and at most this many
+# elements in all (16 MiB of float32), which bounds memory however many clients reply.
+# Rows are summed in float32 (a few clients, exactly representable weights), and the
+# partial sums in float64.
+_CHUNK_ROWS = 16
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
+def _plan(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    param_heads: dict[str, str | None],
+    problems: list[str],
+) -> list[_Group]:
+    """Group the updates and check every index and delta shape they would use."""
+    model_heads = {h for h in param_heads.values() if h is not None}
+    eligible: dict[frozenset, list[str]] = {}
+    regions: dict[tuple, _Region | str] = {}
+    groups: dict[tuple, _Group] = {}
+    for u in updates:
+        who = f"update from node {u.node_id!r}"
+        heads = frozenset(h for h in u.heads if h in model_heads)
+        names = eligible.get(heads)
+        if names is None:
+            names = eligible[heads] = [n for n, h in param_heads.items() if h is None or h in heads]
+        missing = [n for n in names if n not in u.delta or n not in u.index]
+        if missing:
+            problems += [
+                f"{who}: no {'delta' if n not in u.delta else 'index'} for {n!r}, which it trained"
+                for n in missing
+            ]
+            continue
+        # Index objects are alive for the whole call, so their ids identify them: clients of
+        # one tier (sharing slice_index's arrays) fall into one group, analysed once.
+        key = (heads, tuple([id(u.index[n]) for n in names]))
+        group = groups.get(key)
+        if group is None:
+            found, bad = [], []
+            for n in names:
+                ix = u.index[n]
+                shape = np.shape(global_state[n])
+                rkey = (shape, *map(id, ix))
+                region = regions.get(rkey)
+                if region is None:
+                    region = regions[rkey] = _region(ix, shape)
+                if isinstance(region, str):
+                    bad.append(f"{who}, {n!r}: {region}")
+                found.append(region)
+            if bad:
+                problems += bad
+                continue
+            sizes = [r.size for r in found]
+            offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+            group = groups[key] = _Group(names, found, offsets[:-1], offsets[-1])
+        shapes = [np.shape(u.delta[n]) for n in group.names]
+        if shapes != [r.shape for r in group.regions]:
+            problems += [
+                f"{who}: {n!r} has shape {s}, its index selects {r.shape}"
+                for n, s, r in zip(group.names, shapes, group.regions) if s != r.shape
+            ]
+            continue
+        group.members.append(u)
+    return list(groups.values())
+
+
+def _weighted_sum(group: _Group) -> np.ndarray:
+    """sum_i n_i * flat(delta_i) over the group's members, shape (group.size,), float64."""
+    total = np.zeros(group.size, dtype=np.float64)
+    if group.size == 0:
+        return total
+    members = group.members
+    weights = np.array([u.num_examples for u in members], dtype=np.float32)
+    rows = max(1, min(len(members), _CHUNK_ROWS, _CHUNK_ELEMENTS // group.size))
+    buffer = np.empty((rows, group.size), dtype=np.float32)
+    for start in range(0, len(members), rows):
+        chunk = members[start:start + rows]
+        block = buffer[: len(chunk)]
+        for row, u in zip(block, chunk):
+            np.concatenate([np.ravel(u.delta[n]) for n in group.names], out=row)
+        # einsum, not BLAS: a multi-threaded gemv stalls for milliseconds on a busy server.
+        total += np.einsum("i,ij->j", weights[start:start + len(chunk)], block)
+    return total
+
+
+def aggregate(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    head_of: Callable[[str], str | None],
+    server_lr: float = 1.0,
+) -> tuple[dict[str, np.ndarray], AggregationStats]:
+    """Heterogeneous FedAvg of client deltas into a new global state (see the module docstring).
+
+    Args:
+        global_state: name -> global array (any shape; float32 in fedser). Not modified.
+        updates: validated client updates; ``delta[name]`` shaped like ``global[name][index[name]]``.
+        head_of: name -> "emotion" / "kws" for head parameters, None for shared ones; a head
+            parameter is aggregated only over the updates whose ``heads`` contain its head
+            (arrays a client sends for a head it did not train are ignored, and may be absent).
+        server_lr: step size applied to the averaged delta (1.0 = plain FedAvg).
+
+    Returns:
+        ``(new_state, stats)``: new arrays with the global shapes and dtypes (elements no
+        eligible update covers keep their value bit for bit), and :class:`AggregationStats`.
+
+    Raises:
+        ValueError: listing every malformed update (wrong shape, missing array, bad index,
+            duplicate node, num_examples <= 0) or a non-finite result; nothing is returned then.
+
+    Sums are taken in float64. Cost: one pass over every delta element plus, per group of
+    clients sharing a tier and a head set, one scatter per parameter.
+    """
+    param_heads = {name: head_of(name) for name in global_state}
+    problems = _check_updates(global_state, updates, server_lr)
+    groups = _plan(global_state, updates, param_heads, problems)
+    if problems:
+        raise ValueError("cannot aggregate: " + "; ".join(problems))
+
+    head_names = [ENCODER] if any(h is None for h in param_heads.values()) else []
+    head_names += sorted({h for h in param_heads.values() if h is not None})
+    stats = AggregationStats(
+        num_updates=len(updates),
+        total_examples=int(sum(int(u.num_examples) for u in updates)),
+        head_contributors={h: 0 for h in head_names},
+    )
+    for u in updates:
+        stats.tier_contributors[u.width] = stats.tier_contributors.get(u.width, 0) + 1
+        for h in head_names:
+            if h == ENCODER or h in u.heads:
+                stats.head_contributors[h] += 1
+
+    acc = {name: np.zeros(np.shape(g), dtype=np.float64) for name, g in global_state.items()}
+    # Per parameter, identical regions (same elements) share one weight/count write.
+    cover: dict[str, dict[tuple, list]] = {name: {} for name in global_state}
+    for group in groups:
+        if not group.members:
+            continue
+        total = _weighted_sum(group)
+        weight = float(sum(float(u.num_examples) for u in group.members))
+        for name, region, offset in zip(group.names, group.regions, group.offsets):
+            if region.size == 0:
+                continue
+            acc[name][region.where] += total[offset:offset + region.size].reshape(region.shape)
+            entry = cover[name].setdefault(region.key, [region.where, 0.0, 0])
+            entry[1] += weight
+            entry[2] += len(group.members)
+
+    new_state: dict[str, np.ndarray] = {}
+    for name, g in global_state.items():
+        g = np.asarray(g)
+        weight = np.zeros(g.shape, dtype=np.float64)
+        count = np.zeros(g.shape, dtype=np.int32)
+        for where, w, c in cover[name].values():
+            weight[where] += w
+            count[where] += c
+        covered = weight > 0
+        new = g.copy()
+        if covered.any():
+            step = acc[name][covered] / weight[covered]
+            if not np.all(np.isfinite(step)):
+                culprits = [
+                    str(u.node_id) for u in updates
+                    if name in u.delta and not np.all(np.isfinite(u.delta[name]))
+                ]
+                problems.append(
+                    f"{name!r} would become non-finite (non-finite delta from node(s) "
+                    f"{', '.join(culprits) or 'unknown'}); validate updates before aggregating"
+                )
+                continue
+            new[covered] = (g[covered].astype(np.float64) + server_lr * step).astype(g.dtype)
+        new_state[name] = new
+        stats.coverage[name] = count
+        stats.fraction_updated[name] = float(np.count_nonzero(count)) / count.size if count.size else 0.0
+
+    if problems:
+        raise ValueError("cannot aggregate: " + "; ".join(problems))
+    return new_state, stats

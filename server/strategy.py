@@ -1,0 +1,302 @@
+"""``HeteroFedAvg``: Flower's FedAvg extended to devices that differ in compute, labels and data.
+
+Built on ``flwr.serverapp.strategy.FedAvg`` (node sampling, message construction,
+logging are Flower's). What it adds:
+
+- a *profile* query to each node the first time it is sampled (tier, heads it has labels
+  for, data size), so each node receives the nested width slice for its tier;
+- validation of every reply (NaN/Inf, keys, shapes, dtypes, norm bound, staleness);
+  rejected replies are logged with their reasons and never touch the model;
+- per-element aggregation over exactly the clients that trained each element
+  (``fedser.server.aggregation``), with the KWS head versioned separately;
+- the user-level noise multiplier each round actually carried, for the accountant.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedser.common import keys
+from fedser.common.features import FeatureSpec
+from fedser.common.models import ModelConfig, head_of
+from fedser.common.privacy import max_expected_norm, update_noise_std
+from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
+from fedser.common.slicing import slice_index, slice_state
+
+from .aggregation import ClientUpdate, aggregate
+from .user_privacy import Contribution, round_noise_multiplier
+from .validation import expected_shapes, validate_update
+
+log = logging.getLogger("fedser.server")
+
+TIERS = (1.0, 0.5, 0.25)
+
+
+@dataclass
+class NodeProfile:
+    tier: float
+    heads: list[str]
+    num_examples: int
+    declined: str | None = None      # last decline reason (budget, no data), if any
+
+
+@dataclass
+class RoundOutcome:
+    """What one training round did, for reports and the accountant."""
+
+    sampled: int = 0
+    used: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    declined: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    noise_multiplier: float = math.inf
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    kws_contributors: int = 0
+    emotion_contributors: int = 0
+    max_device_epsilon: float = 0.0
+    train_loss: float = float("nan")
+
+
+class HeteroFedAvg(FedAvg):
+    """Heterogeneous FedAvg over width tiers, label sets and data sizes.
+
+    Parameters beyond FedAvg's: the global ``model_config`` and ``feature_spec``; user-level
+    update privacy ``clip_norm`` (C), ``noise_multiplier`` (z) and ``noise_mode``
+    (local | distributed | none); the per-round ``train_settings`` sent to devices
+    (local epochs, batch size, learning rate, DP-SGD noise and gradient bound).
+    """
+
+    def __init__(self, model_config: ModelConfig, feature_spec: FeatureSpec, *, clip_norm: float,
+                 noise_multiplier: float, noise_mode: str, train_settings: dict,
+                 fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
+                 fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0):
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
+                         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
+        problems = []
+        if not clip_norm > 0:
+            problems.append(f"clip_norm must be > 0, got {clip_norm}")
+        if noise_mode not in ("local", "distributed", "none"):
+            problems.append(f"noise_mode must be local, distributed or none, got {noise_mode!r}")
+        if not noise_multiplier >= 0:
+            problems.append(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not 0 < fraction_train <= 1:
+            problems.append(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if min_train_nodes < 1:
+            problems.append(f"min_train_nodes must be >= 1, got {min_train_nodes}")
+        if max_staleness < 0:
+            problems.append(f"max_staleness must be >= 0, got {max_staleness}")
+        if problems:
+            raise ValueError("HeteroFedAvg: " + "; ".join(problems))
+        self.model_config = model_config
+        self.feature_spec = feature_spec
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier) if noise_mode != "none" else 0.0
+        self.noise_mode = noise_mode
+        self.train_settings = dict(train_settings)
+        self.max_staleness = max_staleness
+        self.profiles: dict[int, NodeProfile] = {}
+        self.model_version = 0
+        self.kws_head_version = 0
+        self.rejections: list[dict] = []      # (round, node, reasons) log kept in the checkpoint
+        self._global: dict[str, np.ndarray] | None = None
+        self._sent_tiers: dict[int, float] = {}
+        self._expected_clients = 1
+        self.outcome = RoundOutcome()
+
+    # ---- state (checkpointed with the model) ------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model_version": self.model_version, "kws_head_version": self.kws_head_version,
+                "profiles": {str(k): asdict(v) for k, v in self.profiles.items()},
+                "rejections": self.rejections}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model_version = int(state["model_version"])
+        self.kws_head_version = int(state["kws_head_version"])
+        self.profiles = {int(k): NodeProfile(**v) for k, v in state.get("profiles", {}).items()}
+        self.rejections = list(state.get("rejections", []))
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("HeteroFedAvg: C=%s z=%s mode=%s tiers=%s", self.clip_norm, self.noise_multiplier,
+                 self.noise_mode, TIERS)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _base_config(self, server_round: int) -> dict:
+        return {**model_to_config(self.model_config, self.feature_spec),
+                keys.SERVER_ROUND: server_round, keys.MODEL_VERSION: self.model_version,
+                keys.KWS_HEAD_VERSION: self.kws_head_version}
+
+    def profile_nodes(self, node_ids: Iterable[int], grid: Grid, server_round: int, timeout: float) -> None:
+        """Ask nodes not yet profiled (or that declined before) for their tier, heads and size."""
+        todo = [n for n in node_ids if n not in self.profiles or self.profiles[n].declined]
+        if not todo:
+            return
+        cfg = ConfigRecord(self._base_config(server_round))
+        msgs = [Message(RecordDict({keys.CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in todo]
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.profiles[node] = NodeProfile(1.0, [], 0, declined=reply.error.reason)
+                log.warning("node %s declined to profile: %s", node, reply.error.reason)
+                continue
+            m = reply.content[keys.METRICS]
+            tier = float(m[keys.TIER])
+            if tier not in TIERS:
+                self.profiles[node] = NodeProfile(1.0, [], 0, declined=f"unknown tier {tier}")
+                continue
+            self.profiles[node] = NodeProfile(tier, keys.mask_to_heads(int(m[keys.HEADS])), int(m[keys.NUM_EXAMPLES]))
+
+    # ---- training -----------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.outcome = RoundOutcome()
+        self._global = record_to_arrays(arrays)
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        self.profile_nodes(node_ids, grid, server_round, timeout=float(self.train_settings.get("timeout", 600)))
+        usable = [n for n in node_ids if n in self.profiles and not self.profiles[n].declined]
+        for n in node_ids:
+            if n not in usable:
+                reason = self.profiles[n].declined if n in self.profiles else "no profile reply"
+                self.outcome.declined.append((n, reason))
+        self._expected_clients = max(1, len(usable))
+        self.outcome.sampled = len(node_ids)
+        base = {**self._base_config(server_round), **dict(config), **self.train_settings,
+                keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
+                keys.NOISE_MODE: self.noise_mode, keys.EXPECTED_CLIENTS: self._expected_clients}
+        base.pop("timeout", None)
+        messages, self._sent_tiers = [], {}
+        for n in usable:
+            tier = self.profiles[n].tier
+            sub = slice_state(self._global, self.model_config, tier)
+            record = arrays_to_record(sub)
+            self.outcome.bytes_sent += record.count_bytes()
+            self._sent_tiers[n] = tier
+            content = RecordDict({keys.ARRAYS: record, keys.CONFIG: ConfigRecord({**base, keys.TIER: tier})})
+            messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=n))
+        log.info("round %s: training on %s node(s) (tiers %s)", server_round, len(messages),
+                 sorted(self._sent_tiers.values()))
+        return messages
+
+    def _reject(self, server_round: int, node: int, reasons: list[str]) -> None:
+        self.outcome.rejected.append((node, "; ".join(reasons)))
+        self.rejections.append({"round": server_round, "node": node, "reasons": reasons})
+        log.warning("round %s: rejected update from node %s: %s", server_round, node, "; ".join(reasons))
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self._global is not None, "configure_train must run first"
+        updates, contributions, losses, epsilons = [], [], [], []
+        n_params_cache: dict[float, int] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+                if reply.error.code in keys.DECLINE_CODES:
+                    self.outcome.declined.append((node, reason))
+                    if reply.error.code == keys.DECLINE_BUDGET and node in self.profiles:
+                        self.profiles[node].declined = reason
+                else:
+                    self.outcome.failed.append((node, reason))
+                log.warning("round %s: node %s: %s", server_round, node, reason)
+                continue
+            tier = self._sent_tiers.get(node)
+            if tier is None:
+                self._reject(server_round, node, ["reply from a node that was not sent a training instruction"])
+                continue
+            try:
+                arrays = record_to_arrays(reply.content[keys.ARRAYS])
+                m = reply.content[keys.METRICS]
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject(server_round, node, [f"malformed reply: {exc}"])
+                continue
+            self.outcome.bytes_received += reply.content[keys.ARRAYS].count_bytes()
+            index = slice_index(self.model_config, tier)
+            shapes = expected_shapes(index)
+            if tier not in n_params_cache:
+                n_params_cache[tier] = int(sum(int(np.prod(s)) for s in shapes.values()))
+            bound = max_expected_norm(self.clip_norm, self.noise_multiplier, self.noise_mode,
+                                      self._expected_clients, n_params_cache[tier])
+            reasons = validate_update(arrays, shapes, max_norm=bound, current_model_version=self.model_version,
+                                      reply_model_version=m.get(keys.MODEL_VERSION),
+                                      num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
+                                      max_staleness=self.max_staleness)
+            reported_tier = m.get(keys.TIER)
+            if reported_tier is not None and float(reported_tier) != tier:
+                reasons.append(f"reply claims tier {reported_tier} but was sent the {tier} slice")
+            if reasons:
+                self._reject(server_round, node, reasons)
+                continue
+            heads = set(keys.mask_to_heads(int(m[keys.HEADS])))
+            n = int(m[keys.NUM_EXAMPLES])
+            updates.append(ClientUpdate(node_id=node, delta=arrays, index=index, num_examples=n,
+                                        heads=heads, width=tier))
+            contributions.append(Contribution(
+                weight=float(n), width=tier, heads=frozenset(heads),
+                noise_std=update_noise_std(self.clip_norm, self.noise_multiplier, self.noise_mode,
+                                           self._expected_clients)))
+            if keys.LOSS in m:
+                losses.append(float(m[keys.LOSS]))
+            if keys.EPSILON in m:
+                epsilons.append(float(m[keys.EPSILON]))
+        self.outcome.used = len(updates)
+        self.outcome.max_device_epsilon = max(epsilons, default=0.0)
+        self.outcome.train_loss = float(np.mean(losses)) if losses else float("nan")
+        if not updates:
+            log.warning("round %s: no valid update; the global model is unchanged", server_round)
+            return None, MetricRecord({"updates": 0})
+        new_state, stats = aggregate(self._global, updates, head_of)
+        self.outcome.noise_multiplier = round_noise_multiplier(contributions, self.clip_norm)
+        self.outcome.kws_contributors = stats.head_contributors.get("kws", 0)
+        self.outcome.emotion_contributors = stats.head_contributors.get("emotion", 0)
+        self.model_version += 1
+        if self.outcome.kws_contributors:
+            self.kws_head_version += 1
+        self._global = new_state
+        metrics = {**stats.to_metrics(), "updates": len(updates)}
+        return arrays_to_record(new_state), MetricRecord(metrics)
+
+    # ---- evaluation: every node gets the full global model (inference needs all of it) ------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_evaluate)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes))
+        cfg = ConfigRecord({**self._base_config(server_round), **dict(config)})
+        self.outcome.bytes_sent += arrays.count_bytes() * len(node_ids)
+        return [Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg}), message_type=MessageType.EVALUATE,
+                        dst_node_id=n) for n in node_ids]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted means per task over the nodes that have that task."""
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %s: evaluation on node %s failed: %s", server_round,
+                            reply.metadata.src_node_id, reply.error.reason)
+                continue
+            m = reply.content[keys.METRICS]
+            for task in keys.TASKS:
+                n = float(m.get(f"{task}-n", 0) or 0)
+                if n <= 0:
+                    continue
+                for metric in (keys.ACCURACY, keys.UAR):
+                    k = f"{task}-{metric}"
+                    sums[k] = sums.get(k, 0.0) + n * float(m[k])
+                counts[task] = counts.get(task, 0.0) + n
+        out = {k: v / counts[k.split("-")[0]] for k, v in sums.items()}
+        out.update({f"{t}-n": c for t, c in counts.items()})
+        return MetricRecord(out) if out else None

@@ -1,0 +1,158 @@
+"""Checks a client reply before it may touch the global model.
+
+:func:`validate_update` collects *every* reason to reject a reply (an empty list means
+valid); the caller logs the reasons, drops the reply (or raises
+``fedser.common.errors.UpdateRejected(reasons)``) and aggregates the rest, so a rejected
+reply never changes the model.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedser.common.keys import HEAD_BITS
+
+__all__ = [
+    "DEFAULT_MAX_EXAMPLES",
+    "NORM_RTOL",
+    "expected_shapes",
+    "update_norm",
+    "validate_update",
+]
+
+# More examples than this from one device (one speaker) is not a real count.
+DEFAULT_MAX_EXAMPLES = 1_000_000
+# A device that clips to exactly C can land a float32 rounding step above it.
+NORM_RTOL = 1e-5
+
+_ALL_HEADS = sum(HEAD_BITS.values())
+
+
+def expected_shapes(index: Mapping[str, tuple]) -> dict[str, tuple[int, ...]]:
+    """Sub-array shapes a client of one tier must send, from its ``np.ix_``-style index.
+
+    ``expected_shapes(slice_index(cfg, width))`` gives the ``expected`` argument of
+    :func:`validate_update`.
+    """
+    return {name: tuple(int(np.size(a)) for a in ix) for name, ix in index.items()}
+
+
+def update_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """Global L2 norm of all arrays together (float64 accumulation)."""
+    total = 0.0
+    for a in arrays.values():
+        flat = np.asarray(a, dtype=np.float64).reshape(-1)
+        total += float(flat @ flat)
+    return math.sqrt(total)
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int if it is an integral number (metrics arrive as int or float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if not math.isfinite(value) or value != int(value):
+        return None
+    return int(value)
+
+
+def validate_update(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    max_norm: float | None,
+    current_model_version: int,
+    reply_model_version: int | float | None,
+    num_examples: int | float | None,
+    heads_mask: int | float | None,
+    dtype: np.dtype | type = np.float32,
+    max_examples: int = DEFAULT_MAX_EXAMPLES,
+    max_staleness: int = 0,
+) -> list[str]:
+    """Every reason to reject one client reply; ``[]`` when it may be aggregated.
+
+    Args:
+        arrays: name -> update array (the delta) as received.
+        expected: name -> shape for the client's width tier (see :func:`expected_shapes`);
+            every name must be present and nothing else.
+        max_norm: bound on the global L2 norm of the update, including the noise allowance
+            on top of the clipping norm C; ``None`` skips the check (no clipping).
+        current_model_version: version of the global model now.
+        reply_model_version: version the client trained on (from its reply).
+        num_examples: examples the client trained on; must be an integer in [1, max_examples].
+        heads_mask: bit mask of heads trained (``fedser.common.keys.HEAD_BITS``); must be a
+            non-zero combination of known bits.
+        dtype: dtype every array must have.
+        max_examples: largest plausible num_examples for one device.
+        max_staleness: how many versions behind the current one a reply may be.
+    """
+    if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a finite number > 0 or None; got {max_norm!r}")
+    if max_staleness < 0:
+        raise ValueError(f"max_staleness must be >= 0; got {max_staleness!r}")
+    want_dtype = np.dtype(dtype)
+    reasons: list[str] = []
+
+    for name in sorted(set(arrays) - set(expected)):
+        reasons.append(f"unknown array {name!r}: not part of this client's sub-model")
+    for name in sorted(set(expected) - set(arrays)):
+        reasons.append(f"missing array {name!r} (expected shape {tuple(expected[name])})")
+
+    finite_parts = {}  # the norm is still checked on the finite part of a damaged update
+    for name in sorted(arrays):
+        try:
+            a = np.asarray(arrays[name])
+        except Exception as exc:  # a value numpy cannot even view as an array
+            reasons.append(f"array {name!r} is not an array ({type(arrays[name]).__name__}: {exc})")
+            continue
+        if a.dtype != want_dtype:
+            reasons.append(f"array {name!r} has dtype {a.dtype}; expected {want_dtype}")
+        if name in expected and a.shape != tuple(expected[name]):
+            reasons.append(
+                f"array {name!r} has shape {a.shape}; expected {tuple(expected[name])} for this tier"
+            )
+        if a.dtype.kind not in "biuf":
+            continue  # no norm for non-numeric data; the dtype reason says why
+        finite = np.isfinite(a)
+        bad = int(a.size - np.count_nonzero(finite))
+        if bad:
+            reasons.append(f"array {name!r} has {bad} NaN/Inf value(s)")
+            a = a[finite]
+        finite_parts[name] = a
+
+    if max_norm is not None:
+        norm = update_norm(finite_parts)
+        if norm > max_norm * (1.0 + NORM_RTOL):
+            reasons.append(
+                f"update L2 norm {norm:.6g} exceeds the bound {max_norm:.6g} "
+                "(clipping norm plus noise allowance)"
+            )
+
+    version = _as_int(reply_model_version)
+    if version is None:
+        reasons.append(f"model version in the reply must be an integer; got {reply_model_version!r}")
+    elif version > current_model_version:
+        reasons.append(
+            f"reply trained on model version {version}, newer than the current {current_model_version}"
+        )
+    elif current_model_version - version > max_staleness:
+        reasons.append(
+            f"stale update: trained on model version {version}, current is {current_model_version} "
+            f"(at most {max_staleness} version(s) behind accepted)"
+        )
+
+    n = _as_int(num_examples)
+    if n is None or n <= 0:
+        reasons.append(f"num_examples must be a positive integer; got {num_examples!r}")
+    elif n > max_examples:
+        reasons.append(f"num_examples {n} is implausible for one device (limit {max_examples})")
+
+    mask = _as_int(heads_mask)
+    if mask is None or mask <= 0 or mask & ~_ALL_HEADS:
+        known = ", ".join(f"{h}={bit}" for h, bit in HEAD_BITS.items())
+        reasons.append(
+            f"heads mask {heads_mask!r} is invalid: expected a non-zero combination of {known}"
+        )
+    return reasons

@@ -1,0 +1,250 @@
+"""Accounting maths: epsilon from recorded histories, noise for a budget, the user-level accountant."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedser.common.errors import ConfigError
+from fedser.common.privacy import (
+    DPConfig,
+    SpendRecord,
+    UserLevelAccountant,
+    epsilon_of,
+    noise_for_budget,
+    spends_from_accountant,
+    update_noise_std,
+)
+
+DELTA = 1e-5
+
+
+# -- SpendRecord ------------------------------------------------------------------------------
+
+
+def test_spend_record_round_trips_through_dict_and_json():
+    # Prepare
+    rec = SpendRecord(1.1, 0.02, 150)
+    # Execute
+    back = SpendRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
+    # Assert
+    assert back == rec
+    assert rec.as_tuple() == (1.1, 0.02, 150)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"noise_multiplier": -1.0, "sample_rate": 0.1, "steps": 1}, "noise_multiplier=-1.0"),
+    ({"noise_multiplier": 1.0, "sample_rate": 0.0, "steps": 1}, "sample_rate=0.0"),
+    ({"noise_multiplier": 1.0, "sample_rate": 1.5, "steps": 1}, "sample_rate=1.5"),
+    ({"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 2.5}, "steps=2.5"),
+    ({"noise_multiplier": float("nan"), "sample_rate": 0.1, "steps": 1}, "noise_multiplier=nan"),
+])
+def test_spend_record_rejects_values_out_of_range_naming_them(kwargs, named):
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        SpendRecord(**kwargs)
+
+
+def test_spend_record_from_dict_names_missing_keys():
+    with pytest.raises(ConfigError, match="steps"):
+        SpendRecord.from_dict({"noise_multiplier": 1.0, "sample_rate": 0.1})
+
+
+# -- epsilon_of -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("accountant", "stock"), [("rdp", RDPAccountant), ("prv", PRVAccountant)])
+def test_epsilon_matches_a_stock_opacus_accountant_stepped_the_same_way(accountant, stock):
+    # Prepare: an independent party steps a stock accountant through the same mechanism
+    history = [SpendRecord(1.0, 0.01, 300), SpendRecord(1.5, 0.02, 200)]
+    reference = stock()
+    for rec in history:
+        for _ in range(rec.steps):
+            reference.step(noise_multiplier=rec.noise_multiplier, sample_rate=rec.sample_rate)
+    # Execute
+    eps = epsilon_of(history, DELTA, accountant=accountant)
+    # Assert
+    assert eps == pytest.approx(reference.get_epsilon(DELTA), rel=1e-6)
+
+
+def test_epsilon_reference_figures():
+    # Prepare: a textbook DP-SGD setting
+    history = [SpendRecord(1.0, 0.01, 1000)]
+    # Execute
+    rdp = epsilon_of(history, DELTA, "rdp")
+    prv = epsilon_of(history, DELTA, "prv")
+    # Assert: RDP is a looser upper bound than the numerically tight PRV
+    assert rdp == pytest.approx(2.10, abs=0.01)
+    assert prv == pytest.approx(1.84, abs=0.02)
+    assert prv < rdp
+
+
+def test_epsilon_of_split_history_equals_the_merged_one():
+    # Prepare
+    split = [SpendRecord(1.0, 0.01, 400), SpendRecord(2.0, 0.05, 10), SpendRecord(1.0, 0.01, 600)]
+    merged = [SpendRecord(1.0, 0.01, 1000), SpendRecord(2.0, 0.05, 10)]
+    # Execute / Assert
+    assert epsilon_of(split, DELTA) == pytest.approx(epsilon_of(merged, DELTA), rel=1e-12)
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_noise():
+    eps = [epsilon_of([SpendRecord(1.0, 0.01, s)], DELTA) for s in (10, 100, 1000)]
+    assert eps[0] < eps[1] < eps[2]
+    assert epsilon_of([SpendRecord(2.0, 0.01, 1000)], DELTA) < eps[2]
+
+
+def test_empty_history_spends_nothing_and_no_noise_spends_infinity():
+    assert epsilon_of([], DELTA) == 0.0
+    assert epsilon_of([SpendRecord(0.0, 0.01, 0)], DELTA) == 0.0
+    assert epsilon_of([SpendRecord(1.0, 0.01, 10), SpendRecord(0.0, 0.01, 1)], DELTA) == math.inf
+    assert epsilon_of([SpendRecord(0.0, 0.01, 1)], DELTA, "prv") == math.inf
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"delta": 0.0}, "delta=0.0"),
+    ({"delta": 1.0}, "delta=1.0"),
+    ({"delta": DELTA, "accountant": "gdp"}, "accountant='gdp'"),
+])
+def test_epsilon_of_rejects_bad_settings(kwargs, named):
+    with pytest.raises(ConfigError, match=named):
+        epsilon_of([SpendRecord(1.0, 0.01, 1)], **kwargs)
+
+
+def test_spends_from_accountant_reads_an_opacus_history():
+    # Prepare
+    acc = RDPAccountant()
+    for _ in range(5):
+        acc.step(noise_multiplier=1.2, sample_rate=0.05)
+    # Execute
+    spends = spends_from_accountant(acc)
+    # Assert
+    assert spends == [SpendRecord(1.2, 0.05, 5)]
+    assert epsilon_of(spends, DELTA) == pytest.approx(acc.get_epsilon(DELTA))
+
+
+# -- noise_for_budget -------------------------------------------------------------------------
+
+
+def test_noise_for_budget_reaches_the_target_within_tolerance():
+    # Execute
+    z = noise_for_budget(2.0, DELTA, sample_rate=0.01, steps=1000)
+    # Assert: at most the target, and not wastefully below it
+    eps = epsilon_of([SpendRecord(z, 0.01, 1000)], DELTA)
+    assert 2.0 - 0.011 <= eps <= 2.0
+    assert epsilon_of([SpendRecord(z * 0.97, 0.01, 1000)], DELTA) > 2.0
+
+
+def test_noise_for_budget_names_an_unreachable_budget():
+    # RDP conversion has a floor near log(1/delta)/62, so epsilon 0.01 is out of reach at any noise
+    with pytest.raises(ConfigError, match="epsilon=0.01"):
+        noise_for_budget(0.01, DELTA, sample_rate=1.0, steps=10)
+
+
+def test_noise_for_budget_validates_all_arguments_at_once():
+    with pytest.raises(ConfigError) as err:
+        noise_for_budget(-1.0, 2.0, sample_rate=0.0, steps=0)
+    for named in ("target_epsilon=-1.0", "delta=2.0", "sample_rate=0.0", "steps=0"):
+        assert named in str(err.value)
+
+
+# -- UserLevelAccountant ----------------------------------------------------------------------
+
+
+def test_user_level_accountant_uses_clients_per_round_over_all_clients():
+    # Prepare
+    acc = UserLevelAccountant(noise_multiplier=1.0, clients_per_round=10, total_clients=1000)
+    # Execute
+    acc.step()
+    acc.step(rounds=99)
+    # Assert
+    assert acc.rounds == 100
+    assert acc.sample_rate == 0.01
+    assert acc.epsilon(DELTA) == pytest.approx(epsilon_of([SpendRecord(1.0, 0.01, 100)], DELTA))
+
+
+def test_user_level_accountant_state_round_trips_through_json():
+    # Prepare
+    acc = UserLevelAccountant(1.3, 5, 50, accountant="prv")
+    acc.step(rounds=7)
+    acc.step(noise_multiplier=0.9)  # a distributed round with fewer replies than expected
+    # Execute
+    state = json.loads(json.dumps(acc.state_dict()))
+    back = UserLevelAccountant(1.0, 1, 1)
+    back.load_state_dict(state)
+    # Assert
+    assert back.state_dict() == acc.state_dict()
+    assert back.rounds == 8
+    assert back.epsilon(DELTA) == pytest.approx(acc.epsilon(DELTA))
+
+
+def test_user_level_accountant_load_rejects_incomplete_state():
+    acc = UserLevelAccountant(1.0, 1, 2)
+    with pytest.raises(ConfigError, match="history"):
+        acc.load_state_dict({"noise_multiplier": 1.0})
+
+
+def test_user_level_accountant_without_noise_reports_infinite_epsilon():
+    # Prepare
+    acc = UserLevelAccountant(noise_multiplier=0.0, clients_per_round=3, total_clients=10)
+    # Execute
+    before = acc.epsilon(DELTA)
+    acc.step()
+    summary = acc.summary(DELTA)
+    # Assert: nothing released yet spends nothing; one round without noise has no guarantee
+    assert before == 0.0
+    assert summary["epsilon"] == math.inf
+    assert "no user-level noise" in summary["note"]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    ((-0.5, 1, 10), "noise_multiplier=-0.5"),
+    ((1.0, 11, 10), "clients_per_round=11 must be in [1, total_clients=10]"),
+    ((1.0, 0, 10), "clients_per_round=0"),
+    ((1.0, 1, 0), "total_clients=0"),
+])
+def test_user_level_accountant_validates_arguments(args, named):
+    with pytest.raises(ConfigError) as err:
+        UserLevelAccountant(*args)
+    assert named in str(err.value)
+
+
+def test_user_level_accountant_step_rejects_zero_rounds():
+    with pytest.raises(ConfigError, match="rounds=0"):
+        UserLevelAccountant(1.0, 1, 10).step(rounds=0)
+
+
+def test_update_noise_std_formula():
+    assert update_noise_std(0.5, 2.0, "local", 9) == pytest.approx(1.0)
+    assert update_noise_std(0.5, 2.0, "distributed", 9) == pytest.approx(1.0 / 3.0)
+    assert update_noise_std(0.5, 2.0, "none", 9) == 0.0
+    with pytest.raises(ConfigError, match="mode='central'"):
+        update_noise_std(0.5, 2.0, "central", 9)
+
+
+# -- DPConfig ---------------------------------------------------------------------------------
+
+
+def test_dp_config_round_trips_and_defaults_are_valid():
+    cfg = DPConfig(noise_multiplier=0.8, max_grad_norm=2.0, max_epsilon=4.0, delta=1e-6)
+    assert DPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert DPConfig().delta > 0
+
+
+def test_dp_config_collects_every_problem():
+    with pytest.raises(ConfigError) as err:
+        DPConfig(noise_multiplier=-1.0, max_grad_norm=0.0, max_epsilon=-2.0, delta=0.5e1, accountant="x")
+    for named in ("noise_multiplier=-1.0", "max_grad_norm=0.0", "max_epsilon=-2.0", "delta=5.0", "accountant='x'"):
+        assert named in str(err.value)
+
+
+def test_dp_config_without_noise_needs_an_unlimited_budget():
+    with pytest.raises(ConfigError, match="could never train"):
+        DPConfig(noise_multiplier=0.0, max_epsilon=8.0)
+    assert DPConfig(noise_multiplier=0.0, max_epsilon=math.inf).max_epsilon == math.inf
+
+
+def test_dp_config_from_dict_names_unknown_keys():
+    with pytest.raises(ConfigError, match="epsilon_budget"):
+        DPConfig.from_dict({"epsilon_budget": 3.0})

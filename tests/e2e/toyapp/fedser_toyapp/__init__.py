@@ -1,0 +1,1 @@
+"""Toy Flower App for the transport end-to-end tests."""

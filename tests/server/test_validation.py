@@ -1,0 +1,168 @@
+"""Update validation: every reason collected, and a rejected reply never reaches the model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedser.common.errors import UpdateRejected
+from fedser.server.aggregation import ClientUpdate, aggregate
+from fedser.server.validation import expected_shapes, update_norm, validate_update
+
+
+def head_of(name: str) -> str | None:
+    for head in ("emotion", "kws"):
+        if name.startswith(f"heads.{head}."):
+            return head
+    return None
+
+
+GLOBAL = {
+    "encoder.weight": np.zeros((4, 4), dtype=np.float32),
+    "heads.emotion.weight": np.zeros((9, 4), dtype=np.float32),
+    "heads.kws.weight": np.zeros((12, 4), dtype=np.float32),
+}
+# Width-0.5 tier: half of every scaled axis (class axes are not scaled).
+HALF_INDEX = {
+    "encoder.weight": np.ix_(np.arange(2), np.arange(2)),
+    "heads.emotion.weight": np.ix_(np.arange(9), np.arange(2)),
+    "heads.kws.weight": np.ix_(np.arange(12), np.arange(2)),
+}
+EXPECTED = expected_shapes(HALF_INDEX)
+
+
+def _delta(value: float = 0.01) -> dict[str, np.ndarray]:
+    return {name: np.full(shape, value, dtype=np.float32) for name, shape in EXPECTED.items()}
+
+
+def _validate(arrays, **overrides):
+    kwargs = dict(
+        max_norm=1.0,
+        current_model_version=5,
+        reply_model_version=5,
+        num_examples=32,
+        heads_mask=3,
+    )
+    kwargs.update(overrides)
+    return validate_update(arrays, EXPECTED, **kwargs)
+
+
+def test_expected_shapes_from_index():
+    # Execute / Assert
+    assert EXPECTED == {
+        "encoder.weight": (2, 2),
+        "heads.emotion.weight": (9, 2),
+        "heads.kws.weight": (12, 2),
+    }
+
+
+def test_valid_update_has_no_reasons():
+    # Execute
+    reasons = _validate(_delta(), num_examples=32.0, heads_mask=1)  # metrics may arrive as floats
+
+    # Assert
+    assert reasons == []
+
+
+@pytest.mark.parametrize(
+    ("change", "overrides", "fragment"),
+    [
+        (lambda d: d["encoder.weight"].__setitem__((0, 0), np.nan), {}, "1 NaN/Inf value"),
+        (lambda d: d["heads.kws.weight"].__setitem__((1, 1), -np.inf), {}, "'heads.kws.weight' has 1 NaN/Inf"),
+        (lambda d: d.update({"encoder.extra": np.zeros(2, np.float32)}), {}, "unknown array 'encoder.extra'"),
+        (lambda d: d.pop("heads.kws.weight"), {}, "missing array 'heads.kws.weight'"),
+        (lambda d: d.update({"encoder.weight": np.zeros((4, 4), np.float32)}), {}, "shape (4, 4); expected (2, 2)"),
+        (lambda d: d.update({"encoder.weight": np.zeros((2, 2), np.float64)}), {}, "dtype float64; expected float32"),
+        (lambda d: d.update({"encoder.weight": np.full((2, 2), 1.0, np.float32)}), {}, "exceeds the bound 1 (clipping norm plus noise allowance)"),
+        (lambda d: None, {"reply_model_version": 3}, "stale update: trained on model version 3, current is 5"),
+        (lambda d: None, {"reply_model_version": 6}, "newer than the current 5"),
+        (lambda d: None, {"reply_model_version": None}, "model version in the reply must be an integer"),
+        (lambda d: None, {"num_examples": 0}, "num_examples must be a positive integer; got 0"),
+        (lambda d: None, {"num_examples": -4}, "num_examples must be a positive integer"),
+        (lambda d: None, {"num_examples": 2.5}, "num_examples must be a positive integer"),
+        (lambda d: None, {"num_examples": 10**9}, "implausible for one device"),
+        (lambda d: None, {"heads_mask": 0}, "heads mask 0 is invalid"),
+        (lambda d: None, {"heads_mask": 4}, "heads mask 4 is invalid"),
+        (lambda d: None, {"heads_mask": None}, "heads mask None is invalid"),
+    ],
+)
+def test_each_defect_is_named(change, overrides, fragment):
+    # Prepare
+    arrays = _delta()
+    change(arrays)
+
+    # Execute
+    reasons = _validate(arrays, **overrides)
+
+    # Assert: exactly this one defect is reported.
+    assert len(reasons) == 1, reasons
+    assert fragment in reasons[0]
+
+
+def test_all_reasons_are_collected():
+    # Prepare: five independent defects in one reply.
+    arrays = _delta()
+    arrays["encoder.weight"][0, 0] = np.nan
+    arrays["heads.emotion.weight"] = arrays["heads.emotion.weight"].astype(np.float64)
+    del arrays["heads.kws.weight"]
+
+    # Execute
+    reasons = _validate(arrays, reply_model_version=1, num_examples=0, heads_mask=8)
+
+    # Assert
+    joined = " | ".join(reasons)
+    for fragment in ("NaN/Inf", "dtype float64", "missing array", "stale update", "num_examples", "heads mask"):
+        assert fragment in joined
+    assert len(reasons) == 6
+
+
+def test_staleness_allowance_and_norm_options():
+    # Execute / Assert: one version behind passes with max_staleness=1; no norm check with None.
+    assert _validate(_delta(), reply_model_version=4, max_staleness=1) == []
+    assert _validate(_delta(10.0), max_norm=None) == []
+    assert _validate(_delta(10.0))  # the same update is over the default bound
+    with pytest.raises(ValueError, match="max_norm"):
+        _validate(_delta(), max_norm=-1.0)
+
+
+def test_norm_bound_tolerates_float32_rounding_only():
+    # Prepare: an update clipped to exactly norm 1 in float32.
+    arrays = _delta(1.0)
+    scale = np.float32(1.0 / update_norm(arrays))
+    clipped = {k: v * scale for k, v in arrays.items()}
+
+    # Execute / Assert
+    assert _validate(clipped) == []
+    assert _validate({k: v * np.float32(1.001) for k, v in clipped.items()})
+
+
+def test_rejected_update_never_changes_the_model():
+    # Prepare: three replies, one of them poisoned with NaN and a huge value.
+    index = HALF_INDEX
+    good_a = ClientUpdate("a", _delta(0.1), index, 10, {"emotion", "kws"}, 0.5)
+    good_b = ClientUpdate("b", _delta(-0.2), index, 30, {"emotion"}, 0.5)
+    bad_delta = _delta(0.1)
+    bad_delta["encoder.weight"][:] = 1e6
+    bad_delta["heads.emotion.weight"][0, 0] = np.nan
+    bad = ClientUpdate("bad", bad_delta, index, 20, {"emotion", "kws"}, 0.5)
+    replies = [good_a, bad, good_b]
+
+    # Execute: the caller validates, drops rejected replies, aggregates the rest.
+    verdicts = {
+        u.node_id: validate_update(u.delta, EXPECTED, max_norm=2.0, current_model_version=1,
+                                   reply_model_version=1, num_examples=u.num_examples, heads_mask=3)
+        for u in replies
+    }
+    accepted = [u for u in replies if not verdicts[u.node_id]]
+    filtered, _ = aggregate(GLOBAL, accepted, head_of)
+    without, _ = aggregate(GLOBAL, [good_a, good_b], head_of)
+
+    # Assert
+    assert verdicts["a"] == [] and verdicts["b"] == []
+    assert len(verdicts["bad"]) == 2  # NaN and norm
+    with pytest.raises(UpdateRejected, match="NaN/Inf"):
+        raise UpdateRejected(verdicts["bad"])
+    for name in GLOBAL:
+        np.testing.assert_array_equal(filtered[name], without[name])
+    # And if the caller forgot to filter, aggregation refuses rather than writing NaN.
+    with pytest.raises(ValueError, match="non-finite"):
+        aggregate(GLOBAL, replies, head_of)
