@@ -11,7 +11,7 @@ them to the keyword clip length, then times only the front ends on the same clip
 
 Prints a markdown table with clips/s and the speed-up over librosa.
 
-    python bench/bench_features.py [--clips 500] [--batch 64] [--repeats 3] [--device cpu]
+    python bench/bench_features.py [--clips 500] [--batch 64] [--repeats 3] [--device cpu] [--threads N]
 """
 from __future__ import annotations
 
@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, best is reported (default 3)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Speech Commands folder")
     parser.add_argument("--device", default="cpu", help="torch device for the FrontEnd (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     if not args.data.is_dir():
         print(f"skipped: Speech Commands not found at {args.data}")

@@ -251,7 +251,7 @@ class FrontEnd(nn.Module):
             n_fft=s.n_fft,
             win_length=s.win_length,
             hop_length=s.hop_length,
-            power=2.0,
+            power=None,  # complex out; power computed in power() (abs() of complex is slow)
             center=True,
             pad_mode="constant",
         )
@@ -284,7 +284,9 @@ class FrontEnd(nn.Module):
 
     def power(self, wave: torch.Tensor) -> torch.Tensor:
         """Power spectrogram: ``(B, T)`` or ``(T,)`` -> ``(B, n_fft // 2 + 1, frames)``."""
-        return self.spectrogram(self._batch(wave))
+        spec = self.spectrogram(self._batch(wave))  # complex (B, n_freq, frames)
+        # |z|^2 as re^2 + im^2: several times faster than torchaudio's abs().pow(2), same value.
+        return spec.real.square() + spec.imag.square()
 
     def _db(self, power_mel: torch.Tensor) -> torch.Tensor:
         # (B, n_mels, frames) power -> dB with the absolute and per-utterance relative floor.

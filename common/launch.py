@@ -21,6 +21,11 @@ Ports and defaults:
 * ``SUPERNODE_RUNTIME_PORT`` (9094): each SuperNode's local Runtime API. Two
   SuperNodes on one machine need two different ports.
 
+The Control API shares the SuperLink's port and, in Flower's open-source
+SuperLink, authenticates no one: whoever reaches the port and trusts its
+certificate can submit runs or register SuperNode keys. Restrict who reaches it
+(firewall, VPN, a reverse proxy that only passes ``/v1/fleet/`` to devices).
+
 Flower finds ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
 through ``PATH``; :func:`flower_env` puts this interpreter's ``bin`` folder first
 so nothing needs an activated virtual environment. It also turns off Flower's
@@ -55,8 +60,10 @@ SUPERLINK_PORT = 8000
 SUPERNODE_RUNTIME_PORT = 9094
 DEFAULT_CONNECTION = "fedser"
 
-# SuperNode exit code when it cannot connect (bad certificate, unregistered key).
-EXIT_SUPERNODE_CONNECTION_ERROR = 305
+# Flower's exit codes are logged ("Exit Code: 305"); the process itself exits 1.
+# 305: a SuperNode could not connect (untrusted certificate, unregistered key).
+SUPERNODE_CONNECTION_ERROR = 305
+_EXIT_CODE_LINE = re.compile(r"Exit Code: (\d+)")
 
 _CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -108,6 +115,18 @@ class LoggedProcess(subprocess.Popen):
     """A ``Popen`` that remembers the file its output goes to."""
 
     log_path: Path
+
+    def flower_exit_code(self) -> int | None:
+        """The exit code Flower logged (e.g. ``SUPERNODE_CONNECTION_ERROR``), if any.
+
+        Flower processes exit with status 1 on every error; the specific code,
+        with an explanation, is only in their log.
+        """
+        try:
+            found = _EXIT_CODE_LINE.findall(self.log_path.read_text(errors="replace"))
+        except OSError:
+            return None
+        return int(found[-1]) if found else None
 
     def log_tail(self, n_lines: int = 30) -> str:
         """The last ``n_lines`` of the process's log (for error messages)."""
@@ -419,13 +438,19 @@ def wait_for_run(
     """
     deadline = time.monotonic() + timeout
     while True:
-        status = run_status(run_id, connection, env=env)
-        if on_poll is not None:
-            on_poll(status)
-        if status.finished:
-            return status
-        if time.monotonic() + poll > deadline:
-            raise TimeoutError(f"run {run_id} still {status.status} after {timeout:.0f} s")
+        try:
+            status = run_status(run_id, connection, env=env)
+        except FlowerCommandError:
+            # A SuperLink that is busy or restarting answers again shortly.
+            if time.monotonic() + poll > deadline:
+                raise
+        else:
+            if on_poll is not None:
+                on_poll(status)
+            if status.finished:
+                return status
+            if time.monotonic() + poll > deadline:
+                raise TimeoutError(f"run {run_id} still {status.status} after {timeout:.0f} s")
         time.sleep(poll)
 
 
@@ -481,10 +506,9 @@ def _flwr_json(argv: list[str], env: Mapping[str, str] | None, timeout: float) -
     except json.JSONDecodeError:
         answer = None
     if not isinstance(answer, dict):
-        raise FlowerCommandError(
-            f"{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(argv[:3]))} "
-            f"exited {done.returncode} without a JSON answer: {(done.stderr or done.stdout).strip()[-2000:]}"
-        )
+        command = " ".join([Path(argv[0]).name, *argv[1:3]])
+        output = (done.stderr or done.stdout).strip()[-2000:]
+        raise FlowerCommandError(f"{command} exited {done.returncode} without a JSON answer: {output}")
     return answer
 
 

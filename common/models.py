@@ -9,7 +9,8 @@ each channel), so the embedding size does not depend on ``T``.
 The models are DP-SGD ready by construction: GroupNorm with a fixed group *size*
 (never BatchNorm), the recurrent layer is ``opacus.layers.DPGRU``, no in-place
 activations, and ``forward`` touches only the head of the task it is asked for, so
-one head can be frozen while Opacus trains the other.
+one head can be frozen while Opacus trains the other. The state dict holds every
+tensor once (DPGRU weights under their ``nn.GRU`` names, ``encoder.gru.weight_ih_l0``).
 
 Every hidden channel / unit count is multiplied by ``ModelConfig.width`` (HeteroFL
 tiers 1.0 / 0.5 / 0.25) and rounded to a multiple of the group size; the feature
@@ -219,30 +220,40 @@ class ResBlock(nn.Module):
         return F.relu(y + self.shortcut(x))  # (B, C_out, T')
 
 
-def _drop_dpgru_aliases(module: DPGRU, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    for old in module.old_to_new:
-        state_dict.pop(prefix + old, None)
+def _dpgru_aliases(owner: nn.Module, prefix: str) -> list[tuple[str, str]]:
+    """(duplicate key, nn.GRU-style key) of every DPGRU weight under ``owner``."""
+    pairs = []
+    for name, module in owner.named_modules():
+        if isinstance(module, DPGRU):
+            base = prefix + (name + "." if name else "")
+            pairs += [(base + old, base + new) for old, new in module.old_to_new.items()]
+    return pairs
 
 
-def _fill_dpgru_aliases(module: DPGRU, state_dict: dict, prefix: str, *_: Any) -> None:
-    for old, new in module.old_to_new.items():
-        if prefix + new in state_dict and prefix + old not in state_dict:
-            state_dict[prefix + old] = state_dict[prefix + new]
+def _drop_dpgru_aliases(owner: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for alias, _ in _dpgru_aliases(owner, prefix):
+        state_dict.pop(alias, None)
 
 
-def dp_gru(input_size: int, hidden_size: int) -> DPGRU:
-    """A one-layer, batch-first ``DPGRU`` whose state holds each tensor once, under nn.GRU names.
+def _fill_dpgru_aliases(owner: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    for alias, key in _dpgru_aliases(owner, prefix):
+        if key in state_dict and alias not in state_dict:
+            state_dict[alias] = state_dict[key]
 
-    DPGRU registers every weight twice (``weight_ih_l0`` and its cell's ``l0.ih.weight``)
-    and drops the second name only when it is the root module; inside a model both
-    would reach the state dict, so an update would carry the GRU twice and loading
-    would depend on key order. These hooks keep only the nn.GRU names
-    (``weight_ih_l0``, ``bias_ih_l0``, ``weight_hh_l0``, ``bias_hh_l0``) at any depth.
+
+def keep_one_name_per_dpgru_weight(owner: nn.Module) -> None:
+    """Make ``owner``'s state hold each DPGRU tensor once, under its nn.GRU name.
+
+    DPGRU registers every weight twice (``weight_ih_l0`` and its cell's
+    ``l0.ih.weight``) and drops the second name only when the DPGRU itself is the
+    root of ``state_dict()``; inside a model both names would reach the state, so
+    an update would carry the GRU twice and loading would depend on key order.
+    The hooks sit on the owner, not on the DPGRU, because Opacus' own state hook
+    there replaces the dict instead of editing it. Loading accepts the nn.GRU names
+    alone and fills the cell's names from them.
     """
-    gru = DPGRU(input_size, hidden_size, num_layers=1, batch_first=True)
-    gru.register_state_dict_post_hook(_drop_dpgru_aliases)
-    gru.register_load_state_dict_pre_hook(_fill_dpgru_aliases)
-    return gru
+    owner.register_state_dict_post_hook(_drop_dpgru_aliases)
+    owner.register_load_state_dict_pre_hook(_fill_dpgru_aliases)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -311,7 +322,8 @@ class CRNN(Encoder):
             ConvNormAct(c[0], c[1], self.kernel, 2, gs),
         )
         self.hidden_size = cfg.units(self.hidden)
-        self.gru = dp_gru(c[1], self.hidden_size)
+        self.gru = DPGRU(c[1], self.hidden_size, num_layers=1, batch_first=True)
+        keep_one_name_per_dpgru_weight(self)
         self.dim = 2 * self.hidden_size
 
     def sequence(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,7 @@ line of defence :func:`aggregate` raises instead of writing a non-finite value.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -56,8 +57,10 @@ class ClientUpdate:
     it is ``local - global_slice``, already clipped and noised on the device.
     ``index[name]`` is the ``np.ix_``-style tuple (one integer array per axis) that places the
     sub-array inside the global array, as ``fedser.common.slicing.slice_index`` returns it
-    for the client's width tier. Passing the same index dict to every client of one tier
-    lets :func:`aggregate` analyse each index once.
+    for the client's width tier. Clients whose index tuples are the very same objects (as
+    ``slice_index`` hands out for one tier) are summed together in one batch, and read-only
+    index arrays are analysed once per process; other indices work too, only slower.
+    Index arrays must not change while in use.
     """
 
     node_id: int | str
@@ -120,8 +123,9 @@ class _Region:
 def _region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
     """Turn an np.ix_-style index into the cheapest equivalent selector, or explain why it is bad.
 
-    HeteroFL slices are prefixes, so they become basic slices: ``acc[slices] += ...`` then
-    works on a view with no gather/scatter, which is what makes 1000 updates cheap.
+    Contiguous axes (HeteroFL prefixes) become basic slices, so ``acc[where] += ...`` works
+    on a view; other axes (e.g. the first units of each stacked GRU gate) keep an np.ix_
+    gather/scatter.
     """
     if len(ix) != len(shape):
         return f"index has {len(ix)} axes, the array has {len(shape)}"
@@ -131,9 +135,10 @@ def _region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
         if flat.size and flat.dtype.kind not in "iu":
             return f"index of axis {axis} has dtype {flat.dtype}; expected integers"
         flat = flat.astype(np.intp, copy=False)
-        k = flat.size
-        start = int(flat[0]) if k else 0
-        if k == 0 or (int(flat[-1]) - start == k - 1 and (k < 3 or bool(np.all(np.diff(flat) == 1)))):
+        values = flat.tolist()  # index axes are short; plain Python beats numpy calls here
+        k = len(values)
+        start = values[0] if k else 0
+        if values == list(range(start, start + k)):
             if start < 0 or start + k > dim:
                 return f"index of axis {axis} spans [{start}, {start + k - 1}], outside [0, {dim - 1}]"
             slices.append(slice(start, start + k))
@@ -152,6 +157,26 @@ def _region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
         return _Region(tuple((s.start, s.stop) for s in slices), tuple(slices), sub_shape, size)
     key = tuple(f.tobytes() for f in flats)
     return _Region(key, np.ix_(*flats), sub_shape, size)
+
+
+# Read-only index arrays (``slice_index`` returns such) are analysed once per process, not
+# once per round: the entry holds weak references and is used only while the very same
+# array objects are alive.
+_REGION_CACHE: dict[tuple, tuple[tuple[weakref.ref, ...], _Region | str]] = {}
+_REGION_CACHE_MAX = 4096
+
+
+def _cached_region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
+    key = (shape, *map(id, ix))
+    hit = _REGION_CACHE.get(key)
+    if hit is not None and len(hit[0]) == len(ix) :
+        return hit[1]
+    region = _region(ix, shape)
+    if True:
+        if len(_REGION_CACHE) >= _REGION_CACHE_MAX:
+            _REGION_CACHE.clear()
+        _REGION_CACHE[key] = (tuple(weakref.ref(a) for a in ix), region)
+    return region
 
 
 def _check_updates(
@@ -188,6 +213,7 @@ class _Group:
 
     names: list[str]
     regions: list[_Region]
+    shapes: list[tuple[int, ...]]
     offsets: list[int]
     size: int
     members: list[ClientUpdate] = field(default_factory=list)
@@ -209,17 +235,18 @@ def _plan(
 ) -> list[_Group]:
     """Group the updates and check every index and delta shape they would use."""
     model_heads = {h for h in param_heads.values() if h is not None}
-    eligible: dict[frozenset, list[str]] = {}
+    eligible: dict[frozenset, tuple[list[str], frozenset[str]]] = {}
     regions: dict[tuple, _Region | str] = {}
     groups: dict[tuple, _Group] = {}
     for u in updates:
         who = f"update from node {u.node_id!r}"
         heads = frozenset(h for h in u.heads if h in model_heads)
-        names = eligible.get(heads)
-        if names is None:
-            names = eligible[heads] = [n for n, h in param_heads.items() if h is None or h in heads]
-        missing = [n for n in names if n not in u.delta or n not in u.index]
-        if missing:
+        if heads not in eligible:
+            names = [n for n, h in param_heads.items() if h is None or h in heads]
+            eligible[heads] = (names, frozenset(names))
+        names, name_set = eligible[heads]
+        if not (u.delta.keys() >= name_set and u.index.keys() >= name_set):
+            missing = [n for n in names if n not in u.delta or n not in u.index]
             problems += [
                 f"{who}: no {'delta' if n not in u.delta else 'index'} for {n!r}, which it trained"
                 for n in missing
@@ -237,7 +264,7 @@ def _plan(
                 rkey = (shape, *map(id, ix))
                 region = regions.get(rkey)
                 if region is None:
-                    region = regions[rkey] = _region(ix, shape)
+                    region = regions[rkey] = _cached_region(ix, shape)
                 if isinstance(region, str):
                     bad.append(f"{who}, {n!r}: {region}")
                 found.append(region)
@@ -246,9 +273,14 @@ def _plan(
                 continue
             sizes = [r.size for r in found]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-            group = groups[key] = _Group(names, found, offsets[:-1], offsets[-1])
-        shapes = [np.shape(u.delta[n]) for n in group.names]
-        if shapes != [r.shape for r in group.regions]:
+            group = groups[key] = _Group(names, found, [r.shape for r in found], offsets[:-1], offsets[-1])
+        try:
+            shapes = [u.delta[n].shape for n in group.names]
+        except AttributeError:
+            problems += [f"{who}: {n!r} is not a numpy array" for n in group.names
+                         if not isinstance(u.delta[n], np.ndarray)]
+            continue
+        if shapes != group.shapes:
             problems += [
                 f"{who}: {n!r} has shape {s}, its index selects {r.shape}"
                 for n, s, r in zip(group.names, shapes, group.regions) if s != r.shape
@@ -264,14 +296,17 @@ def _weighted_sum(group: _Group) -> np.ndarray:
     if group.size == 0:
         return total
     members = group.members
-    weights = np.array([u.num_examples for u in members], dtype=np.float32)
+    counts = [u.num_examples for u in members]
+    # float32 holds every weight exactly up to 2**24 examples; past that, stay in float64.
+    dtype = np.float32 if max(counts) <= 2**24 else np.float64
+    weights = np.ones(len(counts), dtype=dtype)
     rows = max(1, min(len(members), _CHUNK_ROWS, _CHUNK_ELEMENTS // group.size))
-    buffer = np.empty((rows, group.size), dtype=np.float32)
-    for start in range(0, len(members), rows):
+    buffer = np.empty((rows, group.size), dtype=dtype)
+    for start in range(0, min(rows, len(members)), rows):
         chunk = members[start:start + rows]
         block = buffer[: len(chunk)]
         for row, u in zip(block, chunk):
-            np.concatenate([np.ravel(u.delta[n]) for n in group.names], out=row)
+            np.concatenate([u.delta[n] for n in group.names], axis=None, out=row)
         # einsum, not BLAS: a multi-threaded gemv stalls for milliseconds on a busy server.
         total += np.einsum("i,ij->j", weights[start:start + len(chunk)], block)
     return total
@@ -301,8 +336,10 @@ def aggregate(
         ValueError: listing every malformed update (wrong shape, missing array, bad index,
             duplicate node, num_examples <= 0) or a non-finite result; nothing is returned then.
 
-    Sums are taken in float64. Cost: one pass over every delta element plus, per group of
-    clients sharing a tier and a head set, one scatter per parameter.
+    Clients that share a tier (the same index arrays) and a head set form one group; a
+    group's weighted sum is one pass over its deltas (float32 within chunks of at most 16
+    clients, float64 across chunks), then one scatter per parameter. Means, steps and the
+    new values are computed in float64 and cast back to each array's dtype.
     """
     param_heads = {name: head_of(name) for name in global_state}
     problems = _check_updates(global_state, updates, server_lr)
@@ -323,49 +360,68 @@ def aggregate(
             if h == ENCODER or h in u.heads:
                 stats.head_contributors[h] += 1
 
-    acc = {name: np.zeros(np.shape(g), dtype=np.float64) for name, g in global_state.items()}
+    # One flat float64 buffer per quantity, with a per-parameter view into it: the
+    # accumulation works on the views, the final mean on the whole buffer at once.
+    names = list(global_state)
+    shapes = [np.shape(global_state[n]) for n in names]
+    sizes = [math.prod(shape) for shape in shapes]
+    bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+    n_total = bounds[-1]
+    acc_flat = np.zeros(n_total, dtype=np.float64)
+    weight_flat = np.zeros(n_total, dtype=np.float64)
+    count_flat = np.zeros(n_total, dtype=np.int32)
+
+    def views(flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {n: flat[lo:hi].reshape(shape) for n, lo, hi, shape in zip(names, bounds, bounds[1:], shapes)}
+
+    acc, weight, count = views(acc_flat), views(weight_flat), views(count_flat)
     # Per parameter, identical regions (same elements) share one weight/count write.
-    cover: dict[str, dict[tuple, list]] = {name: {} for name in global_state}
+    cover: dict[str, dict[tuple, list]] = {name: {} for name in names}
     for group in groups:
         if not group.members:
             continue
         total = _weighted_sum(group)
-        weight = float(sum(float(u.num_examples) for u in group.members))
+        group_weight = float(sum(float(u.num_examples) for u in group.members))
         for name, region, offset in zip(group.names, group.regions, group.offsets):
             if region.size == 0:
                 continue
             acc[name][region.where] += total[offset:offset + region.size].reshape(region.shape)
             entry = cover[name].setdefault(region.key, [region.where, 0.0, 0])
-            entry[1] += weight
+            entry[1] += group_weight
             entry[2] += len(group.members)
+    for name, entries in cover.items():
+        for where, w, c in entries.values():
+            weight[name][where] += w
+            count[name][where] += c
 
-    new_state: dict[str, np.ndarray] = {}
-    for name, g in global_state.items():
-        g = np.asarray(g)
-        weight = np.zeros(g.shape, dtype=np.float64)
-        count = np.zeros(g.shape, dtype=np.int32)
-        for where, w, c in cover[name].values():
-            weight[where] += w
-            count[where] += c
-        covered = weight > 0
-        new = g.copy()
-        if covered.any():
-            step = acc[name][covered] / weight[covered]
-            if not np.all(np.isfinite(step)):
-                culprits = [
-                    str(u.node_id) for u in updates
-                    if name in u.delta and not np.all(np.isfinite(u.delta[name]))
-                ]
-                problems.append(
-                    f"{name!r} would become non-finite (non-finite delta from node(s) "
-                    f"{', '.join(culprits) or 'unknown'}); validate updates before aggregating"
-                )
+    covered_flat = weight_flat > 0
+    step_flat = np.divide(acc_flat, weight_flat, out=np.zeros(n_total), where=covered_flat)
+    if not np.all(np.isfinite(step_flat)):
+        step = views(step_flat)
+        for name in names:
+            if np.all(np.isfinite(step[name])):
                 continue
-            new[covered] = (g[covered].astype(np.float64) + server_lr * step).astype(g.dtype)
-        new_state[name] = new
-        stats.coverage[name] = count
-        stats.fraction_updated[name] = float(np.count_nonzero(count)) / count.size if count.size else 0.0
-
-    if problems:
+            culprits = [
+                str(u.node_id) for u in updates
+                if name in u.delta and not np.all(np.isfinite(u.delta[name]))
+            ]
+            problems.append(
+                f"{name!r} would become non-finite (non-finite delta from node(s) "
+                f"{', '.join(culprits) or 'unknown'}); validate updates before aggregating"
+            )
         raise ValueError("cannot aggregate: " + "; ".join(problems))
+    global_flat = np.concatenate(
+        [np.ravel(global_state[n]) for n in names] or [np.zeros(0)], dtype=np.float64
+    )
+    updated = views(global_flat + server_lr * step_flat)
+    covered = views(covered_flat)
+    new_state: dict[str, np.ndarray] = {}
+    for name in names:
+        new = np.array(global_state[name], copy=True)
+        # Only covered elements are written: the rest keep their value bit for bit.
+        np.copyto(new, updated[name], casting="unsafe")
+        new_state[name] = new
+        stats.coverage[name] = count[name]
+        size = count[name].size
+        stats.fraction_updated[name] = float(np.count_nonzero(covered[name])) / size if size else 0.0
     return new_state, stats

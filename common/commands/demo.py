@@ -35,9 +35,9 @@ def run(args) -> int:
     data = args.data
     if not data:
         corpus_dir = out / "corpus"
-        if not (corpus_dir / "commands").is_dir():
+        if not synth.is_complete(corpus_dir):
             print(f"synthesizing the demo corpus into {corpus_dir} ...", file=sys.stderr)
-            synth.synthesize_corpus(corpus_dir, seed=args.seed, progress=not args.quiet)
+            synth.synthesize_corpus(corpus_dir, seed=args.seed, progress=not args.quiet, overwrite=True)
         data = [str(corpus_dir / "commands"), str(corpus_dir / "emotion")]
     rows = []
     for task in ("kws", "emotion"):

@@ -14,6 +14,10 @@ from fedser.common.certs import LOCAL_HOSTS, generate_ca_and_server_cert, genera
 from fedser.common.errors import ConfigError
 
 
+# Flower's CLI imports raise this; it says nothing about fedser.
+pytestmark = pytest.mark.filterwarnings("ignore:'click.utils:DeprecationWarning")
+
+
 def _load(path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.layers import DPGRU
@@ -178,18 +178,20 @@ def test_group_norms_have_fixed_group_size(encoder, width):
 # --------------------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("encoder,width", ALL)
-@pytest.mark.parametrize("frames", [101, 301, 7])
+@pytest.mark.parametrize(
+    "encoder,width,frames",
+    [(e, w, 101) for e, w in ALL] + [(e, 1.0, t) for e in sorted(ENCODERS) for t in (1, 7, 301, 1000)],
+)
 def test_forward_shapes_for_each_task_and_length(encoder, width, frames):
     # Prepare
     m = _model(encoder, width).eval()
-    x = torch.randn(3, 40, frames)
+    x = torch.randn(3 if frames <= 301 else 1, 40, frames)
     # Execute
     with torch.no_grad():
         emotion, kws, emb = m(x, "emotion"), m(x, "kws"), m.embed(x)
     # Assert
-    assert emotion.shape == (3, 9) and kws.shape == (3, 12)
-    assert emb.shape == (3, m.embed_dim)
+    assert emotion.shape == (len(x), 9) and kws.shape == (len(x), 12)
+    assert emb.shape == (len(x), m.embed_dim)
     assert torch.isfinite(emotion).all() and torch.isfinite(kws).all()
 
 
@@ -276,9 +278,9 @@ def test_dp_sgd_step_with_the_other_head_frozen(encoder, task):
     n_classes = m.cfg.n_classes(task)
     data = TensorDataset(torch.randn(8, 40, 101), torch.randint(0, n_classes, (8,)))
     optimizer = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # secure-RNG and backward-hook notices
+        engine = PrivacyEngine(accountant="rdp")
         private, optimizer, loader = engine.make_private(
             module=m,
             optimizer=optimizer,
@@ -300,7 +302,8 @@ def test_dp_sgd_step_with_the_other_head_frozen(encoder, task):
 
 
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))
-def test_opacus_per_sample_gradients_match_a_per_sample_loop(encoder):
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_opacus_per_sample_gradients_match_a_per_sample_loop(encoder, mode):
     # Prepare: the slow oracle is one backward pass per sample.
     m = _model(encoder, dropout=0.0)
     m.heads["emotion"].requires_grad_(False)
@@ -314,7 +317,7 @@ def test_opacus_per_sample_gradients_match_a_per_sample_loop(encoder):
     # Execute
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        gsm = GradSampleModule(m, loss_reduction="sum")
+        gsm = GradSampleModule(m, loss_reduction="sum", force_functorch=mode == "functorch")
         F.cross_entropy(gsm(x, "kws"), y, reduction="sum").backward()
     # Assert
     for n, p in m.named_parameters():
@@ -323,3 +326,25 @@ def test_opacus_per_sample_gradients_match_a_per_sample_loop(encoder):
             continue
         oracle = torch.stack([e[n] for e in expected])
         torch.testing.assert_close(p.grad_sample, oracle, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_state_holds_every_tensor_once(encoder):
+    # DPGRU registers each weight under two names; the model's state keeps one.
+    state = _model(encoder).state_dict()
+    assert len({v.data_ptr() for v in state.values()}) == len(state)
+    assert sum(v.numel() for v in state.values()) == count_parameters(_model(encoder))
+
+
+def test_crnn_state_uses_nn_gru_names_and_loads_inside_opacus_wrapper():
+    # Prepare
+    m = _model("crnn")
+    gru_keys = [k for k in m.state_dict() if ".gru." in k]
+    values = {k: torch.randn_like(v) for k, v in m.state_dict().items()}
+    wrapped = GradSampleModule(m)
+    # Execute
+    wrapped.load_state_dict({f"_module.{k}": v for k, v in values.items()})
+    # Assert
+    assert gru_keys == [f"encoder.gru.{n}_l0" for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
+    assert torch.equal(m.encoder.gru.l0.hh.weight, values["encoder.gru.weight_hh_l0"])
+    assert list(wrapped.state_dict()) == [f"_module.{k}" for k in values]

@@ -20,6 +20,12 @@ from fedser.common import launch
 from fedser.common.certs import CertPaths, generate_ca_and_server_cert, generate_node_keypair
 from fedser.common.errors import ConfigError, FedserError
 
+# Flower's own imports raise these; they say nothing about fedser.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*GitWildMatchPattern:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:'click.utils:DeprecationWarning"),
+]
+
 TOYAPP = Path(__file__).parent / "toyapp"
 HOST = "127.0.0.1"
 
@@ -34,20 +40,20 @@ class Deployment:
     port: int = 0
     link: launch.LoggedProcess | None = None
     nodes: list = field(default_factory=list)
+    startup_s: float = 0.0   # until the SuperLink's port accepted connections
 
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    def start_link(self, **kwargs) -> float:
+    def start_link(self, **kwargs) -> None:
         self.port = launch.free_port(HOST)
         argv = launch.superlink_command(host=HOST, port=self.port, certs=self.certs, **kwargs)
         self.link = launch.start_process(argv, self.root / "superlink.log", env=self.env)
-        waited = launch.wait_for_port(HOST, self.port, timeout=30, process=self.link)
+        self.startup_s = launch.wait_for_port(HOST, self.port, timeout=30, process=self.link)
         launch.write_connection(
             self.root / "flwr", launch.SuperLinkConnection(self.address, root_cert=str(self.certs.ca_cert))
         )
-        return waited
 
     def start_node(self, name: str, node_config=None, root_cert=None, auth_key=None) -> launch.LoggedProcess:
         argv = launch.supernode_command(
@@ -89,9 +95,7 @@ def _exit_code(proc: launch.LoggedProcess, timeout: float) -> int | None:
 def tls_link(tmp_path_factory):
     """A TLS SuperLink without node authentication, shared by the tests below."""
     dep = _deployment(tmp_path_factory.mktemp("tls"))
-    started = time.monotonic()
     dep.start_link()
-    dep.startup_s = time.monotonic() - started
     yield dep
     dep.stop()
 
@@ -149,6 +153,7 @@ def test_supernode_with_a_wrong_root_certificate_is_refused(tls_link, tmp_path):
 
     # Assert
     assert code not in (None, 0), proc.log_tail()
+    assert proc.flower_exit_code() == launch.SUPERNODE_CONNECTION_ERROR
     assert "CERTIFICATE_VERIFY_FAILED" in proc.log_path.read_text()
 
 
@@ -182,6 +187,10 @@ def test_node_authentication_accepts_registered_key_and_refuses_others(tmp_path)
     known_key, known_pub = generate_node_keypair(keys, "known")
     unknown_key, _ = generate_node_keypair(keys, "unknown")
     result = tmp_path / "result.json"
+    # The toy app is importable from the environment here (as an installed fedser
+    # is), so the bundle submitted carries only its pyproject.toml.
+    dep.env["PYTHONPATH"] = str(TOYAPP)
+    staged = launch.stage_app(TOYAPP / "pyproject.toml", tmp_path / "staged app")
     try:
         dep.start_link(enable_supernode_auth=True)
         node_id = launch.register_node(known_pub, env=dep.env)
@@ -192,7 +201,7 @@ def test_node_authentication_accepts_registered_key_and_refuses_others(tmp_path)
         anonymous = dep.start_node("anonymous")
         online = dep.wait_online(1)
         run_id = launch.submit_run(
-            TOYAPP, run_config={"result-path": str(result), "min-nodes": 1, "num-server-rounds": 1}, env=dep.env
+            staged, run_config={"result-path": str(result), "min-nodes": 1, "num-server-rounds": 1}, env=dep.env
         )
         status = launch.wait_for_run(run_id, env=dep.env, timeout=60, poll=1.0)
 
@@ -202,8 +211,10 @@ def test_node_authentication_accepts_registered_key_and_refuses_others(tmp_path)
         assert json.loads(result.read_text())["nodes"] == [node_id]
         assert known.poll() is None, known.log_tail()
         assert _exit_code(unknown, timeout=30) not in (None, 0), unknown.log_tail()
+        assert unknown.flower_exit_code() == launch.SUPERNODE_CONNECTION_ERROR
         assert "Failed to activate SuperNode" in unknown.log_path.read_text()
         assert _exit_code(anonymous, timeout=30) not in (None, 0), anonymous.log_tail()
+        assert "must be registered" in anonymous.log_path.read_text()
     finally:
         dep.stop()
 

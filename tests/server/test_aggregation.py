@@ -169,6 +169,83 @@ def test_no_updates_leaves_model_unchanged():
     assert stats.head_contributors == {"encoder": 0, "emotion": 0, "kws": 0}
 
 
+def _reference(state, updates):
+    """Straightforward float64 scatter per client (no grouping, no batching)."""
+    out = {}
+    for name, g in state.items():
+        acc = np.zeros(g.shape)
+        weight = np.zeros(g.shape)
+        for u in updates:
+            if head_of(name) in (None, *u.heads):
+                acc[u.index[name]] += u.num_examples * u.delta[name].astype(np.float64)
+                weight[u.index[name]] += u.num_examples
+        step = np.divide(acc, weight, out=np.zeros(g.shape), where=weight > 0)
+        out[name] = (g + step).astype(np.float32)
+    return out
+
+
+def test_many_clients_sharing_tier_indices_match_reference():
+    # Prepare: 60 clients in 3 tiers x 3 head sets, more than one batch per group; the GRU-like
+    # gate layout [0 1 | 4 5 | 8 9] is not contiguous and takes the gather/scatter path.
+    rng = np.random.default_rng(7)
+    state = {
+        "encoder.conv": rng.standard_normal((8, 4, 3)).astype(np.float32),
+        "encoder.gru": rng.standard_normal((12, 8)).astype(np.float32),
+        "heads.emotion.weight": rng.standard_normal((9, 8)).astype(np.float32),
+        "heads.kws.weight": rng.standard_normal((12, 8)).astype(np.float32),
+    }
+    gates = {1.0: np.arange(12), 0.5: np.array([0, 1, 4, 5, 8, 9]), 0.25: np.array([0, 4, 8])}
+    tiers = {}
+    for w in (1.0, 0.5, 0.25):
+        k8, k4 = int(8 * w), max(1, int(4 * w))
+        tiers[w] = {
+            "encoder.conv": ix(np.arange(k8), np.arange(k4), np.arange(3)),
+            "encoder.gru": ix(gates[w], np.arange(k8)),
+            "heads.emotion.weight": ix(np.arange(9), np.arange(k8)),
+            "heads.kws.weight": ix(np.arange(12), np.arange(k8)),
+        }
+        for index in tiers[w].values():
+            for a in index:
+                a.flags.writeable = False
+    heads_cycle = [{"emotion"}, {"kws"}, {"emotion", "kws"}]
+    updates = []
+    for i in range(60):
+        w = (1.0, 0.5, 0.25)[i % 3]
+        index = tiers[w]
+        delta = {n: rng.standard_normal(tuple(np.size(a) for a in index[n])).astype(np.float32)
+                 for n in state}
+        updates.append(ClientUpdate(i, delta, index, int(rng.integers(1, 5000)), heads_cycle[(i // 3) % 3], w))
+
+    # Execute (twice: the second call reuses the cached index analysis)
+    first, stats = aggregate(state, updates, head_of)
+    second, _ = aggregate(state, updates, head_of)
+
+    # Assert
+    expected = _reference(state, updates)
+    for name in state:
+        np.testing.assert_allclose(first[name], expected[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(second[name], first[name])
+    assert stats.coverage["encoder.gru"][0, 0] == 60 and stats.coverage["encoder.gru"][2, 0] == 20
+    kws_clients = sum("kws" in u.heads for u in updates)
+    assert stats.coverage["heads.kws.weight"][0, 0] == kws_clients == 39
+
+
+def test_changed_writable_index_is_not_served_from_cache():
+    # Prepare: the same writable index array object, changed between two calls.
+    state = {"encoder.w": np.zeros(4, dtype=np.float32)}
+    axis = np.array([0, 1])
+    update = ClientUpdate(1, {"encoder.w": np.ones(2, np.float32)}, {"encoder.w": (axis,)}, 1, set(), 0.5)
+    first, _ = aggregate(state, [update], head_of)
+
+    # Execute
+    axis[:] = [2, 3]
+    second, _ = aggregate(state, [update], head_of)
+
+    # Assert
+    np.testing.assert_array_equal(first["encoder.w"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(second["encoder.w"], [0, 0, 1, 1])
+
+
 # ---------------------------------------------------------------- malformed input
 
 
@@ -260,11 +337,13 @@ def subset_index(draw, shape):
 @st.composite
 def updates_for(draw, state, *, full=False, both_heads=False, min_size=1, max_size=5):
     n_clients = draw(st.integers(min_size, max_size))
+    # Clients of one tier share index objects, as slice_index hands them out (batched path).
+    shared = {w: _prefix_index(state, w) for w in WIDTHS}
     updates = []
     for i in range(n_clients):
         width = 1.0 if full else draw(st.sampled_from(WIDTHS))
         if full or draw(st.booleans()):
-            index = _prefix_index(state, width)
+            index = shared[width]
         else:
             index = {name: draw(subset_index(a.shape)) for name, a in state.items()}
         delta = {}
