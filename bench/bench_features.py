@@ -11,7 +11,7 @@ them to the keyword clip length, then times only the front ends on the same clip
 
 Prints a markdown table with clips/s and the speed-up over librosa.
 
-    python bench/bench_features.py [--clips 500] [--batch 64] [--repeats 3] [--device cpu] [--threads N]
+    python bench/bench_features.py [--clips 500] [--batch 64] [--repeats 5] [--device cpu] [--threads N]
 """
 from __future__ import annotations
 
@@ -71,21 +71,28 @@ def librosa_features(y: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     return feats / np.maximum(feats.std(axis=1, keepdims=True), 1e-3)
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocators, FFT plans, filterbank caches
-    times = []
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` rounds.
+
+    The functions take turns within each round, so load from other processes on the
+    machine falls on all of them alike instead of on whichever happened to run then.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: allocators, FFT plans, filterbank caches
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=500, help="number of clips (default 500)")
     parser.add_argument("--batch", type=int, default=64, help="FrontEnd batch size (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats, best is reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, best is reported (default 5)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Speech Commands folder")
     parser.add_argument("--device", default="cpu", help="torch device for the FrontEnd (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
@@ -122,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return go
 
-    t_librosa = best_time(run_librosa, args.repeats)
-    t_batched = best_time(run_front_end(args.batch), args.repeats)
-    t_single = best_time(run_front_end(1), args.repeats)
+    times = best_times(
+        {
+            "librosa, per clip": run_librosa,
+            f"FrontEnd, batch {args.batch}": run_front_end(args.batch),
+            "FrontEnd, batch 1": run_front_end(1),
+        },
+        args.repeats,
+    )
+    t_librosa = times["librosa, per clip"]
 
     # Same features both ways (the bench would be meaningless otherwise).
     with torch.inference_mode():
@@ -139,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| pipeline | seconds | clips/s | vs librosa |")
     print("|---|---:|---:|---:|")
-    for name, t in (
-        ("librosa, per clip", t_librosa),
-        (f"FrontEnd, batch {args.batch}", t_batched),
-        ("FrontEnd, batch 1", t_single),
-    ):
+    for name, t in times.items():
         print(f"| {name} | {t:.3f} | {k / t:,.0f} | {t_librosa / t:.1f}x |")
     return 0
 

@@ -21,7 +21,7 @@ from fedser.common.augment import Augmenter
 from fedser.common.errors import ConfigError, CorpusError, FedserError
 from fedser.common.models import build_model
 from fedser.common.params import arrays_to_state, state_to_arrays
-from fedser.common.privacy import SpendRecord, epsilon_of
+from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of
 from fedser.common.records import arrays_to_record, model_from_config, record_to_arrays
 from fedser.common.training import TrainConfig, evaluate_task, train_task
 
@@ -89,13 +89,24 @@ def train(msg: Message, context: Context) -> Message:
 
     epochs = int(cfg[keys.LOCAL_EPOCHS])
     batch_size = int(cfg[keys.BATCH_SIZE])
-    z_sample = float(cfg[keys.DP_NOISE_MULTIPLIER])
-    dp = z_sample > 0
+    dp = bool(cfg.get(keys.DP_ENABLED, True))
     tasks = data.tasks
     ledger = _ledger(settings)
-    planned: list[SpendRecord] = []
+    z_sample = None
     if dp:
-        planned = [plan_spend(len(data.train[t]), batch_size, epochs, z_sample) for t in tasks]
+        # The device spreads what is left of its own budget over the rounds still planned: the
+        # noise is the smallest that keeps every remaining round within budget (never below the
+        # server's floor). A device that cannot afford even heavy noise declines.
+        per_round = [plan_spend(len(data.train[t]), batch_size, epochs, 1.0) for t in tasks]
+        rounds_left = max(1, int(cfg.get(keys.ROUNDS_LEFT, 1)))
+        z_sample = calibrate_noise(ledger.history, settings.max_epsilon, settings.delta,
+                                   [(r.sample_rate, r.steps * rounds_left) for r in per_round],
+                                   floor=float(cfg.get(keys.DP_NOISE_MULTIPLIER, 0.0)))
+        if z_sample is None:
+            return decline(msg, keys.DECLINE_BUDGET,
+                           f"epsilon spent {ledger.epsilon():.2f} of budget {settings.max_epsilon} "
+                           f"(delta {settings.delta}) leaves too little for {rounds_left} more round(s)")
+        planned = [SpendRecord(z_sample, r.sample_rate, r.steps) for r in per_round]
         projected = epsilon_of(ledger.history + planned, settings.delta)
         if projected > settings.max_epsilon:
             return decline(msg, keys.DECLINE_BUDGET,
@@ -109,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(int(cfg[keys.SERVER_ROUND]) * 7919 + int(context.node_id) % 7919)
     for task in tasks:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=float(cfg[keys.LEARNING_RATE]),
-                           dp=dp, noise_multiplier=z_sample if dp else None,
+                           dp=dp, noise_multiplier=z_sample,
                            max_grad_norm=float(cfg[keys.DP_MAX_GRAD_NORM]), delta=settings.delta)
         result = train_task(model, task, data.train[task], None, tcfg, spec, Augmenter(spec, seed=steps),
                             progress=False)
@@ -133,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         keys.WALL_TIME: time.perf_counter() - t0,
         keys.UPDATE_NORM: float(stats.norm_before),
         keys.MODEL_VERSION: int(cfg[keys.MODEL_VERSION]),
+        keys.DP_NOISE_MULTIPLIER: float(z_sample or 0.0),
     }
     for t in tasks:
         metrics[f"num-examples-{t}"] = len(data.train[t])

@@ -439,6 +439,25 @@ register_layout(Layout("manifest", "a .csv file with header path,label,speaker[,
                        _manifest_load))
 
 
+def write_manifest(utterances: Iterable[Utterance], csv_path: str | Path) -> Path:
+    """Write utterances as a manifest that :func:`load_corpus` reads back (absolute paths).
+
+    Used to hand each simulated device, and the server's test split, a list of files
+    without copying any audio.
+    """
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "speaker", "task", "offset", "duration"])
+        for u in utterances:
+            w.writerow([u.path, u.label, u.speaker, u.task, repr(float(u.offset)),
+                        "" if u.duration is None else repr(float(u.duration))])
+    os.replace(tmp, csv_path)
+    return csv_path
+
+
 # ----------------------------------------------------------------------------- entry points
 
 def _looked_for() -> str:

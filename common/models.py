@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from opacus.layers import DPGRU
 from torch import Tensor, nn
 
 from .errors import ConfigError, collect
@@ -44,6 +44,16 @@ from .keys import TASKS
 # name -> encoder class; filled by @register_encoder below.
 ENCODERS: dict[str, type["Encoder"]] = {}
 
+
+
+def _loaded_dpgru() -> type | None:
+    """DPGRU if Opacus is already imported, else None (then no DPGRU instance can exist).
+
+    Opacus is imported lazily, when a recurrent encoder is built: it costs over a second
+    at start-up, and every ClientApp message starts a fresh process.
+    """
+    layers = sys.modules.get("opacus.layers")
+    return getattr(layers, "DPGRU", None)
 
 def register_encoder(name: str) -> Callable[[type["Encoder"]], type["Encoder"]]:
     """Class decorator adding an ``Encoder`` subclass to ``ENCODERS`` under ``name``."""
@@ -224,7 +234,7 @@ def _dpgru_aliases(owner: nn.Module, prefix: str) -> list[tuple[str, str]]:
     """(duplicate key, nn.GRU-style key) of every DPGRU weight under ``owner``."""
     pairs = []
     for name, module in owner.named_modules():
-        if isinstance(module, DPGRU):
+        if (dpgru := _loaded_dpgru()) is not None and isinstance(module, dpgru):
             base = prefix + (name + "." if name else "")
             pairs += [(base + old, base + new) for old, new in module.old_to_new.items()]
     return pairs
@@ -322,6 +332,8 @@ class CRNN(Encoder):
             ConvNormAct(c[0], c[1], self.kernel, 2, gs),
         )
         self.hidden_size = cfg.units(self.hidden)
+        from opacus.layers import DPGRU
+
         self.gru = DPGRU(c[1], self.hidden_size, num_layers=1, batch_first=True)
         keep_one_name_per_dpgru_weight(self)
         self.dim = 2 * self.hidden_size
@@ -409,7 +421,7 @@ class MultiTaskNet(nn.Module):
         """
         blocks: dict[str, dict[int, int]] = {}
         for prefix, module in self.named_modules():
-            if isinstance(module, DPGRU):
+            if (dpgru := _loaded_dpgru()) is not None and isinstance(module, dpgru):
                 for name in module.state_dict():
                     blocks[f"{prefix}.{name}"] = {0: 3}
         for task in TASKS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -195,6 +195,39 @@ def noise_for_budget(
             f"noise_for_budget: no noise multiplier reaches epsilon={target_epsilon} at delta={delta} "
             f"with sample_rate={sample_rate} over {steps} steps ({e}); raise the budget or take fewer steps"
         ) from e
+
+
+def calibrate_noise(history: Iterable[SpendRecord], budget: float, delta: float,
+                    planned: Sequence[tuple[float, int]], floor: float = 0.0, ceiling: float = 64.0,
+                    accountant: str = "rdp") -> float | None:
+    """Smallest z >= ``floor`` so that spending ``planned`` on top of ``history`` stays within ``budget``.
+
+    ``planned`` lists (sample_rate, steps) of everything still to come (e.g. every remaining
+    round of every task), all at the one noise multiplier z being chosen. Returns None when
+    even ``ceiling`` would exceed the budget. Bisection over the accountant itself, so the
+    answer is exactly as tight as the epsilon that will be reported.
+    """
+    history = list(history)
+    if not planned:
+        return float(floor)
+
+    def eps(z: float) -> float:
+        return epsilon_of(history + [SpendRecord(z, q, n) for q, n in planned], delta, accountant)
+
+    if floor > 0 and eps(floor) <= budget:
+        return float(floor)
+    if eps(ceiling) > budget:
+        return None
+    lo, hi = max(floor, 1e-3), ceiling
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1.005:
+            break
+    return hi
 
 
 class UserLevelAccountant:

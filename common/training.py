@@ -32,6 +32,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
+    optimizer: str = "adam"             # "adam" or "sgd" (momentum 0.9)
     weight_decay: float = 1e-4
     patience: int = 6                   # epochs without validation improvement before stopping
     seed: int = 0
@@ -157,7 +158,10 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
     frontend = FrontEnd(spec) if use_waves else None
     saved_grad = _freeze_other_heads(model, task)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(weight=class_weights(train.y, n_classes))
     result = TrainResult()
     engine = None

@@ -156,7 +156,7 @@ def _region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
     if contiguous:
         return _Region(tuple((s.start, s.stop) for s in slices), tuple(slices), sub_shape, size)
     key = tuple(f.tobytes() for f in flats)
-    return _Region(key, np.ix_(*flats), sub_shape, size)
+    return _Region(key, np.ix_(*(f.copy() for f in flats)), sub_shape, size)  # pins no caller array
 
 
 # Read-only index arrays (``slice_index`` returns such) are analysed once per process, not
@@ -169,10 +169,10 @@ _REGION_CACHE_MAX = 4096
 def _cached_region(ix: Sequence[np.ndarray], shape: tuple[int, ...]) -> _Region | str:
     key = (shape, *map(id, ix))
     hit = _REGION_CACHE.get(key)
-    if hit is not None and len(hit[0]) == len(ix) :
+    if hit is not None and len(hit[0]) == len(ix) and all(r() is a for r, a in zip(hit[0], ix)):
         return hit[1]
     region = _region(ix, shape)
-    if True:
+    if all(isinstance(a, np.ndarray) and not a.flags.writeable for a in ix):
         if len(_REGION_CACHE) >= _REGION_CACHE_MAX:
             _REGION_CACHE.clear()
         _REGION_CACHE[key] = (tuple(weakref.ref(a) for a in ix), region)
@@ -216,6 +216,7 @@ class _Group:
     shapes: list[tuple[int, ...]]
     offsets: list[int]
     size: int
+    whole: bool                     # every parameter, each array whole: rows match the flat state
     members: list[ClientUpdate] = field(default_factory=list)
 
 
@@ -273,7 +274,13 @@ def _plan(
                 continue
             sizes = [r.size for r in found]
             offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-            group = groups[key] = _Group(names, found, [r.shape for r in found], offsets[:-1], offsets[-1])
+            whole = len(names) == len(param_heads) and all(
+                r.key == tuple((0, d) for d in np.shape(global_state[n]))
+                for n, r in zip(names, found)
+            )
+            group = groups[key] = _Group(
+                names, found, [r.shape for r in found], offsets[:-1], offsets[-1], whole
+            )
         try:
             shapes = [u.delta[n].shape for n in group.names]
         except AttributeError:
@@ -299,10 +306,10 @@ def _weighted_sum(group: _Group) -> np.ndarray:
     counts = [u.num_examples for u in members]
     # float32 holds every weight exactly up to 2**24 examples; past that, stay in float64.
     dtype = np.float32 if max(counts) <= 2**24 else np.float64
-    weights = np.ones(len(counts), dtype=dtype)
+    weights = np.array(counts, dtype=dtype)
     rows = max(1, min(len(members), _CHUNK_ROWS, _CHUNK_ELEMENTS // group.size))
     buffer = np.empty((rows, group.size), dtype=dtype)
-    for start in range(0, min(rows, len(members)), rows):
+    for start in range(0, len(members), rows):
         chunk = members[start:start + rows]
         block = buffer[: len(chunk)]
         for row, u in zip(block, chunk):
@@ -330,7 +337,9 @@ def aggregate(
 
     Returns:
         ``(new_state, stats)``: new arrays with the global shapes and dtypes (elements no
-        eligible update covers keep their value bit for bit), and :class:`AggregationStats`.
+        eligible update covers keep their value bit for bit; the arrays may be
+        non-overlapping views of one buffer, never of ``global_state``), and
+        :class:`AggregationStats`.
 
     Raises:
         ValueError: listing every malformed update (wrong shape, missing array, bad index,
@@ -382,6 +391,11 @@ def aggregate(
             continue
         total = _weighted_sum(group)
         group_weight = float(sum(float(u.num_examples) for u in group.members))
+        if group.whole:  # full width, every head: the group's rows are laid out like the state
+            acc_flat += total
+            weight_flat += group_weight
+            count_flat += len(group.members)
+            continue
         for name, region, offset in zip(group.names, group.regions, group.offsets):
             if region.size == 0:
                 continue
@@ -413,15 +427,21 @@ def aggregate(
     global_flat = np.concatenate(
         [np.ravel(global_state[n]) for n in names] or [np.zeros(0)], dtype=np.float64
     )
-    updated = views(global_flat + server_lr * step_flat)
-    covered = views(covered_flat)
-    new_state: dict[str, np.ndarray] = {}
-    for name in names:
-        new = np.array(global_state[name], copy=True)
-        # Only covered elements are written: the rest keep their value bit for bit.
-        np.copyto(new, updated[name], casting="unsafe")
-        new_state[name] = new
-        stats.coverage[name] = count[name]
-        size = count[name].size
-        stats.fraction_updated[name] = float(np.count_nonzero(covered[name])) / size if size else 0.0
+    # Uncovered elements take the global value, which float64 holds exactly for float32
+    # (and any float) arrays, so they come back bit for bit.
+    new_flat = np.where(covered_flat, global_flat + server_lr * step_flat, global_flat)
+    dtypes = {np.asarray(global_state[n]).dtype for n in names}
+    if len(dtypes) == 1 and next(iter(dtypes)).kind == "f":
+        # One buffer for the whole new state; each array is its own non-overlapping view.
+        new_state = views(new_flat.astype(next(iter(dtypes))))
+    else:
+        new_state = {}
+        covered, updated = views(covered_flat), views(new_flat)
+        for name in names:
+            new = np.array(global_state[name], copy=True)
+            np.copyto(new, updated[name], casting="unsafe", where=covered[name])
+            new_state[name] = new
+    stats.coverage = count
+    for name, size in zip(names, sizes):
+        stats.fraction_updated[name] = np.count_nonzero(count[name]) / size if size else 0.0
     return new_state, stats

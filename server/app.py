@@ -64,7 +64,8 @@ class FederatedRun:
             min_evaluate_nodes=settings.min_clients,
             train_settings={keys.LOCAL_EPOCHS: settings.local_epochs, keys.BATCH_SIZE: settings.batch_size,
                             keys.LEARNING_RATE: settings.learning_rate,
-                            keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
+                            keys.DP_ENABLED: settings.dp, keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
+                            "num-rounds": settings.num_server_rounds,
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, "timeout": settings.round_timeout})
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec) if settings.eval_data else None
 
@@ -101,6 +102,7 @@ class FederatedRun:
             _progress(self.run_dir, f"round {rnd}/{self.s.num_server_rounds}: training")
             replies = grid.send_and_receive(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
                                             timeout=self.s.round_timeout)
+            t_train = time.perf_counter() - t0
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             out = self.strategy.outcome
             if new_arrays is not None:
@@ -114,8 +116,9 @@ class FederatedRun:
             eval_replies = grid.send_and_receive(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
                                                  timeout=self.s.round_timeout)
             fed_eval = self.strategy.aggregate_evaluate(rnd, eval_replies)
+            t_eval = time.perf_counter() - t0 - t_train
             user_eps = accountant.epsilon(self.s.user_delta) if accountant.history else 0.0
-            row = {"round": rnd, "seconds": time.perf_counter() - t0,
+            row = {"round": rnd, "seconds": time.perf_counter() - t0, "train-seconds": t_train, "eval-seconds": t_eval,
                    "model-version": self.strategy.model_version, "kws-head-version": self.strategy.kws_head_version,
                    "clients-sampled": out.sampled, "clients-used": out.used, "clients-rejected": len(out.rejected),
                    "clients-declined": len(out.declined), "clients-failed": len(out.failed),
@@ -153,7 +156,7 @@ class FederatedRun:
         from fedser.common.params import arrays_to_state
         arrays_to_state(arrays, model)
         privacy = {"user_level": accountant.summary(self.s.user_delta),
-                   "sample_level": {"noise_multiplier": self.s.dp_noise_multiplier,
+                   "sample_level": {"enabled": self.s.dp, "noise_multiplier_floor": self.s.dp_noise_multiplier,
                                     "max_grad_norm": self.s.dp_max_grad_norm,
                                     "max_device_epsilon": max((r.get("max-device-epsilon", 0.0) for r in rows),
                                                               default=0.0),

@@ -22,7 +22,8 @@ class RunSettings:
     noise_multiplier: float = 1.0     # user-level noise multiplier z
     noise_mode: str = "distributed"   # local | distributed | none
     user_delta: float = 1e-5
-    dp_noise_multiplier: float = 1.0  # sample-level DP-SGD on devices (0 = off)
+    dp: bool = True                   # sample-level DP-SGD on devices
+    dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it
     dp_max_grad_norm: float = 1.0
     kws_corpus: str = ""              # public command corpus to pretrain the KWS head on
     kws_pretrain_epochs: int = 5

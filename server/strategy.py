@@ -47,6 +47,7 @@ class NodeProfile:
     heads: list[str]
     num_examples: int
     declined: str | None = None      # last decline reason (budget, no data), if any
+    epsilon: float = 0.0             # sample-level epsilon the device last reported (its ledger)
 
 
 @dataclass
@@ -157,7 +158,8 @@ class HeteroFedAvg(FedAvg):
             if tier not in TIERS:
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=f"unknown tier {tier}")
                 continue
-            self.profiles[node] = NodeProfile(tier, keys.mask_to_heads(int(m[keys.HEADS])), int(m[keys.NUM_EXAMPLES]))
+            self.profiles[node] = NodeProfile(tier, keys.mask_to_heads(int(m[keys.HEADS])), int(m[keys.NUM_EXAMPLES]),
+                                              epsilon=float(m.get(keys.EPSILON, 0.0)))
 
     # ---- training -----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -178,6 +180,7 @@ class HeteroFedAvg(FedAvg):
                 keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
                 keys.NOISE_MODE: self.noise_mode, keys.EXPECTED_CLIENTS: self._expected_clients}
         base.pop("timeout", None)
+        base[keys.ROUNDS_LEFT] = max(1, int(base.pop("num-rounds", server_round)) - server_round + 1)
         messages, self._sent_tiers = [], {}
         for n in usable:
             tier = self.profiles[n].tier
@@ -199,7 +202,7 @@ class HeteroFedAvg(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train must run first"
-        updates, contributions, losses, epsilons = [], [], [], []
+        updates, contributions, losses = [], [], []
         n_params_cache: dict[float, int] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -250,10 +253,10 @@ class HeteroFedAvg(FedAvg):
                                            self._expected_clients)))
             if keys.LOSS in m:
                 losses.append(float(m[keys.LOSS]))
-            if keys.EPSILON in m:
-                epsilons.append(float(m[keys.EPSILON]))
+            if keys.EPSILON in m and node in self.profiles:
+                self.profiles[node].epsilon = float(m[keys.EPSILON])
         self.outcome.used = len(updates)
-        self.outcome.max_device_epsilon = max(epsilons, default=0.0)
+        self.outcome.max_device_epsilon = max((p.epsilon for p in self.profiles.values()), default=0.0)
         self.outcome.train_loss = float(np.mean(losses)) if losses else float("nan")
         if not updates:
             log.warning("round %s: no valid update; the global model is unchanged", server_round)

@@ -1,57 +1,170 @@
-"""``fedser demo``: the main job on an embedded default corpus.
+"""``fedser demo``: a whole federation on this machine, in one command.
 
-Synthesizes the demo corpus (espeak-ng) unless ``--data`` is given, trains the KWS and
-emotion heads centrally on speaker-independent splits, prints the metrics table and
-writes the plots.
+Partitions the data by speaker into N devices (default: the synthesized demo corpus),
+holds out a speaker-independent test split for the server, then starts the real parts
+as separate processes: ``fedser-server start`` (a SuperLink over TLS plus the ServerApp
+run) and one ``fedser-client start`` (a SuperNode) per device. Shows live progress and
+ends with a report.
 """
 from __future__ import annotations
 
-import argparse
+import json
+import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from .train import metrics_table
+from .. import launch
+from ..certs import generate_ca_and_server_cert
+from ..corpora import write_manifest
+from ..errors import ConfigError, FedserError
+from ..splits import partition_by_speaker, speaker_split
+from .args import default_cache_dir, load_data
 
-HELP = "run the main job end to end on the synthesized demo corpus (or --data)"
+HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="corpus folder or manifest (default: synthesize the demo corpus)")
+    p.add_argument("--clients", type=int, default=4, help="number of devices (speakers are split among them)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--encoder", default="cnn")
+    p.add_argument("--tiers", default="1.0,0.5,0.25", help="width tiers, assigned to devices in turn")
+    p.add_argument("--no-dp", action="store_true", help="no sample-level DP-SGD and no user-level noise")
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--max-epsilon", type=float, default=8.0, help="each device's sample-level budget")
+    p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the server's test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra run setting passed to fedser-server (e.g. noise-mode=local)")
     p.add_argument("--quiet", action="store_true")
 
 
+def _tiers(text: str) -> list[float]:
+    try:
+        tiers = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--tiers {text!r}: expected numbers like 1.0,0.5,0.25") from None
+    bad = [t for t in tiers if t not in (1.0, 0.5, 0.25)]
+    if not tiers or bad:
+        raise ConfigError(f"--tiers {text!r}: each tier must be 1.0, 0.5 or 0.25")
+    return tiers
+
+
+def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int):
+    """Write one manifest per device and the server's test manifest; returns their paths."""
+    corpus = load_data(data)
+    train_pool, _, test_u = speaker_split(corpus.utterances, val=0.0, test=test, seed=seed)
+    n_speakers = len({u.speaker for u in train_pool})
+    if n_clients > n_speakers:
+        raise ConfigError(f"--clients {n_clients}: only {n_speakers} training speakers to share out "
+                          "(a device is a person); use fewer clients or more data")
+    parts = partition_by_speaker(train_pool, n_clients, seed=seed)
+    devices = [write_manifest(part, out / "devices" / f"device-{i}" / "data.csv") for i, part in enumerate(parts)]
+    test_csv = write_manifest(test_u, out / "server" / "test.csv")
+    return devices, test_csv, parts, test_u
+
+
+def _tail(path: Path, seen: int, quiet: bool) -> int:
+    if not path.exists():
+        return seen
+    lines = path.read_text().splitlines()
+    if not quiet:
+        for line in lines[seen:]:
+            print(f"  {line}", flush=True)
+    return len(lines)
+
+
+def report(out: Path) -> str:
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows, summary = metrics["rounds"], metrics["summary"]
+    last = rows[-1] if rows else {}
+    lines = ["# fedser demo report", "",
+             f"{len(rows)} rounds; global model evaluated on held-out speakers (server-side).", "",
+             "| task | accuracy | UAR |", "|---|---:|---:|"]
+    for task in ("kws", "emotion"):
+        if f"server-{task}-accuracy" in last:
+            lines.append(f"| {task} | {last[f'server-{task}-accuracy']:.3f} | {last[f'server-{task}-uar']:.3f} |")
+    eps = summary.get("user-epsilon")
+    max_dev = max((r.get("max-device-epsilon") or 0.0 for r in rows), default=0.0)
+    sent = sum(r.get("bytes-sent") or 0 for r in rows)
+    recv = sum(r.get("bytes-received") or 0 for r in rows)
+    secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    lines += ["", "| figure | value |", "|---|---|",
+              f"| user-level epsilon (delta {summary.get('user-delta')}) | {eps} |",
+              f"| max device (sample-level) epsilon | {max_dev:.3f} |",
+              f"| bytes sent / received | {sent:,} / {recv:,} |",
+              f"| time per round (mean) | {sum(secs) / max(len(secs), 1):.1f} s |",
+              f"| updates rejected | {summary.get('rejections', 0)} |",
+              "", f"{summary.get('user-note', '')}", "",
+              "Plots: accuracy.png, privacy_and_traffic.png. Per-round figures: metrics.csv / metrics.json.",
+              "Evaluate the final model on any corpus: `fedser evaluate RUN_DIR --data PATH --task kws --json`."]
+    return "\n".join(lines)
+
+
 def run(args) -> int:
-    import json
-
     from .. import synth
-    from . import train
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    tiers = _tiers(args.tiers)
+    if args.clients < 1 or args.rounds < 1:
+        raise ConfigError("--clients and --rounds must be >= 1")
+    if out.exists() and (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{out} already holds a run; pass another --out (or delete it)")
     data = args.data
     if not data:
-        corpus_dir = out / "corpus"
+        corpus_dir = out.parent / "demo-corpus"
         if not synth.is_complete(corpus_dir):
-            print(f"synthesizing the demo corpus into {corpus_dir} ...", file=sys.stderr)
+            print(f"synthesizing the demo corpus into {corpus_dir} ...", flush=True)
             synth.synthesize_corpus(corpus_dir, seed=args.seed, progress=not args.quiet, overwrite=True)
         data = [str(corpus_dir / "commands"), str(corpus_dir / "emotion")]
-    rows = []
-    for task in ("kws", "emotion"):
-        run_dir = out / task
-        targs = argparse.Namespace(
-            task=task, data=data, cache=None, out=str(run_dir), encoder=args.encoder, width=1.0,
-            epochs=args.epochs, batch_size=32, lr=3e-3, patience=6, seed=args.seed, val=0.15, test=0.2,
-            no_augment=False, dp=False, target_epsilon=None, noise_multiplier=None, delta=1e-5,
-            max_grad_norm=1.0, quiet=args.quiet)
-        print(f"\n== {task}: centralized training ==", file=sys.stderr)
-        train.run(targs)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        if metrics["test"]:
-            rows.append((task, metrics["test"]))
-    print("\n" + metrics_table(rows))
-    print(f"\nplots: {out}/*/confusion.png, {out}/*/learning_curve.png")
+    out.mkdir(parents=True, exist_ok=True)
+    devices, test_csv, parts, test_u = prepare_devices(data, out, args.clients, args.test, args.seed)
+    print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "
+          f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers",
+          flush=True)
+    certs = generate_ca_and_server_cert(out / "certs")
+    port = launch.free_port()
+    cache = default_cache_dir() / "features"
+    server_argv = [launch.executable("fedser-server"), "start", "--run-dir", str(out), "--host", "127.0.0.1",
+                   "--port", str(port), "--certs", str(out / "certs"), "--min-clients", str(args.clients),
+                   "--rounds", str(args.rounds), "--eval-data", str(test_csv),
+                   "--config", f"local-epochs={args.local_epochs}"]
+    if args.no_dp:
+        server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
+    for kv in args.config:
+        server_argv += ["--config", kv]
+    procs: list[subprocess.Popen] = []
+    t0 = time.perf_counter()
+    try:
+        server = launch.start_process(server_argv, out / "logs" / "server.out")
+        procs.append(server)
+        launch.wait_for_port("127.0.0.1", port, timeout=90, process=server)
+        for i, manifest in enumerate(devices):
+            tier = tiers[i % len(tiers)]
+            argv = [launch.executable("fedser-client"), "start", "--server", f"127.0.0.1:{port}",
+                    "--data", str(manifest), "--tier", str(tier), "--max-epsilon", str(args.max_epsilon),
+                    "--root-cert", str(certs.ca_cert), "--ledger", str(manifest.parent / "ledger.json"),
+                    "--cache", str(cache), "--port", str(launch.free_port()),
+                    "--log", str(out / "logs" / f"device-{i}.log")]
+            procs.append(launch.start_process(argv, out / "logs" / f"device-{i}.out"))
+        print(f"SuperLink on 127.0.0.1:{port} (TLS), {len(devices)} SuperNodes; tiers "
+              f"{[tiers[i % len(tiers)] for i in range(len(devices))]}; DP {'off' if args.no_dp else 'on'}",
+              flush=True)
+        seen = 0
+        while server.poll() is None:
+            seen = _tail(out / "progress.log", seen, args.quiet)
+            time.sleep(1.0)
+        _tail(out / "progress.log", seen, args.quiet)
+        if server.returncode != 0:
+            raise FedserError(f"the server failed (exit {server.returncode}); its log:\n{server.log_tail(40)}")
+    finally:
+        for p in reversed(procs):
+            launch.stop_process(p)
+    text = report(out)
+    (out / "report.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; run directory {out}")
     return 0

@@ -101,6 +101,7 @@ def test_two_clients_different_widths_and_heads_exact_values():
     )
     for name, value in new.items():
         assert value.dtype == np.float32 and value.shape == before[name].shape
+        assert not np.shares_memory(value, global_state[name])
         np.testing.assert_array_equal(global_state[name], before[name])  # input not modified
 
 
@@ -164,7 +165,7 @@ def test_no_updates_leaves_model_unchanged():
     # Assert
     for name in global_state:
         np.testing.assert_array_equal(new[name], global_state[name])
-        assert new[name] is not global_state[name]
+        assert not np.shares_memory(new[name], global_state[name])
     assert stats.overall_fraction_updated() == 0.0
     assert stats.head_contributors == {"encoder": 0, "emotion": 0, "kws": 0}
 
@@ -185,7 +186,7 @@ def _reference(state, updates):
 
 
 def test_many_clients_sharing_tier_indices_match_reference():
-    # Prepare: 60 clients in 3 tiers x 3 head sets, more than one batch per group; the GRU-like
+    # Prepare: 200 clients in 3 tiers x 3 head sets, several batches per group; the GRU-like
     # gate layout [0 1 | 4 5 | 8 9] is not contiguous and takes the gather/scatter path.
     rng = np.random.default_rng(7)
     state = {
@@ -209,7 +210,7 @@ def test_many_clients_sharing_tier_indices_match_reference():
                 a.flags.writeable = False
     heads_cycle = [{"emotion"}, {"kws"}, {"emotion", "kws"}]
     updates = []
-    for i in range(60):
+    for i in range(200):
         w = (1.0, 0.5, 0.25)[i % 3]
         index = tiers[w]
         delta = {n: rng.standard_normal(tuple(np.size(a) for a in index[n])).astype(np.float32)
@@ -225,9 +226,28 @@ def test_many_clients_sharing_tier_indices_match_reference():
     for name in state:
         np.testing.assert_allclose(first[name], expected[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(second[name], first[name])
-    assert stats.coverage["encoder.gru"][0, 0] == 60 and stats.coverage["encoder.gru"][2, 0] == 20
+    full_width = sum(u.width == 1.0 for u in updates)
+    assert stats.coverage["encoder.gru"][0, 0] == 200 and stats.coverage["encoder.gru"][2, 0] == full_width
     kws_clients = sum("kws" in u.heads for u in updates)
-    assert stats.coverage["heads.kws.weight"][0, 0] == kws_clients == 39
+    assert stats.coverage["heads.kws.weight"][0, 0] == kws_clients
+
+
+def test_new_read_only_index_objects_are_analysed_afresh():
+    # Prepare: short-lived read-only index arrays; CPython reuses their addresses (ids).
+    state = {"encoder.w": np.zeros(4, dtype=np.float32)}
+    results = []
+
+    # Execute
+    for i in range(40):
+        axis = np.array([i % 4])
+        axis.flags.writeable = False
+        update = ClientUpdate(i, {"encoder.w": np.ones(1, np.float32)}, {"encoder.w": (axis,)}, 1, set(), 0.25)
+        new, _ = aggregate(state, [update], head_of)
+        results.append(int(np.flatnonzero(new["encoder.w"])[0]))
+        del axis, update
+
+    # Assert
+    assert results == [i % 4 for i in range(40)]
 
 
 def test_changed_writable_index_is_not_served_from_cache():
@@ -412,7 +432,7 @@ def test_full_width_both_heads_equals_flower_fedavg(data):
     ]
 
     # Execute
-    new, _ = aggregate(state, updates, head_of)
+    new, stats = aggregate(state, updates, head_of)
     legacy = flwr_aggregate([(ws, u.num_examples) for ws, u in zip(weights, updates)])
     message_api = aggregate_arrayrecords(replies, "num-examples")
 
@@ -420,6 +440,8 @@ def test_full_width_both_heads_equals_flower_fedavg(data):
     for k, expected in zip(names, legacy):
         np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(new[k], message_api[k].numpy(), rtol=1e-5, atol=1e-5)
+        assert np.all(stats.coverage[k] == len(updates))
+        assert stats.fraction_updated[k] == (1.0 if state[k].size else 0.0)
 
 
 @settings(max_examples=100, deadline=None)

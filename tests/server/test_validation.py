@@ -63,26 +63,38 @@ def test_valid_update_has_no_reasons():
     assert reasons == []
 
 
+def _set(name, index, value):
+    return lambda arrays: arrays[name].__setitem__(index, value)
+
+
+def _replace(name, value):
+    return lambda arrays: arrays.update({name: value})
+
+
+def _keep(arrays):
+    return None
+
+
 @pytest.mark.parametrize(
     ("change", "overrides", "fragment"),
     [
-        (lambda d: d["encoder.weight"].__setitem__((0, 0), np.nan), {}, "1 NaN/Inf value"),
-        (lambda d: d["heads.kws.weight"].__setitem__((1, 1), -np.inf), {}, "'heads.kws.weight' has 1 NaN/Inf"),
-        (lambda d: d.update({"encoder.extra": np.zeros(2, np.float32)}), {}, "unknown array 'encoder.extra'"),
-        (lambda d: d.pop("heads.kws.weight"), {}, "missing array 'heads.kws.weight'"),
-        (lambda d: d.update({"encoder.weight": np.zeros((4, 4), np.float32)}), {}, "shape (4, 4); expected (2, 2)"),
-        (lambda d: d.update({"encoder.weight": np.zeros((2, 2), np.float64)}), {}, "dtype float64; expected float32"),
-        (lambda d: d.update({"encoder.weight": np.full((2, 2), 1.0, np.float32)}), {}, "exceeds the bound 1 (clipping norm plus noise allowance)"),
-        (lambda d: None, {"reply_model_version": 3}, "stale update: trained on model version 3, current is 5"),
-        (lambda d: None, {"reply_model_version": 6}, "newer than the current 5"),
-        (lambda d: None, {"reply_model_version": None}, "model version in the reply must be an integer"),
-        (lambda d: None, {"num_examples": 0}, "num_examples must be a positive integer; got 0"),
-        (lambda d: None, {"num_examples": -4}, "num_examples must be a positive integer"),
-        (lambda d: None, {"num_examples": 2.5}, "num_examples must be a positive integer"),
-        (lambda d: None, {"num_examples": 10**9}, "implausible for one device"),
-        (lambda d: None, {"heads_mask": 0}, "heads mask 0 is invalid"),
-        (lambda d: None, {"heads_mask": 4}, "heads mask 4 is invalid"),
-        (lambda d: None, {"heads_mask": None}, "heads mask None is invalid"),
+        (_set("encoder.weight", (0, 0), np.nan), {}, "1 NaN/Inf value"),
+        (_set("heads.kws.weight", (1, 1), -np.inf), {}, "'heads.kws.weight' has 1 NaN/Inf"),
+        (_replace("encoder.extra", np.zeros(2, np.float32)), {}, "unknown array 'encoder.extra'"),
+        (lambda arrays: arrays.pop("heads.kws.weight"), {}, "missing array 'heads.kws.weight'"),
+        (_replace("encoder.weight", np.zeros((4, 4), np.float32)), {}, "shape (4, 4); expected (2, 2)"),
+        (_replace("encoder.weight", np.zeros((2, 2), np.float64)), {}, "dtype float64; expected float32"),
+        (_replace("encoder.weight", np.ones((2, 2), np.float32)), {}, "exceeds the bound 1 (clipping norm"),
+        (_keep, {"reply_model_version": 3}, "stale update: trained on model version 3, current is 5"),
+        (_keep, {"reply_model_version": 6}, "newer than the current 5"),
+        (_keep, {"reply_model_version": None}, "model version in the reply must be an integer"),
+        (_keep, {"num_examples": 0}, "num_examples must be a positive integer; got 0"),
+        (_keep, {"num_examples": -4}, "num_examples must be a positive integer"),
+        (_keep, {"num_examples": 2.5}, "num_examples must be a positive integer"),
+        (_keep, {"num_examples": 10**9}, "implausible for one device"),
+        (_keep, {"heads_mask": 0}, "heads mask 0 is invalid"),
+        (_keep, {"heads_mask": 4}, "heads mask 4 is invalid"),
+        (_keep, {"heads_mask": None}, "heads mask None is invalid"),
     ],
 )
 def test_each_defect_is_named(change, overrides, fragment):
@@ -158,7 +170,7 @@ def test_rejected_update_never_changes_the_model():
 
     # Assert
     assert verdicts["a"] == [] and verdicts["b"] == []
-    assert len(verdicts["bad"]) == 2  # NaN and norm
+    assert len(verdicts["bad"]) == 2  # NaN, and the norm of the finite part
     with pytest.raises(UpdateRejected, match="NaN/Inf"):
         raise UpdateRejected(verdicts["bad"])
     for name in GLOBAL:

@@ -1,0 +1,146 @@
+"""``fedser-client``: the device agent.
+
+    fedser-client start --server HOST:PORT --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
+                        [--root-cert CA] [--auth-key KEY] [--insecure]
+    fedser-client status [--data DIR | --ledger PATH]
+
+``start`` runs a Flower SuperNode whose node config tells the ClientApp where the data,
+the privacy ledger and the feature cache live. The agent restarts the SuperNode after a
+lost connection (with back-off), so a device rejoins by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fedser.common import launch
+from fedser.common.errors import ConfigError, FedserError
+
+from .device import DeviceSettings, default_state_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedser-client", description="fedser device agent")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("start", help="join a federation (runs a SuperNode)")
+    s.add_argument("--server", required=True, metavar="HOST:PORT", help="the aggregation server's SuperLink")
+    s.add_argument("--data", required=True, help="this device's corpus folder or manifest CSV")
+    s.add_argument("--tier", default="1.0", help="width tier 1.0, 0.5, 0.25, or auto (speed probe)")
+    s.add_argument("--max-epsilon", type=float, default=8.0, help="sample-level privacy budget of this device")
+    s.add_argument("--delta", type=float, default=1e-5)
+    s.add_argument("--ledger", default=None, help="privacy ledger file (default under ~/.fedser)")
+    s.add_argument("--cache", default=None, help="feature cache folder (default ~/.fedser/features; 'none' = off)")
+    s.add_argument("--root-cert", default=None, help="CA certificate of the server (TLS)")
+    s.add_argument("--auth-key", default=None, help="this device's private key (SuperNode authentication)")
+    s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
+    s.add_argument("--port", type=int, default=launch.SUPERNODE_RUNTIME_PORT,
+                   help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
+    s.add_argument("--log", default=None, help="SuperNode log file (default: print to this terminal)")
+    s.add_argument("--max-restarts", type=int, default=-1, help="give up after this many restarts (-1: never)")
+    st = sub.add_parser("status", help="print the privacy ledger: epsilon spent / budget, rounds joined")
+    st.add_argument("--data", default=None, help="the --data given to start (finds the default ledger)")
+    st.add_argument("--ledger", default=None)
+    st.add_argument("--max-epsilon", type=float, default=8.0)
+    st.add_argument("--delta", type=float, default=1e-5)
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def node_config_from_args(args) -> dict:
+    cfg: dict[str, object] = {"data": str(Path(args.data).resolve()), "tier": args.tier,
+                              "max-epsilon": float(args.max_epsilon), "delta": float(args.delta)}
+    if args.ledger:
+        cfg["ledger"] = str(Path(args.ledger).resolve())
+    if args.cache:
+        cfg["cache"] = args.cache if args.cache == "none" else str(Path(args.cache).resolve())
+    settings = DeviceSettings.from_node_config(cfg)  # fail here, clearly, not inside the SuperNode
+    cfg["tier"] = settings.tier  # "auto" is resolved once, on this device
+    cfg["ledger"] = settings.ledger
+    return cfg
+
+
+def start(args) -> int:
+    if not Path(args.data).exists():
+        raise ConfigError(f"--data {args.data}: no such file or folder")
+    if not args.insecure and not args.root_cert:
+        raise ConfigError("TLS needs --root-cert CA.pem (the server's ca.pem), or --insecure for plain text")
+    node_config = node_config_from_args(args)
+    argv = launch.supernode_command(args.server, node_config, root_cert=args.root_cert, insecure=args.insecure,
+                                    auth_key=args.auth_key, runtime_port=args.port)
+    log_path = Path(args.log) if args.log else None
+    print(f"device agent: tier {node_config['tier']}, budget epsilon {args.max_epsilon}, ledger {node_config['ledger']}",
+          flush=True)
+    restarts, backoff = 0, 2.0
+    stopping = False
+
+    def _stop(signum, frame):  # forward SIGTERM/SIGINT to the SuperNode and stop restarting
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    while True:
+        if log_path:
+            proc = launch.start_process(argv, log_path)
+        else:
+            import subprocess
+            proc = subprocess.Popen(argv, env=launch.flower_env(), start_new_session=True)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            launch.stop_process(proc)
+            return 0
+        if stopping:
+            return 0
+        restarts += 1
+        if args.max_restarts >= 0 and restarts > args.max_restarts:
+            print(f"SuperNode exited with {code}; giving up after {restarts - 1} restart(s)", file=sys.stderr)
+            return 1
+        print(f"SuperNode exited with {code}; reconnecting in {backoff:.0f}s", file=sys.stderr, flush=True)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 60.0)
+
+
+def status(args) -> int:
+    from .ledger import PrivacyLedger
+
+    if args.ledger:
+        path = args.ledger
+    elif args.data:
+        path = DeviceSettings.from_node_config({"data": args.data}).ledger
+    else:
+        ledgers = sorted(default_state_dir().glob("ledger-*.json"))
+        if len(ledgers) != 1:
+            raise ConfigError("pass --data DIR (as given to start) or --ledger PATH"
+                              + (f"; found {len(ledgers)} ledgers in {default_state_dir()}" if ledgers else ""))
+        path = str(ledgers[0])
+    if not Path(path).exists():
+        raise ConfigError(f"no privacy ledger at {path}: this device has not trained yet")
+    s = PrivacyLedger(path, max_epsilon=args.max_epsilon, delta=args.delta).summary()
+    if args.json:
+        print(json.dumps(s, default=str))
+    else:
+        print(f"ledger            {s['path']}")
+        print(f"epsilon spent     {s['epsilon']:.3f} of {s['max_epsilon']} (delta {s['delta']})"
+              + ("  BUDGET EXHAUSTED" if s.get("exhausted") else ""))
+        print(f"rounds joined     {s['rounds_joined']} (last round {s.get('last_round')})")
+        print(f"last model        version {s.get('last_model_version')}")
+        print(f"DP-SGD steps      {s['steps']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"start": start, "status": status}[args.command](args)
+    except FedserError as exc:
+        print(f"fedser-client: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
