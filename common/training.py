@@ -51,6 +51,8 @@ class TrainConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            problems.append(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.dp:
             if self.noise_multiplier is None and self.target_epsilon is None:
                 problems.append("dp needs noise_multiplier or target_epsilon")
@@ -78,10 +80,11 @@ class TrainResult:
 
 
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over present classes) so rare classes count for UAR."""
+    """Balanced weights N / (K * n_c) over the K present classes (as scikit-learn's "balanced"),
+    so rare classes count as much as common ones, which is what UAR measures; absent classes get 0."""
     counts = torch.bincount(y, minlength=n_classes).float()
-    w = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros_like(counts))
-    return w
+    present = counts > 0
+    return torch.where(present, counts.sum() / (counts.clamp(min=1) * present.sum()), torch.zeros_like(counts))
 
 
 def _freeze_other_heads(model: nn.Module, task: str) -> dict[str, bool]:
@@ -172,13 +175,15 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
 
         # Opacus' Poisson loader samples each example with rate 1 / len(loader); account with exactly that.
         sample_rate = 1.0 / len(loader)
-        engine = PrivacyEngine(accountant="rdp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG turned off": a known, documented trade-off on devices
+            engine = PrivacyEngine(accountant="rdp")
         engine.accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in prior_history]
         z = cfg.noise_multiplier
         if z is None:
             z = noise_for_budget(cfg.target_epsilon, cfg.delta, sample_rate, cfg.epochs * len(loader))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure RNG; it is a known trade-off on devices
+            warnings.simplefilter("ignore")
             net, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True)
@@ -207,9 +212,12 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
                         xb = augmenter.features(xb)
                 optimizer.zero_grad()
                 loss = criterion(net(xb, task), yb)
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus' hooks fire on inputs without grad (features); harmless and expected.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 optimizer.step()
-                total += float(loss) * xb.shape[0]
+                total += loss.item() * xb.shape[0]
                 seen += xb.shape[0]
             scheduler.step()
             result.steps += steps

@@ -14,3 +14,15 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").exists():
         pytest.skip(f"real corpus not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A tiny espeak-ng corpus (4 speakers; RAVDESS + Speech Commands layouts), made once per session."""
+    from fedser.common import synth
+
+    out = tmp_path_factory.mktemp("tiny-corpus")
+    synth.synthesize_corpus(out, n_speakers=4, statements=1, repetitions=2, command_repetitions=1,
+                            unknown_words=("bed", "cat"), unknown_repetitions=1, noise_seconds=5.0,
+                            progress=False)
+    return out

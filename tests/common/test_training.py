@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from fedser.common.data import TaskData
+from fedser.common.errors import ConfigError
+from fedser.common.features import FeatureSpec
+from fedser.common.models import ModelConfig, build_model
+from fedser.common.privacy import SpendRecord, epsilon_of
+from fedser.common.training import TrainConfig, class_weights, evaluate_task, predict, train_task
+
+SPEC = FeatureSpec()
+
+
+def separable(n=96, classes=(0, 1, 2), seed=0, task="kws") -> TaskData:
+    """Class k has a modulation in feature rows 10k..10k+5: easy, but only if the model learns.
+
+    (A constant offset would not do: the model removes each feature row's mean per utterance.)
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    x = torch.randn(n, 40, 101, generator=g)
+    wave = 2.0 * torch.sin(torch.arange(101) * 0.5)
+    for i, c in enumerate(y.tolist()):
+        x[i, 10 * (c % 4): 10 * (c % 4) + 5] += wave
+    return TaskData(task, x, y, [f"s{i % 8}" for i in range(n)])
+
+
+def test_learns_a_separable_task_and_keeps_the_other_head_untouched():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("heads.emotion.")}
+    result = train_task(model, "kws", separable(), separable(seed=1), TrainConfig(epochs=8, batch_size=32),
+                        SPEC, progress=False)
+    report = evaluate_task(model, separable(seed=2))
+    assert report["accuracy"] > 0.9
+    assert result.best_epoch >= 1 and len(result.history) >= 1
+    for k, v in before.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert all(p.requires_grad for p in model.parameters())  # restored after training
+
+
+def test_dp_training_reports_the_accountants_epsilon_over_prior_spend():
+    torch.manual_seed(0)
+    data = separable(n=64)
+    cfg = TrainConfig(epochs=2, batch_size=16, dp=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    fresh = train_task(build_model(ModelConfig()), "kws", data, None, cfg, SPEC, progress=False)
+    assert fresh.steps == sum(r.steps for r in fresh.spend) == 2 * 4
+    assert fresh.epsilon == pytest.approx(epsilon_of(fresh.spend, 1e-5), rel=1e-6)
+    prior = [SpendRecord(1.0, 0.25, 40)]
+    later = train_task(build_model(ModelConfig()), "kws", data, None, cfg, SPEC, prior_history=prior, progress=False)
+    assert later.epsilon == pytest.approx(epsilon_of(prior + later.spend, 1e-5), rel=1e-6)
+    assert later.epsilon > fresh.epsilon
+
+
+def test_dp_with_target_epsilon_stays_within_it():
+    cfg = TrainConfig(epochs=2, batch_size=16, dp=True, target_epsilon=4.0, delta=1e-5)
+    r = train_task(build_model(ModelConfig()), "kws", separable(n=64), None, cfg, SPEC, progress=False)
+    assert 0 < r.epsilon <= 4.0 * 1.02
+
+
+def test_predict_respects_allowed_classes():
+    model = build_model(ModelConfig())
+    pred, prob = predict(model, "kws", torch.randn(20, 40, 101), allowed=[3, 7])
+    assert set(pred.tolist()) <= {3, 7}
+    assert np.all((prob > 0) & (prob <= 1))
+
+
+def test_class_weights_are_inverse_frequency_over_present_classes():
+    w = class_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert w[2] == 0
+    assert w[1] == pytest.approx(3 * w[0])
+    assert float(3 * w[0] + 1 * w[1]) == pytest.approx(4.0)  # total weight = number of examples
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"epochs": 0}, "epochs"), ({"lr": -1}, "lr"), ({"dp": True}, "noise_multiplier or target_epsilon"),
+    ({"dp": True, "target_epsilon": 1, "delta": 2}, "delta"), ({"optimizer": "rmsprop"}, "optimizer"),
+])
+def test_bad_training_settings_are_named(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kwargs).validate()
+
+
+def test_empty_training_data_is_a_clear_error():
+    empty = TaskData("kws", torch.zeros(0, 40, 101), torch.zeros(0, dtype=torch.long), [])
+    with pytest.raises(ConfigError, match="no kws training examples"):
+        train_task(build_model(ModelConfig()), "kws", empty, None, TrainConfig(epochs=1), SPEC, progress=False)
