@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, Report, data_or_skip, load_average, load_note, md_table  # noqa: E402
+from _common import DEFAULT_DATA, REPO, Report, load_average, load_note, md_table  # noqa: E402
 
 DP_ARGS = ["--dp", "--target-epsilon", "8", "--delta", "1e-5"]
 
@@ -98,13 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [r for r in ROWS if args.only is None or r.name in args.only]
     absent = sorted({r.corpus for r in rows if not (args.data / r.corpus).is_dir()})
-    if absent:
-        print(f"note: {', '.join(absent)} not found under {args.data}; their rows are skipped")
-        rows = [r for r in rows if r.corpus not in absent]
-    if not data_or_skip(args.data) or not rows:
-        if not rows:
-            print(f"skipped: no corpus for the requested rows under {args.data}")
+    if not [r for r in rows if r.corpus not in absent]:
+        print(f"skipped: corpus not found under {args.data} ({', '.join(absent)}); pass --data DIR to point elsewhere")
         return 0
+    if absent:
+        print(f"note: {', '.join(absent)} not found under {args.data}; their rows are skipped", file=sys.stderr)
+        rows = [r for r in rows if r.corpus not in absent]
     if args.quick:
         args.name += "_quick"
     args.runs.mkdir(parents=True, exist_ok=True)
