@@ -19,6 +19,7 @@ BUILTIN_COMMANDS = {
     "train": "fedser.common.commands.train",
     "evaluate": "fedser.common.commands.evaluate",
     "demo": "fedser.common.commands.demo",
+    "certs": "fedser.common.commands.certs",
 }
 
 

@@ -33,6 +33,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
     p.add_argument("--tiers", default="1.0,0.5,0.25", help="width tiers, assigned to devices in turn")
     p.add_argument("--no-dp", action="store_true", help="no sample-level DP-SGD and no user-level noise")
+    p.add_argument("--user-noise", type=float, default=0.0, metavar="Z",
+                   help="user-level noise multiplier (distributed noise). Off by default here: with a handful "
+                        "of devices the noise a meaningful user-level epsilon needs swamps the model; it is "
+                        "meant for large cohorts (see the simulation engine)")
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--max-epsilon", type=float, default=8.0, help="each device's sample-level budget")
     p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the server's test")
@@ -111,6 +115,8 @@ def run(args) -> int:
     tiers = _tiers(args.tiers)
     if args.clients < 1 or args.rounds < 1:
         raise ConfigError("--clients and --rounds must be >= 1")
+    if args.no_dp and args.user_noise > 0:
+        raise ConfigError("--no-dp and --user-noise contradict each other")
     if out.exists() and (out / "checkpoint.pt").exists():
         raise ConfigError(f"{out} already holds a run; pass another --out (or delete it)")
     data = args.data
@@ -134,6 +140,10 @@ def run(args) -> int:
                    "--config", f"local-epochs={args.local_epochs}"]
     if args.no_dp:
         server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
+    elif args.user_noise > 0:
+        server_argv += ["--config", "noise-mode=distributed", "--config", f"noise-multiplier={args.user_noise}"]
+    else:
+        server_argv += ["--config", "noise-mode=none"]
     for kv in args.config:
         server_argv += ["--config", kv]
     procs: list[subprocess.Popen] = []
