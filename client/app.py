@@ -37,7 +37,7 @@ def decline(msg: Message, code: int, reason: str) -> Message:
 
 
 def _settings(context: Context) -> DeviceSettings:
-    return DeviceSettings.from_node_config(dict(context.node_config))
+    return DeviceSettings.from_node_config(dict(context.node_config), dict(context.run_config))
 
 
 def _ledger(settings: DeviceSettings) -> PrivacyLedger:

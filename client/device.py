@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedser.common.cache import FeatureCache
+from fedser.common.commands.partition import device_manifest, parse_tiers
 from fedser.common.corpora import Corpus, load_corpus
 from fedser.common.data import TaskData, build_task_data
 from fedser.common.errors import ConfigError, CorpusError
@@ -35,13 +36,37 @@ class DeviceSettings:
     holdout: float = 0.2           # share of local utterances held back for evaluation
 
     @classmethod
-    def from_node_config(cls, node_config: dict) -> "DeviceSettings":
-        """Validate ``--node-config`` values (collecting every problem) into settings."""
+    def from_node_config(cls, node_config: dict, run_config: dict | None = None) -> "DeviceSettings":
+        """Validate ``--node-config`` values (collecting every problem) into settings.
+
+        A virtual client of Flower's Simulation Engine has no ``data`` in its node config,
+        only ``partition-id`` (and ``num-partitions``): it then reads
+        ``<partitions-dir>/device-<partition-id>/data.csv`` from the run config, takes its
+        tier from ``partition-tiers`` and its budget from ``partition-max-epsilon``, and keeps
+        its ledger under the run directory (``devices/device-<partition-id>/ledger.json``).
+        Values in the node config always win.
+        """
+        run_config = run_config or {}
         problems = []
         data = str(node_config.get("data", "")).strip()
-        if not data:
+        partition = node_config.get("partition-id")
+        partitions_dir = str(run_config.get("partitions-dir", "") or "").strip()
+        defaults: dict[str, object] = {}
+        if not data and partition is not None:
+            if not partitions_dir:
+                problems.append(f"partition-id {partition} but the run config sets no partitions-dir "
+                                "(a folder made by `fedser partition`)")
+            else:
+                try:
+                    defaults = _partition_defaults(int(partition), partitions_dir, run_config)
+                    data = str(defaults.pop("data"))
+                except (TypeError, ValueError) as exc:
+                    problems.append(f"partition-id {partition!r}: {exc}")
+                except ConfigError as exc:
+                    problems.append(str(exc))
+        if not data and not problems:
             problems.append("data is required (a corpus folder or manifest CSV on this device)")
-        tier = node_config.get("tier", 1.0)
+        tier = node_config.get("tier", defaults.get("tier", 1.0))
         if str(tier) == "auto":
             from .probe import auto_tier
             tier = auto_tier()
@@ -52,7 +77,7 @@ class DeviceSettings:
             tier = 1.0
         if tier not in TIERS:
             problems.append(f"tier must be one of {TIERS} or auto, got {tier}")
-        max_eps = float(node_config.get("max-epsilon", 8.0))
+        max_eps = float(node_config.get("max-epsilon", defaults.get("max-epsilon", 8.0)))
         if not max_eps > 0:
             problems.append(f"max-epsilon must be > 0, got {max_eps}")
         delta = float(node_config.get("delta", 1e-5))
@@ -65,10 +90,27 @@ class DeviceSettings:
             raise ConfigError("node config: " + "; ".join(problems))
         state = default_state_dir()
         key = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]
-        ledger = str(node_config.get("ledger") or state / f"ledger-{key}.json")
+        ledger = str(node_config.get("ledger") or defaults.get("ledger") or state / f"ledger-{key}.json")
         cache = str(node_config.get("cache", state / "features"))
         return cls(data=data, tier=tier, max_epsilon=max_eps, delta=delta, ledger=ledger,
                    cache="" if cache == "none" else cache, holdout=holdout)
+
+
+def _partition_defaults(partition: int, partitions_dir: str, run_config: dict) -> dict[str, object]:
+    """Data, tier, budget and ledger of simulated device ``partition`` (see ``from_node_config``)."""
+    if partition < 0:
+        raise ValueError("must be >= 0")
+    out: dict[str, object] = {"data": str(device_manifest(partitions_dir, partition))}
+    tiers = parse_tiers(str(run_config.get("partition-tiers", "1.0") or "1.0"))
+    out["tier"] = tiers[partition % len(tiers)]
+    out["max-epsilon"] = float(run_config.get("partition-max-epsilon", 8.0))
+    run_dir = str(run_config.get("run-dir", "") or "").strip()
+    if run_dir:
+        out["ledger"] = str(Path(run_dir) / "devices" / f"device-{partition}" / "ledger.json")
+    else:
+        key = hashlib.sha256(str(Path(partitions_dir).resolve()).encode()).hexdigest()[:12]
+        out["ledger"] = str(default_state_dir() / "simulation" / key / f"device-{partition}-ledger.json")
+    return out
 
 
 def _held_back(path: str, offset: float, share: float) -> bool:

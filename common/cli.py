@@ -19,6 +19,8 @@ BUILTIN_COMMANDS = {
     "train": "fedser.common.commands.train",
     "evaluate": "fedser.common.commands.evaluate",
     "demo": "fedser.common.commands.demo",
+    "partition": "fedser.common.commands.partition",
+    "simulate": "fedser.common.commands.simulate",
     "certs": "fedser.common.commands.certs",
 }
 

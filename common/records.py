@@ -20,7 +20,8 @@ def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     bad = [k for k, v in arrays.items() if not isinstance(v, np.ndarray) or v.dtype != np.float32]
     if bad:
         raise ConfigError(f"only float32 model arrays may be sent; not: {', '.join(bad)}")
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.ascontiguousarray makes 0-d arrays 1-d; the reshape keeps every shape as it was.
+    return ArrayRecord({k: Array(np.ascontiguousarray(v).reshape(v.shape)) for k, v in arrays.items()})
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -60,6 +60,7 @@ class FederatedRun:
         self.strategy = HeteroFedAvg(
             self.model_config, self.spec, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
             noise_mode=settings.noise_mode, fraction_train=settings.fraction_train,
+            fraction_evaluate=settings.fraction_evaluate,
             min_train_nodes=settings.min_clients, min_available_nodes=settings.min_clients,
             min_evaluate_nodes=settings.min_clients,
             train_settings={keys.LOCAL_EPOCHS: settings.local_epochs, keys.BATCH_SIZE: settings.batch_size,

@@ -34,7 +34,9 @@ def save_checkpoint(run_dir: str | Path, state: ServerState) -> Path:
     target = run_dir / CHECKPOINT_FILE
     payload = {
         "round": state.round,
-        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.arrays.items()},
+        # np.ascontiguousarray makes 0-d arrays 1-d; the reshape keeps every shape as it was.
+        "arrays": {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v)))
+                   for k, v in state.arrays.items()},
         "meta": json.dumps({"strategy": state.strategy, "accountant": state.accountant, "rows": state.rows},
                            default=float),
     }

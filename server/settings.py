@@ -1,9 +1,36 @@
 """Run settings of the ServerApp, read from ``[tool.flwr.app.config]`` / ``--run-config``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
+from fedser.common.commands.partition import parse_tiers
 from fedser.common.errors import ConfigError
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _convert(raw: object, typ: str) -> object:
+    """``raw`` as ``typ`` ("bool", "int", "float" or "str"); ValueError when it is not one.
+
+    Nothing is guessed: "flase" is not False, 2.5 is not the int 2, and True is not a number.
+    """
+    if typ == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ValueError(raw)
+        return text in _TRUE
+    if typ in ("int", "float") and isinstance(raw, bool):
+        raise ValueError(raw)
+    if typ == "int":
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    if typ == "float":
+        return float(raw)
+    return str(raw)
 
 
 @dataclass(frozen=True)
@@ -30,6 +57,13 @@ class RunSettings:
     eval_data: str = ""               # corpus for server-side evaluation each round
     resume: bool = False
     round_timeout: float = 600.0
+    fraction_evaluate: float = 1.0    # share of nodes asked to evaluate each round
+    # Simulation (virtual clients without --node-config data): client partition-id i reads
+    # <partitions-dir>/device-<i>/data.csv, runs tier i-th of partition-tiers (in turn) and
+    # has partition-max-epsilon as its sample-level budget.
+    partitions_dir: str = ""
+    partition_tiers: str = "1.0"
+    partition_max_epsilon: float = 8.0
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -42,14 +76,7 @@ class RunSettings:
                 continue  # Flower's own keys (num-server-rounds is ours too)
             typ = known[name].type
             try:
-                if typ == "bool":
-                    values[name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-                elif typ == "int":
-                    values[name] = int(raw)
-                elif typ == "float":
-                    values[name] = float(raw)
-                else:
-                    values[name] = str(raw)
+                values[name] = _convert(raw, typ)
             except (TypeError, ValueError):
                 problems.append(f"{key}={raw!r} is not a valid {typ}")
         if not values.get("run_dir"):
@@ -70,13 +97,31 @@ class RunSettings:
             p.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.noise_mode not in ("local", "distributed", "none"):
             p.append(f"noise-mode must be local, distributed or none, got {self.noise_mode!r}")
-        if not self.clip_norm > 0:
-            p.append(f"clip-norm must be > 0, got {self.clip_norm}")
-        if self.noise_multiplier < 0 or self.dp_noise_multiplier < 0:
-            p.append("noise multipliers must be >= 0")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            p.append(f"clip-norm must be a finite number > 0, got {self.clip_norm}")
+        for key, value in (("noise-multiplier", self.noise_multiplier),
+                           ("dp-noise-multiplier", self.dp_noise_multiplier)):
+            if not (math.isfinite(value) and value >= 0):
+                p.append(f"{key} must be a finite number >= 0, got {value}")
         if not 0 < self.user_delta < 1:
             p.append(f"user-delta must be in (0, 1), got {self.user_delta}")
         if self.local_epochs < 1 or self.batch_size < 1:
             p.append("local-epochs and batch-size must be >= 1")
+        if self.total_clients < 0:
+            p.append(f"total-clients must be >= 0 (0 = the nodes connected), got {self.total_clients}")
+        for key, value in (("learning-rate", self.learning_rate), ("dp-max-grad-norm", self.dp_max_grad_norm),
+                           ("round-timeout", self.round_timeout)):
+            if not (math.isfinite(value) and value > 0):
+                p.append(f"{key} must be a finite number > 0, got {value}")
+        if self.kws_pretrain_epochs < 1:
+            p.append(f"kws-pretrain-epochs must be >= 1, got {self.kws_pretrain_epochs}")
+        if not 0 < self.fraction_evaluate <= 1:
+            p.append(f"fraction-evaluate must be in (0, 1], got {self.fraction_evaluate}")
+        try:
+            parse_tiers(self.partition_tiers)
+        except ConfigError as exc:
+            p.append(f"partition-tiers: {exc}")
+        if not (math.isfinite(self.partition_max_epsilon) and self.partition_max_epsilon > 0):
+            p.append(f"partition-max-epsilon must be a finite number > 0, got {self.partition_max_epsilon}")
         if p:
             raise ConfigError("run config: " + "; ".join(p))

@@ -41,6 +41,11 @@ log = logging.getLogger("fedser.server")
 TIERS = (1.0, 0.5, 0.25)
 
 
+def _is_number(value: object) -> bool:
+    """A scalar metric (MetricRecord values may also be lists)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class NodeProfile:
     tier: float
@@ -153,13 +158,21 @@ class HeteroFedAvg(FedAvg):
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=reply.error.reason)
                 log.warning("node %s declined to profile: %s", node, reply.error.reason)
                 continue
-            m = reply.content[keys.METRICS]
-            tier = float(m[keys.TIER])
+            try:
+                m = reply.content[keys.METRICS]
+                tier = float(m[keys.TIER])
+                heads = keys.mask_to_heads(int(m[keys.HEADS]))
+                num_examples, epsilon = int(m[keys.NUM_EXAMPLES]), float(m.get(keys.EPSILON, 0.0))
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                # A device that cannot say what it is does not train; it is asked again next round.
+                reason = f"malformed profile reply: {exc!r}"
+                self.profiles[node] = NodeProfile(1.0, [], 0, declined=reason)
+                log.warning("node %s: %s", node, reason)
+                continue
             if tier not in TIERS:
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=f"unknown tier {tier}")
                 continue
-            self.profiles[node] = NodeProfile(tier, keys.mask_to_heads(int(m[keys.HEADS])), int(m[keys.NUM_EXAMPLES]),
-                                              epsilon=float(m.get(keys.EPSILON, 0.0)))
+            self.profiles[node] = NodeProfile(tier, heads, num_examples, epsilon=epsilon)
 
     # ---- training -----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -204,6 +217,7 @@ class HeteroFedAvg(FedAvg):
         assert self._global is not None, "configure_train must run first"
         updates, contributions, losses = [], [], []
         n_params_cache: dict[float, int] = {}
+        seen: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -220,9 +234,17 @@ class HeteroFedAvg(FedAvg):
             if tier is None:
                 self._reject(server_round, node, ["reply from a node that was not sent a training instruction"])
                 continue
+            if node in seen:
+                # aggregate() refuses a node twice; one reply per instruction is all a node may send.
+                self._reject(server_round, node, ["a second reply from this node in this round"])
+                continue
+            seen.add(node)
             try:
-                arrays = record_to_arrays(reply.content[keys.ARRAYS])
-                m = reply.content[keys.METRICS]
+                record, m = reply.content[keys.ARRAYS], reply.content[keys.METRICS]
+                if not isinstance(record, ArrayRecord) or not isinstance(m, MetricRecord):
+                    raise TypeError(f"expected an ArrayRecord {keys.ARRAYS!r} and a MetricRecord {keys.METRICS!r}, "
+                                    f"got {type(record).__name__} and {type(m).__name__}")
+                arrays = record_to_arrays(record)
             except (KeyError, TypeError, ValueError) as exc:
                 self._reject(server_round, node, [f"malformed reply: {exc}"])
                 continue
@@ -238,8 +260,14 @@ class HeteroFedAvg(FedAvg):
                                       num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
                                       max_staleness=self.max_staleness)
             reported_tier = m.get(keys.TIER)
-            if reported_tier is not None and float(reported_tier) != tier:
+            if reported_tier is not None and not _is_number(reported_tier):
+                reasons.append(f"tier {reported_tier!r} in the reply is not a number")
+            elif reported_tier is not None and float(reported_tier) != tier:
                 reasons.append(f"reply claims tier {reported_tier} but was sent the {tier} slice")
+            if keys.LOSS in m and not _is_number(m[keys.LOSS]):
+                reasons.append(f"metric {keys.LOSS!r} must be a number; got {m[keys.LOSS]!r}")
+            if keys.EPSILON in m and not (_is_number(m[keys.EPSILON]) and m[keys.EPSILON] >= 0):
+                reasons.append(f"metric {keys.EPSILON!r} must be a number >= 0; got {m[keys.EPSILON]!r}")
             if reasons:
                 self._reject(server_round, node, reasons)
                 continue

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from .. import launch
 from ..certs import generate_ca_and_server_cert
-from ..corpora import write_manifest
 from ..errors import ConfigError, FedserError
-from ..splits import partition_by_speaker, speaker_split
 from .args import default_cache_dir, load_data
+from .partition import partition_corpus
 
 HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
 
@@ -58,17 +57,10 @@ def _tiers(text: str) -> list[float]:
 
 
 def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int):
-    """Write one manifest per device and the server's test manifest; returns their paths."""
-    corpus = load_data(data)
-    train_pool, _, test_u = speaker_split(corpus.utterances, val=0.0, test=test, seed=seed)
-    n_speakers = len({u.speaker for u in train_pool})
-    if n_clients > n_speakers:
-        raise ConfigError(f"--clients {n_clients}: only {n_speakers} training speakers to share out "
-                          "(a device is a person); use fewer clients or more data")
-    parts = partition_by_speaker(train_pool, n_clients, seed=seed)
-    devices = [write_manifest(part, out / "devices" / f"device-{i}" / "data.csv") for i, part in enumerate(parts)]
-    test_csv = write_manifest(test_u, out / "server" / "test.csv")
-    return devices, test_csv, parts, test_u
+    """Partition by speaker (``fedser partition``) into ``out/devices``; returns the device manifests,
+    the server's test manifest (None without held-out speakers) and the utterances of each."""
+    result = partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data)
+    return result.devices, result.test, result.parts, result.test_utterances
 
 
 def _tail(path: Path, seen: int, quiet: bool) -> int:
@@ -136,8 +128,9 @@ def run(args) -> int:
     cache = default_cache_dir() / "features"
     server_argv = [launch.executable("fedser-server"), "start", "--run-dir", str(out), "--host", "127.0.0.1",
                    "--port", str(port), "--certs", str(out / "certs"), "--min-clients", str(args.clients),
-                   "--rounds", str(args.rounds), "--eval-data", str(test_csv),
-                   "--config", f"local-epochs={args.local_epochs}"]
+                   "--rounds", str(args.rounds), "--config", f"local-epochs={args.local_epochs}"]
+    if test_csv is not None:
+        server_argv += ["--eval-data", str(test_csv)]
     if args.no_dp:
         server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
     elif args.user_noise > 0:

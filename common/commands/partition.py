@@ -1,0 +1,184 @@
+"""``fedser partition``: share corpora out by speaker into N device folders plus a held-out test set.
+
+A device is a person (or a few): every speaker lands whole on one device, and the speakers
+of the test split are on none. Nothing is copied; each device gets a manifest::
+
+    DIR/device-0/data.csv ... DIR/device-<N-1>/data.csv   one per device (write_manifest)
+    DIR/test.csv                                          held-out speakers (the server's test)
+    DIR/partitions.json                                   how it was made, and per-device counts
+
+``fedser demo`` hands these manifests to real SuperNodes; ``fedser simulate`` to the
+virtual clients of Flower's Simulation Engine (client ``partition-id`` i reads
+``device-<i>/data.csv``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..corpora import Corpus, Utterance, write_manifest
+from ..errors import ConfigError
+from ..splits import partition_by_speaker, speaker_split
+from .args import load_data
+
+HELP = "partition corpora by speaker into N device manifests plus a held-out test manifest"
+
+PARTITIONS_FILE = "partitions.json"
+TEST_MANIFEST = "test.csv"
+
+
+TIERS = (1.0, 0.5, 0.25)
+
+
+def device_manifest(root: str | Path, partition_id: int) -> Path:
+    """Where device ``partition_id``'s manifest lives under a partition folder."""
+    return Path(root) / f"device-{int(partition_id)}" / "data.csv"
+
+
+def parse_tiers(text: str) -> list[float]:
+    """``"1.0,0.5,0.25"`` -> ``[1.0, 0.5, 0.25]``; ``ConfigError`` unless each is a known width tier.
+
+    Simulated devices take these in turn: partition ``i`` runs ``tiers[i % len(tiers)]``.
+    """
+    try:
+        tiers = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected width tiers like 1.0,0.5,0.25") from None
+    bad = [t for t in tiers if t not in TIERS]
+    if not tiers or bad:
+        raise ConfigError(f"{text!r}: each tier must be one of {', '.join(map(str, TIERS))}")
+    return tiers
+
+
+@dataclass
+class Partition:
+    """The result of :func:`partition_corpus`: written manifests and what went into them."""
+
+    root: Path
+    devices: list[Path]                  # device-<i>/data.csv, i = 0..N-1
+    test: Path | None                    # test.csv (None when no speaker is held out)
+    parts: list[list[Utterance]]         # per device, the utterances of its manifest
+    test_utterances: list[Utterance]
+
+    def device_rows(self) -> list[dict]:
+        """Per device: speakers, utterances and label counts per task."""
+        return [_describe(i, part) for i, part in enumerate(self.parts)]
+
+
+def _describe(i: int, part: Sequence[Utterance]) -> dict:
+    labels: dict[str, dict[str, int]] = {}
+    for u in part:
+        labels.setdefault(u.task, Counter())[u.label] += 1
+    return {"device": i, "speakers": len({u.speaker for u in part}), "utterances": len(part),
+            "labels": {t: dict(sorted(c.items())) for t, c in sorted(labels.items())}}
+
+
+def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: float = 0.2, seed: int = 0,
+                     dirichlet_alpha: float | None = None, sources: Sequence[str] = ()) -> Partition:
+    """Hold out ``test`` of the speakers, share the rest among ``n_clients`` devices, write manifests.
+
+    Raises ``ConfigError`` when there are fewer training speakers than devices (a speaker is
+    never split), for a bad ``test`` share, or when ``out`` already holds a different
+    partition (stale ``device-<i>`` folders beyond ``n_clients`` would be picked up later).
+    """
+    if isinstance(n_clients, bool) or not isinstance(n_clients, int) or n_clients < 1:
+        raise ConfigError(f"--clients must be an integer >= 1, got {n_clients!r}")
+    out = Path(out)
+    stale = sorted(p.name for p in out.glob("device-*") if p.is_dir()
+                   and not (p.name[7:].isdigit() and int(p.name[7:]) < n_clients))
+    if stale:
+        raise ConfigError(f"{out} already holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from "
+                          "a partition into more devices; use an empty --out folder")
+    train_pool, _, test_u = speaker_split(corpus.utterances, val=0.0, test=test, seed=seed)
+    n_speakers = len({u.speaker for u in train_pool})
+    if n_clients > n_speakers:
+        raise ConfigError(f"--clients {n_clients}: only {n_speakers} training speakers to share out "
+                          f"({len({u.speaker for u in test_u})} more held out for the test); a device is a "
+                          "person, so use fewer clients or more data")
+    parts = partition_by_speaker(train_pool, n_clients, seed=seed, dirichlet_alpha=dirichlet_alpha)
+    devices = [write_manifest(part, device_manifest(out, i)) for i, part in enumerate(parts)]
+    test_csv = write_manifest(test_u, out / TEST_MANIFEST) if test_u else None
+    if test_csv is None and (out / TEST_MANIFEST).exists():
+        (out / TEST_MANIFEST).unlink()   # a test split from an earlier partition would mislead
+    result = Partition(out, devices, test_csv, parts, test_u)
+    meta = {"num-partitions": n_clients, "seed": seed, "test": test, "dirichlet-alpha": dirichlet_alpha,
+            "sources": [str(s) for s in sources], "corpus": corpus.name,
+            "test-manifest": TEST_MANIFEST if test_csv else None,
+            "test-speakers": len({u.speaker for u in test_u}), "test-utterances": len(test_u),
+            "devices": result.device_rows()}
+    tmp = out / (PARTITIONS_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out / PARTITIONS_FILE)
+    return result
+
+
+def read_partitions(root: str | Path) -> dict:
+    """The ``partitions.json`` of a partition folder, checked against the manifests present.
+
+    Raises ``ConfigError`` naming the folder when it is not a partition folder or a device
+    manifest is missing.
+    """
+    root = Path(root)
+    meta_path = root / PARTITIONS_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"{root}: no {PARTITIONS_FILE}; make the folder with "
+                          f"`fedser partition --data PATH --clients N --out {root}`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        n = int(meta["num-partitions"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{meta_path}: unreadable ({exc}); partition again") from None
+    missing = [str(device_manifest(root, i)) for i in range(n) if not device_manifest(root, i).is_file()]
+    if missing:
+        raise ConfigError(f"{root}: {len(missing)} device manifest(s) missing, e.g. {missing[0]}; partition again")
+    return meta
+
+
+def summary_table(result: Partition, max_rows: int = 40) -> str:
+    """Markdown table: speakers, utterances and labels per device (long partitions abridged)."""
+    rows = result.device_rows()
+    lines = ["| device | speakers | utterances | labels |", "|---|---:|---:|---|"]
+
+    def line(name: str, r: dict) -> str:
+        labels = "; ".join(f"{task}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                           for task, counts in r["labels"].items())
+        return f"| {name} | {r['speakers']} | {r['utterances']} | {labels} |"
+
+    shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + rows[-(max_rows // 2):]
+    for k, r in enumerate(shown):
+        if len(rows) > max_rows and k == max_rows // 2:
+            lines.append(f"| ... | | | {len(rows) - max_rows} more devices in {PARTITIONS_FILE} |")
+        lines.append(line(f"device-{r['device']}", r))
+    lines.append(line("test (held out)", _describe(-1, result.test_utterances)))
+    sizes = sorted(r["utterances"] for r in rows)
+    lines += ["", f"{len(rows)} devices, {sum(r['speakers'] for r in rows)} speakers, "
+              f"{sum(sizes)} utterances (per device min {sizes[0]}, median {sizes[len(sizes) // 2]}, "
+              f"max {sizes[-1]}); test: {len({u.speaker for u in result.test_utterances})} speakers, "
+              f"{len(result.test_utterances)} utterances"]
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="corpus folder (layout auto-detected) or manifest CSV; repeat for several")
+    p.add_argument("--clients", type=int, required=True, help="number of devices (each gets whole speakers)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for device-<i>/data.csv and test.csv")
+    p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the test (default 0.2)")
+    p.add_argument("--dirichlet-alpha", type=float, default=None, metavar="A",
+                   help="label skew across devices (small A: few labels per device); default: speakers dealt "
+                        "round-robin")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    corpus = load_data(args.data)
+    result = partition_corpus(corpus, args.out, args.clients, test=args.test, seed=args.seed,
+                              dirichlet_alpha=args.dirichlet_alpha, sources=args.data)
+    print(summary_table(result))
+    print(f"\nwrote {len(result.devices)} device manifests under {Path(args.out)}/device-<i>/data.csv"
+          + (f" and {result.test}" if result.test else " (no test split: --test 0)"))
+    return 0

@@ -1,0 +1,163 @@
+"""Launch the fedser ServerApp and ClientApp on Flower's Simulation Engine (Ray).
+
+``fedser simulate`` runs ``python -m fedser.server.simulation``. Nothing here is a second
+implementation of a round: the run is the one ``fedser-server start`` submits, on a
+SuperLink started in simulation mode, where each ClientApp call is made in a Ray actor
+for a virtual SuperNode instead of on a device::
+
+    flower-superlink --simulation --insecure (127.0.0.1, a free port; RUN_DIR/superlink.db)
+      └─ flower-superexec ─ flwr-simulation (per run): ServerApp + Ray backend
+    flwr run RUN_DIR/.app fedser-sim --run-config ... --federation-config num-supernodes=N ...
+
+Virtual node ``partition-id`` i reads ``<partitions>/device-<i>/data.csv`` (see
+``fedser.client.device``); ``<partitions>/test.csv`` becomes the server's ``eval-data``.
+Ray gets ``--ray-cpus`` CPUs and each virtual client ``--client-cpus``, so at most
+ray-cpus / client-cpus clients train at once and the rest wait their turn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedser.common import launch
+from fedser.common.commands.partition import TEST_MANIFEST, read_partitions
+from fedser.common.commands.simulate import add_arguments
+from fedser.common.errors import ConfigError, FedserError
+
+from .cli import _print_progress, _typed
+from .flower_app import run_config_defaults, write_app_dir
+from .settings import RunSettings
+
+CONNECTION = "fedser-sim"
+
+
+def build_run_config(partitions: Path, run_dir: Path, rounds: int, overrides: list[str], resume: bool,
+                     n_partitions: int) -> dict[str, object]:
+    """The run config of a simulated run, validated as the ServerApp will read it."""
+    defaults = run_config_defaults()
+    cfg: dict[str, object] = {"run-dir": str(run_dir), "num-server-rounds": rounds,
+                              "partitions-dir": str(partitions),
+                              "min-clients": min(int(defaults["min-clients"]), n_partitions)}
+    if (partitions / TEST_MANIFEST).is_file():
+        cfg["eval-data"] = str(partitions / TEST_MANIFEST)
+    if resume:
+        cfg["resume"] = True
+    for kv in overrides:
+        if "=" not in kv:
+            raise ConfigError(f"--config {kv!r}: expected KEY=VALUE")
+        k, v = (s.strip() for s in kv.split("=", 1))
+        if k in ("run-dir", "partitions-dir", "num-server-rounds"):
+            raise ConfigError(f"--config {k}: set it with --out, --partitions or --rounds")
+        cfg[k] = _typed(k, v, defaults)
+    for key in ("kws-corpus", "eval-data"):
+        if cfg.get(key):
+            path = Path(str(cfg[key])).resolve()
+            if not path.exists():
+                raise ConfigError(f"--config {key}={cfg[key]}: no such file or folder")
+            cfg[key] = str(path)
+    RunSettings.from_run_config(cfg)   # fail here, not in a Ray process minutes later
+    return cfg
+
+
+def federation_config(n_nodes: int, ray_cpus: int, client_cpus: int) -> dict[str, object]:
+    """``flwr run --federation-config`` for the Ray backend (Flower's SimulationConfig fields)."""
+    if ray_cpus < 1 or client_cpus < 1:
+        raise ConfigError("--ray-cpus and --client-cpus must be >= 1")
+    if client_cpus > ray_cpus:
+        raise ConfigError(f"--client-cpus {client_cpus} > --ray-cpus {ray_cpus}: no client could ever run")
+    return {"num-supernodes": n_nodes, "backend": "ray", "client-resources-num-cpus": client_cpus,
+            "client-resources-num-gpus": 0.0, "init-args-num-cpus": ray_cpus, "init-args-num-gpus": 0,
+            "init-args-logging-level": "WARNING", "init-args-log-to-driver": True}
+
+
+def _submit(app_dir: Path, run_config: dict, fed_config: dict, env: dict) -> int:
+    argv = launch.run_command(app_dir, CONNECTION, run_config) + ["--federation-config",
+                                                                 launch.format_config(fed_config)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    text = done.stdout
+    try:
+        answer = json.loads(text[text.find("{"):]) if "{" in text else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if not answer.get("success") or not answer.get("run-id"):
+        raise FedserError(f"flwr run was refused (exit {done.returncode}): "
+                          f"{answer.get('error-message') or (done.stderr or done.stdout).strip()[-2000:]}")
+    return int(answer["run-id"])
+
+
+def simulate(args) -> int:
+    partitions = Path(args.partitions).resolve()
+    run_dir = Path(args.out).resolve()
+    meta = read_partitions(partitions)
+    n = int(meta["num-partitions"])
+    if args.rounds < 1:
+        raise ConfigError("--rounds must be >= 1")
+    if not args.resume and (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or another --out")
+    run_config = build_run_config(partitions, run_dir, args.rounds, args.config, args.resume, n)
+    fed = federation_config(n, args.ray_cpus, args.client_cpus)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = launch.flower_env(run_dir / ".flwr")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    port = launch.free_port()
+    argv = [launch.executable("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
+            "--port", str(port), "--disable-runtime-dependency-installation",
+            "--database", str(run_dir / "superlink.db")]
+    t0 = time.perf_counter()
+    link = launch.start_process(argv, run_dir / "logs" / "superlink.log", env=env)
+    run_id = None
+    try:
+        launch.wait_for_port("127.0.0.1", port, timeout=90, process=link)
+        launch.write_connection(run_dir / ".flwr", launch.SuperLinkConnection(f"127.0.0.1:{port}", insecure=True,
+                                                                             name=CONNECTION))
+        app_dir = write_app_dir(run_dir / ".app")
+        progress = run_dir / "progress.log"
+        seen = len(progress.read_text().splitlines()) if progress.exists() else 0
+        run_id = _submit(app_dir, run_config, fed, env)
+        print(f"simulation run {run_id}: {n} virtual clients from {partitions}; Ray with {args.ray_cpus} CPU(s), "
+              f"{args.client_cpus} per client; {args.rounds} round(s); run directory {run_dir}", flush=True)
+
+        def on_poll(_status) -> None:
+            nonlocal seen
+            if not args.quiet:
+                seen = _print_progress(progress, seen)
+
+        status = launch.wait_for_run(run_id, CONNECTION, env=env, timeout=args.timeout, on_poll=on_poll)
+        if not args.quiet:
+            _print_progress(progress, seen)
+        logs = launch.run_logs(run_id, CONNECTION, env=env)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        (run_dir / "logs" / f"simulation-run-{run_id}.log").write_text(logs)
+        if not status.succeeded:
+            print(f"simulation run {run_id} {status.sub_status or status.status}: {status.details}", file=sys.stderr)
+            print(logs[-4000:], file=sys.stderr)
+            return 1
+    finally:
+        launch.stop_process(link)
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    print(f"simulation complete in {time.perf_counter() - t0:.0f} s: {summary.get('rounds')} rounds; user-level "
+          f"epsilon {summary.get('user-epsilon')} (delta {summary.get('user-delta')}); model bundle in {run_dir}; "
+          f"per-round figures in {run_dir / 'metrics.csv'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedser simulate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return simulate(args)
+    except FedserError as exc:
+        print(f"fedser simulate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedser simulate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
