@@ -20,13 +20,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedser.common import keys
 from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.data import HEAD_CLASSES, build_task_data
+from fedser.common.errors import ConfigError
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.params import state_to_arrays
 from fedser.common.privacy import UserLevelAccountant
 from fedser.common.records import arrays_to_record, record_to_arrays
 
-from .checkpoint import ServerState, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_checkpoint
 from .kws import pretrain_kws_head
 from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
@@ -85,6 +86,10 @@ class FederatedRun:
                            accountant=accountant.state_dict(), rows=[])
 
     def execute(self, grid: Grid) -> None:
+        if not self.s.resume and (self.run_dir / CHECKPOINT_FILE).exists():
+            # Starting afresh over a run would discard its model while devices' ledgers keep its spend.
+            raise ConfigError(f"{self.run_dir} already holds a run; resume it (resume=true, fedser-server start "
+                              "--resume) or choose another run directory")
         state = load_checkpoint(self.run_dir) if self.s.resume else None
         if state is not None:
             _progress(self.run_dir, f"resuming after round {state.round}")

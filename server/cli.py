@@ -19,6 +19,7 @@ from fedser.common import launch
 from fedser.common.certs import CertPaths, generate_ca_and_server_cert
 from fedser.common.errors import ConfigError, FedserError
 
+from .checkpoint import CHECKPOINT_FILE
 from .flower_app import run_config_defaults, write_app_dir
 
 
@@ -99,6 +100,8 @@ def _print_progress(path: Path, seen: int) -> int:
 
 def start(args) -> int:
     run_dir = Path(args.run_dir).resolve()
+    if not args.resume and (run_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = run_config_from_args(args)
     if args.register and not args.supernode_auth:
