@@ -13,7 +13,9 @@ Python subprocess
 4. reports samples/s (examples actually fed, counted at the model's input) and its peak RSS
    (``ru_maxrss``: imports, corpus, features and training together).
 
-One process per configuration keeps the memory peaks apart. With ``--repeats`` above 1 the
+One process per configuration keeps the memory peaks apart. Each configuration runs at torch's
+default thread count and at 1 thread: on a shared, busy machine torch's default (one thread per
+CPU) can be several times slower than 1 thread, and the two react differently to DP-SGD. With ``--repeats`` above 1 the
 configurations take turns and the best throughput of each is kept, so load from other
 processes on a shared machine falls on all of them alike.
 
@@ -54,8 +56,9 @@ def child(args) -> int:
     from fedser.common.models import ModelConfig, build_model, count_parameters
     from fedser.common.training import TrainConfig, train_task
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rss_imports = peak_rss_mb()
+    if args.threads and args.threads[0]:
+        torch.set_num_threads(args.threads[0])
     corpus = load_corpus(args.data / "speech_commands")
     utts = sorted((u for u in corpus.utterances if u.task == "kws"), key=lambda u: (u.path, u.offset))
     if len(utts) > args.clips:
@@ -63,6 +66,7 @@ def child(args) -> int:
     spec = FeatureSpec()
     cache = FeatureCache(None if args.cache == "none" else Path(args.cache or default_cache_dir() / "features"))
     data = build_task_data(utts, spec, "kws", cache, progress=False)
+    rss_features = peak_rss_mb()
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder=args.encoder, n_features=spec.n_features()))
 
@@ -90,18 +94,18 @@ def child(args) -> int:
     print(json.dumps({
         "encoder": args.encoder, "dp": args.dp, "parameters": count_parameters(model), "clips": len(data),
         "steps": steps, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-        "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+        "rss_imports_mb": rss_imports, "rss_features_mb": rss_features, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
         "load_before": load_before, "load_after": load_after,
     }))
     return 0
 
 
-def measure(args, encoder: str, dp: bool) -> dict:
+def measure(args, encoder: str, dp: bool, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--encoder", encoder, "--data", str(args.data),
            "--clips", str(args.clips), "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps), "--noise-multiplier", str(args.noise_multiplier)]
     cmd += ["--dp"] if dp else []
-    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--cache", args.cache] if args.cache else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", nargs="+", default=["cnn", "crnn"])
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD noise (does not change the cost)")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best throughput is kept")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: torch's)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="torch thread counts to measure, 0 = torch's default (default: 0 1, or 0 on one CPU)")
     p.add_argument("--cache", default=None, help="feature cache folder, or 'none' (default: fedser's)")
     p.add_argument("--quick", action="store_true", help="300 clips, 64 timed steps")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -133,21 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.clips, args.steps, args.warmup_steps = min(args.clips, 300), min(args.steps, 64), min(args.warmup_steps, 10)
 
-    configs = [(e, dp) for e in args.encoders for dp in (False, True)]
-    best: dict[tuple[str, bool], dict] = {}
+    default_threads = int(subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True,
+        check=True).stdout)
+    thread_counts = args.threads or ([0, 1] if default_threads > 1 else [0])
+    thread_counts = list(dict.fromkeys(t or default_threads for t in thread_counts))
+    configs = [(e, t, dp) for e in args.encoders for t in thread_counts for dp in (False, True)]
+    best: dict[tuple[str, int, bool], dict] = {}
     load_start = load_average()
     t0 = time.perf_counter()
     for _ in range(args.repeats):
         for key in configs:
-            r = measure(args, *key)
-            print(f"  {key[0]} {'DP-SGD' if key[1] else 'plain'}: {r['samples_per_s']:.0f} samples/s, "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)
+            enc, threads, dp = key
+            r = measure(args, enc, dp, threads)
+            print(f"  {enc} {threads} thread(s) {'DP-SGD' if dp else 'plain'}: {r['samples_per_s']:.0f} samples/s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MiB, load {r['load_before']:.1f}/{r['load_after']:.1f}",
+                  file=sys.stderr, flush=True)
             old = best.get(key)
+            peak = max(r["peak_rss_mb"], old["peak_rss_mb"]) if old else r["peak_rss_mb"]
             if old is None or r["samples_per_s"] > old["samples_per_s"]:
-                r["peak_rss_mb"] = max(r["peak_rss_mb"], old["peak_rss_mb"]) if old else r["peak_rss_mb"]
                 best[key] = r
-            else:
-                old["peak_rss_mb"] = max(old["peak_rss_mb"], r["peak_rss_mb"])
+            best[key]["peak_rss_mb"] = peak
     wall = time.perf_counter() - t0
     load_end = load_average()
 
@@ -159,28 +170,35 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch}, Adam, no augmentation; ~{args.steps} timed steps after ~{args.warmup_steps} warm-up "
             f"steps; DP-SGD: Opacus, Poisson sampling, noise multiplier {args.noise_multiplier}, clip 1.0; "
             f"best of {args.repeats} run(s), one fresh process per run.")
-    rep.add(f"{machine_line()}; torch threads per run: {any_r['threads']}.")
+    rep.add(f"{machine_line()}; torch's default thread count {default_threads}; each configuration is measured "
+            f"at {' and '.join(str(t) for t in thread_counts)} thread(s).")
     rep.add(f"{load_note(load_start, load_end)}.")
     rep.add("")
     rows = []
     for enc in args.encoders:
-        plain, dp = best[(enc, False)], best[(enc, True)]
-        for r in (plain, dp):
-            cost = plain["samples_per_s"] / r["samples_per_s"]
-            rows.append([enc, "DP-SGD" if r["dp"] else "plain", f"{r['parameters']:,}", r["steps"], r["samples"],
-                         f"{r['seconds']:.1f}", f"{r['samples_per_s']:,.0f}",
-                         f"{cost:.2f}x" if r["dp"] else "1.00x", f"{r['peak_rss_mb']:.0f}",
-                         f"{r['load_before']:.2f} / {r['load_after']:.2f}"])
-    rep.add(md_table(["encoder", "training", "params", "steps", "samples", "seconds", "samples/s",
-                      "time vs plain", "peak RSS (MiB)", "load avg before / after"], rows,
-                     ["l", "l"] + ["r"] * 8))
+        for threads in thread_counts:
+            plain = best[(enc, threads, False)]
+            for r in (plain, best[(enc, threads, True)]):
+                cost = plain["samples_per_s"] / r["samples_per_s"]
+                rows.append([enc, threads, "DP-SGD" if r["dp"] else "plain", r["steps"], r["samples"],
+                             f"{r['seconds']:.1f}", f"{r['samples_per_s']:,.0f}", f"{cost:.2f}x",
+                             f"{r['rss_imports_mb']:.0f}", f"{r['rss_features_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                             f"{r['load_before']:.2f} / {r['load_after']:.2f}"])
+    rep.add(md_table(["encoder", "threads", "training", "steps", "samples", "seconds", "samples/s",
+                      "time vs plain", "RSS after imports (MiB)", "after features", "peak RSS (MiB)",
+                      "load avg before / after"], rows, ["l", "r", "l"] + ["r"] * 9))
+    rep.add("")
+    rep.add("RSS columns are the process's peak so far (`ru_maxrss`) after importing torch/Opacus/fedser, after "
+            "computing the features, and at the end of training. Parameters: "
+            + ", ".join(f"{e} {best[(e, thread_counts[0], False)]['parameters']:,}" for e in args.encoders) + ".")
     rep.add("")
     for enc in args.encoders:
-        cost = best[(enc, False)]["samples_per_s"] / best[(enc, True)]["samples_per_s"]
-        rss = max(best[(enc, False)]["peak_rss_mb"], best[(enc, True)]["peak_rss_mb"])
-        rep.add(f"- {enc}: DP-SGD costs {cost:.2f}x plain training (target <= {DP_COST_TARGET:.0f}x: "
-                f"{'met' if cost <= DP_COST_TARGET else 'MISSED'}); peak RSS {rss:.0f} MiB "
-                f"(target < {RSS_TARGET_MB:.0f} MB: {'met' if rss * 1.048576 < RSS_TARGET_MB else 'MISSED'}).")
+        for threads in thread_counts:
+            cost = best[(enc, threads, False)]["samples_per_s"] / best[(enc, threads, True)]["samples_per_s"]
+            rss = max(best[(enc, threads, False)]["peak_rss_mb"], best[(enc, threads, True)]["peak_rss_mb"])
+            rep.add(f"- {enc}, {threads} thread(s): DP-SGD costs {cost:.2f}x plain training (target <= "
+                    f"{DP_COST_TARGET:.0f}x: {'met' if cost <= DP_COST_TARGET else 'MISSED'}); peak RSS {rss:.0f} MiB "
+                    f"(target < {RSS_TARGET_MB:.0f} MB: {'met' if rss * 1.048576 < RSS_TARGET_MB else 'MISSED'}).")
     rep.add(f"\nWall time of this bench: {wall:.0f} s.")
     rep.save()
     return 0

@@ -26,7 +26,7 @@ from fedser.common.records import arrays_to_record, model_from_config, record_to
 from fedser.common.training import TrainConfig, evaluate_task, train_task
 
 from .device import DeviceSettings, load_local_data
-from .ledger import PrivacyLedger, plan_spend
+from .ledger import LedgerCorruptError, PrivacyLedger, plan_spend
 from .update import privatize_update
 
 app = ClientApp()
@@ -55,7 +55,11 @@ def query(msg: Message, context: Context) -> Message:
         return decline(msg, keys.DECLINE_BAD_INSTRUCTION, str(exc))
     except (CorpusError, FedserError) as exc:
         return decline(msg, keys.DECLINE_NO_DATA, str(exc))
-    ledger = _ledger(settings)
+    try:
+        ledger = _ledger(settings)
+    except LedgerCorruptError as exc:
+        # What this device has spent is unknown: it must not train until the ledger is restored.
+        return decline(msg, keys.DECLINE_BUDGET, str(exc))
     metrics = {
         keys.TIER: settings.tier,
         keys.HEADS: keys.heads_to_mask(data.tasks),
@@ -91,7 +95,10 @@ def train(msg: Message, context: Context) -> Message:
     batch_size = int(cfg[keys.BATCH_SIZE])
     dp = bool(cfg.get(keys.DP_ENABLED, True))
     tasks = data.tasks
-    ledger = _ledger(settings)
+    try:
+        ledger = _ledger(settings)
+    except LedgerCorruptError as exc:
+        return decline(msg, keys.DECLINE_BUDGET, str(exc))
     z_sample = None
     if dp:
         # The device spreads what is left of its own budget over the rounds still planned: the

@@ -3,6 +3,7 @@
     fedser-client start --server HOST:PORT --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
                         [--root-cert CA] [--auth-key KEY] [--insecure]
     fedser-client status [--data DIR | --ledger PATH]
+    fedser-client listen --model BUNDLE (--input FILE | --mic) [--json]
 
 ``start`` runs a Flower SuperNode whose node config tells the ClientApp where the data,
 the privacy ledger and the feature cache live. The agent restarts the SuperNode after a
@@ -20,6 +21,7 @@ from pathlib import Path
 from fedser.common import launch
 from fedser.common.errors import ConfigError, FedserError
 
+from . import listen
 from .device import DeviceSettings, default_state_dir
 
 
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-epsilon", type=float, default=8.0)
     st.add_argument("--delta", type=float, default=1e-5)
     st.add_argument("--json", action="store_true")
+    li = sub.add_parser("listen", help="spot keywords and read the emotion of utterances in an audio stream")
+    listen.add_arguments(li)
     return p
 
 
@@ -136,7 +140,7 @@ def status(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"start": start, "status": status}[args.command](args)
+        return {"start": start, "status": status, "listen": listen.run}[args.command](args)
     except FedserError as exc:
         print(f"fedser-client: error: {exc}", file=sys.stderr)
         return 2

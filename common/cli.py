@@ -22,6 +22,7 @@ BUILTIN_COMMANDS = {
     "partition": "fedser.common.commands.partition",
     "simulate": "fedser.common.commands.simulate",
     "certs": "fedser.common.commands.certs",
+    "export": "fedser.common.commands.export",
 }
 
 

@@ -42,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -564,6 +565,23 @@ def wait_for_port(
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
         time.sleep(0.1)
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into ``KeyboardInterrupt`` in this (main-thread) process.
+
+    The processes this one starts run in sessions of their own (see :func:`start_process`), so a
+    SIGTERM that ends this process with the default action (``systemctl stop``, ``docker stop``)
+    would leave them running. As an exception, it unwinds through the ``finally`` blocks that
+    stop them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:

@@ -117,6 +117,7 @@ def start(args) -> int:
             print(f"generated a CA and server certificate in {cert_dir}; give devices {certs.ca_cert}")
     flwr_home = run_dir / ".flwr"
     env = launch.flower_env(flwr_home)
+    launch.interrupt_on_sigterm()  # so that `finally` stops the SuperLink, which has its own session
     link = launch.start_process(
         launch.superlink_command(host=args.host, port=args.port, certs=certs, insecure=args.insecure,
                                  enable_supernode_auth=args.supernode_auth, database=run_dir / "superlink.db"),

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,6 +91,75 @@ def _submit(app_dir: Path, run_config: dict, fed_config: dict, env: dict) -> int
     return int(answer["run-id"])
 
 
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (children first); [] where there is no /proc.
+
+    SuperExec, flwr-simulation and Ray's processes run in sessions of their own, so stopping
+    the SuperLink's process group does not reach them.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stop_pids(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM ``pids`` still alive, SIGKILL them after ``grace`` seconds."""
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for p in pids if alive(p)]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _wait(run_id: int, env: dict, progress: Path, seen: int, args) -> launch.RunStatus:
+    """Follow progress.log every second; ask the SuperLink for the run's status (a ``flwr``
+    process, about a CPU-second each) only every 15 s, or every 2 s once the run says it is
+    complete."""
+    deadline = time.monotonic() + args.timeout
+    next_check = time.monotonic() + 15
+    while True:
+        if not args.quiet:
+            seen = _print_progress(progress, seen)
+        done = progress.exists() and "run complete" in progress.read_text()[-200:]
+        if done:   # only Ray's shutdown is left: check soon, and every 2 s
+            next_check = min(next_check, time.monotonic() + 2)
+        if time.monotonic() >= next_check:
+            try:
+                status = launch.run_status(run_id, CONNECTION, env=env)
+            except launch.FlowerCommandError:
+                status = None     # a busy SuperLink answers on the next try
+            if status is not None and status.finished:
+                if not args.quiet:
+                    _print_progress(progress, seen)
+                return status
+            next_check = time.monotonic() + (2 if done else 15)
+        if time.monotonic() > deadline:
+            raise FedserError(f"simulation run {run_id} still going after {args.timeout:.0f} s; stopped")
+        time.sleep(1.0)
+
+
 def simulate(args) -> int:
     partitions = Path(args.partitions).resolve()
     run_dir = Path(args.out).resolve()
@@ -121,14 +192,7 @@ def simulate(args) -> int:
         print(f"simulation run {run_id}: {n} virtual clients from {partitions}; Ray with {args.ray_cpus} CPU(s), "
               f"{args.client_cpus} per client; {args.rounds} round(s); run directory {run_dir}", flush=True)
 
-        def on_poll(_status) -> None:
-            nonlocal seen
-            if not args.quiet:
-                seen = _print_progress(progress, seen)
-
-        status = launch.wait_for_run(run_id, CONNECTION, env=env, timeout=args.timeout, on_poll=on_poll)
-        if not args.quiet:
-            _print_progress(progress, seen)
+        status = _wait(run_id, env, progress, seen, args)
         logs = launch.run_logs(run_id, CONNECTION, env=env)
         (run_dir / "logs").mkdir(exist_ok=True)
         (run_dir / "logs" / f"simulation-run-{run_id}.log").write_text(logs)
@@ -136,8 +200,20 @@ def simulate(args) -> int:
             print(f"simulation run {run_id} {status.sub_status or status.status}: {status.details}", file=sys.stderr)
             print(logs[-4000:], file=sys.stderr)
             return 1
+    except BaseException:
+        # The run goes on in flwr-simulation and Ray (sessions of their own) unless it is stopped;
+        # a second Ctrl-C must not cut that short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if run_id is not None:
+            try:
+                launch.stop_run(run_id, CONNECTION, env=env, timeout=20)
+            except (launch.FlowerCommandError, OSError):
+                pass
+        raise
     finally:
+        left = descendants(link.pid)
         launch.stop_process(link)
+        _stop_pids(left)
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
     print(f"simulation complete in {time.perf_counter() - t0:.0f} s: {summary.get('rounds')} rounds; user-level "
           f"epsilon {summary.get('user-epsilon')} (delta {summary.get('user-delta')}); model bundle in {run_dir}; "
@@ -149,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedser simulate", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+
+    def terminate(signum, _frame):   # stop the run, Ray and the SuperLink on the way out
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return simulate(args)
     except FedserError as exc:

@@ -141,6 +141,7 @@ def run(args) -> int:
         server_argv += ["--config", kv]
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
+    launch.interrupt_on_sigterm()  # so that `finally` stops the server and devices (own sessions)
     try:
         server = launch.start_process(server_argv, out / "logs" / "server.out")
         procs.append(server)

@@ -8,6 +8,7 @@ import the server package.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -43,4 +44,17 @@ def to_argv(args) -> list[str]:
 
 
 def run(args) -> int:
-    return subprocess.call([sys.executable, "-m", "fedser.server.simulation", *to_argv(args)])
+    proc = subprocess.Popen([sys.executable, "-m", "fedser.server.simulation", *to_argv(args)])
+
+    def forward(signum, _frame):   # the launcher stops the run, Ray and the SuperLink itself
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                forward(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -73,16 +73,18 @@ def fedser_state(tmp_path_factory) -> dict[str, str]:
 # ---------------------------------------------------------------- processes
 
 
-def _tagged_pids(prefix: str) -> list[int]:
-    """Live processes whose environment carries a tag starting with ``prefix``."""
-    needle = f"{TAG_VAR}={prefix}".encode()
+def _tagged_pids(tag: str, name: str = "") -> list[int]:
+    """Live processes whose environment carries ``<tag>/<name>`` (any name when ``name`` is empty)."""
+    prefix = f"{TAG_VAR}={tag}/".encode()
+    wanted = prefix + name.encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             pid = int(environ.parent.name)
             if pid == os.getpid():
                 continue
-            if any(entry.startswith(needle) for entry in environ.read_bytes().split(b"\0")):
+            entries = environ.read_bytes().split(b"\0")
+            if any(e == wanted if name else e.startswith(prefix) for e in entries):
                 stat = (environ.parent / "stat").read_text()
                 if stat.rsplit(")", 1)[1].split()[0] != "Z":
                     found.append(pid)
@@ -120,7 +122,7 @@ class Processes:
 
     def pids(self, name: str = "") -> list[int]:
         """Live processes started as ``name`` (all of this test's when empty), descendants included."""
-        return _tagged_pids(f"{self.tag}/{name}")
+        return _tagged_pids(self.tag, name)
 
     def kill(self, name: str = "", sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to every process tagged ``name`` (a machine that loses power); returns how many."""
@@ -153,7 +155,8 @@ class Processes:
                 return value
             for p in watch:
                 if p.poll() is not None:
-                    tail = Path(p.log_path).read_text(errors="replace")[-3000:]
+                    log = Path(p.log_path)
+                    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                     pytest.fail(f"{p.name} exited with {p.returncode} while waiting for {what}; its log ends:\n{tail}")
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -176,5 +179,13 @@ class Processes:
 @pytest.fixture
 def processes(tmp_path, fedser_state):
     procs = Processes(root=tmp_path, env=fedser_state)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_processes(tmp_path_factory, fedser_state):
+    """Like ``processes``, for a module-scoped fixture that runs one federation for several tests."""
+    procs = Processes(root=tmp_path_factory.mktemp("processes"), env=fedser_state)
     yield procs
     procs.stop_all()
