@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str]) -> dict:
@@ -18,6 +17,10 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], class_na
     ``accuracy``, ``uar``, ``weighted_f1``, ``per_class_recall``, ``confusion`` (rows =
     true class, columns = predicted, in the order of ``labels``), ``labels`` and ``n``.
     """
+    # Imported here: scikit-learn costs over a second at start-up, and a device's ClientApp
+    # starts a fresh process for every message, most of which never evaluate.
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape:

@@ -144,7 +144,8 @@ class FederatedRun:
             self._report(rows, accountant)
             shown = {k: row[k] for k in row if k.endswith("accuracy") or k.endswith("uar")}
             _progress(self.run_dir, f"round {rnd}/{self.s.num_server_rounds} done in {row['seconds']:.1f}s: "
-                      f"{out.used} update(s), {len(out.rejected)} rejected, {len(out.declined)} declined; "
+                      f"{out.used} update(s), {len(out.rejected)} rejected, {len(out.declined)} declined, "
+                      f"{len(out.failed)} failed; "
                       f"user eps {user_eps:.2f}; "
                       + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         self._final_bundle(record_to_arrays(arrays), accountant, rows)

@@ -118,6 +118,7 @@ class HeteroFedAvg(FedAvg):
         self.rejections: list[dict] = []      # (round, node, reasons) log kept in the checkpoint
         self._global: dict[str, np.ndarray] | None = None
         self._sent_tiers: dict[int, float] = {}
+        self._sent_messages: list[Message] = []
         self._expected_clients = 1
         self.outcome = RoundOutcome()
 
@@ -205,7 +206,17 @@ class HeteroFedAvg(FedAvg):
             messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=n))
         log.info("round %s: training on %s node(s) (tiers %s)", server_round, len(messages),
                  sorted(self._sent_tiers.values()))
+        self._sent_messages = messages
         return messages
+
+    def _addressee(self, reply: Message) -> int:
+        """The node a reply concerns: errors such as "Node Unavailable" come from the SuperLink
+        itself, so they are matched to the instruction they answer."""
+        src = reply.metadata.src_node_id
+        if src in self._sent_tiers:
+            return src
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent_messages if m.metadata.message_id}
+        return sent.get(reply.metadata.reply_to_message_id, src)
 
     def _reject(self, server_round: int, node: int, reasons: list[str]) -> None:
         self.outcome.rejected.append((node, "; ".join(reasons)))
@@ -219,7 +230,7 @@ class HeteroFedAvg(FedAvg):
         n_params_cache: dict[float, int] = {}
         seen: set[int] = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._addressee(reply)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 if reply.error.code in keys.DECLINE_CODES:

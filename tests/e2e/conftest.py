@@ -1,6 +1,6 @@
 """Fixtures for end-to-end runs of the real federation (SuperLink + SuperNodes over TLS).
 
-* ``tiny_corpus``: a very small espeak-ng corpus (4 speakers; 3 emotions, 5 command words),
+* ``federation_corpus``: a very small espeak-ng corpus (4 speakers; 3 emotions, 5 command words),
   synthesized once per session.
 * ``device_manifests``: the corpus split by speaker into three device manifests and the
   server's held-out test manifest, exactly as ``fedser demo`` splits it.
@@ -26,7 +26,7 @@ TAG_VAR = "FEDSER_E2E_TAG"
 
 
 @pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> Path:
+def federation_corpus(tmp_path_factory) -> Path:
     """``<root>/commands`` (Speech Commands layout, 20 clips) and ``<root>/emotion`` (RAVDESS, 12)."""
     from fedser.common.synth import synthesize_corpus
 
@@ -39,9 +39,9 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def corpus_parts(tiny_corpus) -> list[str]:
+def corpus_parts(federation_corpus) -> list[str]:
     """The ``--data`` arguments of the tiny corpus (both parts)."""
-    return [str(tiny_corpus / "commands"), str(tiny_corpus / "emotion")]
+    return [str(federation_corpus / "commands"), str(federation_corpus / "emotion")]
 
 
 @dataclass(frozen=True)
