@@ -114,9 +114,9 @@ class ListenConfig:
     """
 
     hop_s: float = 0.1
-    threshold: float = 0.7
+    threshold: float = 0.5
     refractory_s: float = 0.8
-    smooth_s: float = 0.2
+    smooth_s: float = 0.1
     peak_wait_s: float = 0.3
     min_emotion_s: float = 0.5
     keywords: bool = True
@@ -676,11 +676,18 @@ def run(args, stdin: BinaryIO | None = None, stdout=None) -> int:
             print(json.dumps(e.to_dict()) if args.json else str(e), file=out, flush=True)
 
     try:
-        for chunk in chunks:
-            emit(listener.feed(chunk))
-    except KeyboardInterrupt:
-        pass
-    emit(listener.flush())
+        try:
+            for chunk in chunks:
+                emit(listener.feed(chunk))
+        except KeyboardInterrupt:
+            pass
+        emit(listener.flush())
+    except BrokenPipeError:
+        # The reader went away (`listen ... | head`): stop quietly, as other Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if not args.mic:
         wall = time.perf_counter() - t0
         _stderr(f"processed {listener.time:.1f} s of audio in {wall:.2f} s "
