@@ -1,21 +1,26 @@
 """Federated vs centralized on the real corpus: accuracy, privacy, width tiers, traffic and round time.
 
 One split for every row: ``fedser partition`` shares Speech Commands + RAVDESS + EmoDB
-(``--data``, default ../shared/data) by speaker into ``--clients`` devices (small speaker
-groups) and holds 20 % of the speakers out as ``test.csv``; every figure below is measured
+(``--data``, default ../shared/data) by speaker into ``--clients`` devices (groups of a few
+speakers) and holds 20 % of the speakers out as ``test.csv``; every figure below is measured
 on those held-out speakers (KWS: accuracy over 12 classes; emotion: UAR over the 9 classes).
+The held-out speakers do not depend on ``--clients``.
 
 Rows:
 
 1. Accuracy and privacy (federated rows on Flower's Simulation Engine, ``fedser simulate``,
-   every device training each round, ``--rounds`` rounds x ``--local-epochs`` local epochs):
-   - centralized, no DP: ``fedser train`` on the union of the device manifests (15 % of those
-     speakers for early-stopping validation), then ``fedser evaluate`` on ``test.csv``;
+   every device training each round, ``--rounds`` rounds x ``--local-epochs`` local epochs,
+   Adam at ``--lr`` on the devices):
+   - centralized, no DP: ``fedser train`` (30 epochs, early stopping) on the union of the
+     device manifests (15 % of those speakers for validation), then ``fedser evaluate`` on
+     ``test.csv``;
    - federated, no DP;
-   - federated, sample-level DP only (DP-SGD on each device, budget epsilon 8 / delta 1e-5,
-     no user-level noise: ``noise-mode none``, so user-level epsilon is infinite);
-   - federated, sample-level DP + user-level noise (update clipping C = 2, distributed noise
-     z = ``--user-noise``; user-level epsilon accounted by the server).
+   - federated, sample-level DP only (DP-SGD on each device, budget epsilon 8 / delta 1e-5
+     spread over the rounds planned, no user-level noise: ``noise-mode none``, so the
+     user-level epsilon is infinite);
+   - federated, sample-level DP + user-level noise (update clipping ``--user-clip-norm`` C,
+     distributed noise z = ``--user-noise``; user-level epsilon accounted by the server).
+   Rows without user-level noise clip updates at ``--clip-norm`` (only a bound there).
    Targets: federated + DP keeps >= 90 % of the centralized KWS accuracy and >= 85 % of the
    centralized emotion UAR.
 2. Width tiers: devices on 1.0 / 0.5 / 0.25 in turn vs all on 1.0 (both without DP).
@@ -23,13 +28,15 @@ Rows:
 3. Traffic and time: parameters and bytes of each tier's sub-model (a training round moves
    one slice down and one update of the same size up; an evaluating device also downloads the
    full model), bytes measured per trained client per round in the runs above, and the round
-   wall time with 5 real SuperNodes over TLS (``fedser demo --clients 5 --rounds 2`` on a
-   small subset of the same training devices).
+   wall time with 5 real SuperNodes over TLS (``fedser demo --clients 5 --rounds 2``, its
+   defaults: DP-SGD, 2 local epochs, tiers 1.0/0.5/0.25) on the speakers of the first 5 devices.
 
-Runs are kept in ``--work`` and reused when they are complete (delete a run folder to redo it).
+Runs are kept in ``--work`` and reused when complete with the same settings (delete a run
+folder to redo it).
 
-    python bench/bench_federated.py [--data DIR] [--clients 40] [--rounds 20] [--local-epochs 2]
-                                    [--user-noise 1.0] [--only central fed tiers dp demo] [--quick]
+    python bench/bench_federated.py [--data DIR] [--clients 20] [--rounds 30] [--local-epochs 5]
+                                    [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp demo]
+                                    [--quick]
 
 ``--quick``: 2 rounds, 3 centralized epochs (checks the pipeline; figures mean nothing).
 """
@@ -96,6 +103,27 @@ def centralized(task: str, pool: Path, test_csv: Path, work: Path, env: dict, ep
     return out
 
 
+def run_demo(parts: Path, clients: int, work: Path, env: dict, wanted: bool) -> dict | None:
+    """``fedser demo --clients 5 --rounds 2`` (real SuperLink + 5 SuperNodes over TLS) on the speakers
+    of the first 5 devices; None when not wanted and not run before."""
+    demo_dir = work / "demo-5"
+    record = demo_dir / "bench.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    if not wanted:
+        return None
+    import shutil
+    if demo_dir.exists():
+        shutil.rmtree(demo_dir)
+    small = union_manifest(parts, clients, work / "demo_small.csv", range(min(5, clients)))
+    wall = sh(fedser_argv() + ["demo", "--clients", "5", "--rounds", "2", "--data", str(small),
+                               "--out", str(demo_dir), "--quiet"], env, work / "demo-5.log")
+    m = json.loads((demo_dir / "metrics.json").read_text())
+    demo = {"wall": wall, "rows": m["rounds"], "summary": m["summary"]}
+    record.write_text(json.dumps(demo, indent=1, default=float))
+    return demo
+
+
 def tier_sizes() -> list[tuple[float, int, int]]:
     """(tier, parameters, bytes of its ArrayRecord) for the default model."""
     from fedser.common.features import FeatureSpec
@@ -126,11 +154,15 @@ def per_client_bytes(res: dict) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus root (default ../shared/data)")
-    p.add_argument("--clients", type=int, default=40, help="devices (speaker groups)")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--clients", type=int, default=20, help="devices (speaker groups)")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--local-epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.003, help="devices' Adam learning rate (centralized: 0.003)")
     p.add_argument("--central-epochs", type=int, default=30)
     p.add_argument("--user-noise", type=float, default=1.0, help="user-level noise multiplier z of the DP row")
+    p.add_argument("--user-clip-norm", type=float, default=2.0, help="update clipping bound C of that row")
+    p.add_argument("--clip-norm", type=float, default=10.0,
+                   help="update clipping bound of the rows without user-level noise (there it only bounds updates)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--client-cpus", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/fedser-bench/federated"))
@@ -172,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- federated runs on the Simulation Engine
     base = {"fraction-train": 1.0, "fraction-evaluate": 0.1, "min-clients": 2, "local-epochs": args.local_epochs,
-            "partition-max-epsilon": 8.0, "clip-norm": 2.0}
+            "learning-rate": args.lr, "partition-max-epsilon": 8.0, "clip-norm": args.clip_norm}
     runs_spec = {
         "fed": ("federated, no DP", {**base, "dp": False, "noise-mode": "none", "partition-tiers": "1.0"}),
         "tiers": ("federated, no DP, tiers 1.0/0.5/0.25",
@@ -181,34 +213,21 @@ def main(argv: list[str] | None = None) -> int:
                {**base, "dp": True, "noise-mode": "none", "partition-tiers": "1.0"}),
         "dp-user": (f"federated, sample-level DP + user-level noise z={args.user_noise:g}",
                     {**base, "dp": True, "noise-mode": "distributed", "noise-multiplier": args.user_noise,
-                     "partition-tiers": "1.0"}),
+                     "clip-norm": args.user_clip_norm, "partition-tiers": "1.0"}),
     }
-    results = {}
+    results, demo = {}, None
     for key, (label, cfg) in runs_spec.items():
+        if key == "dp":   # the 5-SuperNode row before the long DP rows
+            demo = run_demo(parts, args.clients, work, env, "demo" in wanted)
         part = "dp" if key.startswith("dp") else key
-        run_dir = work / f"run-{key}"
+        run_dir = work / f"run-{key}-{args.clients}"
         if part in wanted or (run_dir / "bench.json").exists():
             t0 = time.perf_counter()
             results[key] = run_simulation(parts, run_dir, args.rounds, cfg, env, args.ray_cpus, args.client_cpus)
             print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if demo is None:
+        demo = run_demo(parts, args.clients, work, env, "demo" in wanted)
 
-    # ---- 5 real SuperNodes over TLS
-    demo = None
-    demo_dir = work / "demo-5"
-    if "demo" in wanted or (demo_dir / "bench.json").exists():
-        record = demo_dir / "bench.json"
-        if record.exists():
-            demo = json.loads(record.read_text())
-        else:
-            import shutil
-            if demo_dir.exists():
-                shutil.rmtree(demo_dir)
-            small = union_manifest(parts, args.clients, work / "demo_small.csv", range(min(10, args.clients)))
-            wall = sh(fedser_argv() + ["demo", "--clients", "5", "--rounds", "2", "--data", str(small),
-                                       "--out", str(demo_dir), "--quiet"], env, work / "demo-5.log")
-            m = json.loads((demo_dir / "metrics.json").read_text())
-            demo = {"wall": wall, "rows": m["rounds"], "summary": m["summary"]}
-            record.write_text(json.dumps(demo, indent=1, default=float))
     load1 = load_average()
 
     # ---- report
@@ -220,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{meta['test-speakers']} held-out speakers, {meta['test-utterances']} utterances "
             f"(Speech Commands + RAVDESS + EmoDB; speakers are corpus-prefixed, `_silence_` slices of each "
             f"noise file count as a speaker). Federated: {args.rounds} rounds x {args.local_epochs} local "
-            f"epoch(s), all {args.clients} devices each round, batch 16, Adam lr 0.003, server-side evaluation "
+            f"epoch(s), all {args.clients} devices each round, batch 16, Adam lr {args.lr:g}, server-side evaluation "
             f"of the global model on the test speakers after the last round.")
     rep.add("")
     rep.add("### 1. Accuracy and privacy")
@@ -254,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dp-user" in results:
         m = args.clients
         rep.add(f"User-level noise: each round's mean update carries noise of std z*C/m = "
-                f"{args.user_noise:g}*2/{m} = {args.user_noise * 2 / m:.3f} per element (C = 2, m = {m} devices), "
-                f"while a clipped update has norm <= 2 over ~10^5 elements; {results['dp-user']['summary'].get('user-note', '')}.")
+                f"{args.user_noise:g}*{args.user_clip_norm:g}/{m} = {args.user_noise * args.user_clip_norm / m:.3f} "
+                f"per element (C = {args.user_clip_norm:g}, m = {m} devices), "
+                f"while a clipped update has norm <= C over ~6.7*10^4 elements; {results['dp-user']['summary'].get('user-note', '')}.")
         rep.add("")
     rep.add("### 2. Width tiers (no DP)")
     rep.add("")
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if demo:
         rep.add("")
         rep.add(f"The demo row: {demo['wall']:.0f} s for the whole command (TLS certificates, SuperLink, 5 "
-                f"SuperNodes, 2 rounds, report); its devices hold the speakers of the first 10 of the "
+                f"SuperNodes, 2 rounds, report); its devices hold the speakers of the first 5 of the "
                 f"{args.clients} devices above, re-partitioned into 5.")
     rep.save()
     return 0

@@ -86,20 +86,20 @@ class MemorySampler(threading.Thread):
         self.pid, self.every = pid, every
         self.peak_pss = self.peak_rss_one = 0.0
         self.peak_procs = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             pids = tree(self.pid)
             pss = sum(_kib(p, "Pss", "smaps_rollup") for p in pids) / 1024
             rss_one = max((_kib(p, "VmRSS", "status") for p in pids), default=0) / 1024
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_rss_one = max(self.peak_rss_one, rss_one)
             self.peak_procs = max(self.peak_procs, len(pids))
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

@@ -10,7 +10,9 @@ A ``Listener`` consumes a 16 kHz mono stream in hops (100 ms by default):
    scores the window; probabilities are averaged over the last
    ``smooth_s`` seconds of hops. When a command word becomes the top class with a
    smoothed probability of at least ``threshold`` (and no keyword fired in the last
-   ``refractory_s``), it becomes a candidate; the candidate follows the rising
+   ``refractory_s``, and it is not the keyword reported last unless a new voiced
+   segment has begun since: one word is reported once however long it stays in the
+   window), it becomes a candidate; the candidate follows the rising
    probability and is reported at its peak (the first hop that does not improve on
    it, at most ``peak_wait_s`` after it appeared), so the decision is taken on the window
    that holds the word best. ``_unknown_`` and ``_silence_`` are never reported.
@@ -46,7 +48,7 @@ from scipy.signal import lfilter
 
 from fedser.common import audio
 from fedser.common.errors import AudioDecodeError, ConfigError, collect
-from fedser.common.export import Runtime, TorchRuntime
+from fedser.common.export import Runtime, TorchRuntime, open_model
 from fedser.common.features import fit_length
 from fedser.common.models import stats_pool
 from fedser.common.taxonomy import SILENCE, UNKNOWN
@@ -225,9 +227,9 @@ class Listener:
         self.kws_on = cfg.keywords and "kws" in runtime.tasks
         self.emotion_on = cfg.emotion and "emotion" in runtime.tasks
         if cfg.keywords and not self.kws_on:
-            notice(f"the model has no trained keyword head: keyword spotting is off")
+            notice("the model has no trained keyword head: keyword spotting is off")
         if cfg.emotion and not self.emotion_on:
-            notice(f"the model has no trained emotion head: emotion events are off")
+            notice("the model has no trained emotion head: emotion events are off")
         self.mode = self._mode(cfg.recurrent)
         unit = spec.hop_length
         if self.mode in ("state", "carry"):
@@ -264,6 +266,7 @@ class Listener:
         self.samples = 0             # samples processed (whole hops)
         self._recent: deque[np.ndarray] = deque(maxlen=self.n_smooth)
         self._last_fire = -math.inf
+        self._last_keyword: int | None = None
         self._candidate: tuple[int, float, float] | None = None  # (class, peak probability, first seen)
         self.nonfinite = 0
         self.clipped = 0
@@ -369,7 +372,7 @@ class Listener:
         p_top = float(smoothed[top])
         is_keyword = top in self.keyword_idx and p_top >= self.cfg.threshold
         if self._candidate is None:
-            if is_keyword and now - self._last_fire >= self.cfg.refractory_s:
+            if is_keyword and self._armed(top, now):
                 self._candidate = (top, p_top, now)
             return []
         _, peak, since = self._candidate
@@ -379,10 +382,16 @@ class Listener:
                 return []
         return self._fire(now)
 
+    def _armed(self, keyword: int, now: float) -> bool:
+        if now - self._last_fire < self.cfg.refractory_s:
+            return False
+        onset = self.vad.last_onset
+        return keyword != self._last_keyword or (onset is not None and onset > self._last_fire)
+
     def _fire(self, now: float) -> list[Event]:
         top, peak, _ = self._candidate
         self._candidate = None
-        self._last_fire = now
+        self._last_fire, self._last_keyword = now, top
         return [KeywordEvent(self.classes[top], now, peak)]
 
     def _voice_in_window(self, now: float) -> bool:
@@ -531,16 +540,12 @@ def stream_chunks(stream: BinaryIO, target_rate: int, fmt: str = "auto", rate: i
         raise ConfigError(f"format: expected one of {', '.join(STDIN_FORMATS)}; got {fmt!r}")
     prefix = b""
     if fmt == "auto":
-        peek = getattr(stream, "peek", None)
-        prefix = peek(4)[:4] if peek else stream.read(4)
-        fmt = "wav" if prefix[:4] in (b"RIFF", b"RF64") else "f32"
-        if peek:
-            prefix = b""
+        prefix = stream.read(4)
+        fmt = "wav" if prefix in (b"RIFF", b"RF64") else "f32"
+    src = _Prefixed(prefix, stream)
     if fmt == "wav":
-        src = _Prefixed(prefix, stream)
         source_rate, channels, dtype = read_wav_header(src)
     else:
-        src = _Prefixed(prefix, stream)
         source_rate, channels, dtype = int(rate or target_rate), 1, ("<f4" if fmt == "f32" else "<i2")
     _rate_notice("the input stream", source_rate, target_rate, notice)
     resample = _Resampler(source_rate, target_rate)
@@ -642,7 +647,8 @@ def add_arguments(p) -> None:
                    help=f"seconds of keyword probabilities averaged (default {d.smooth_s})")
     p.add_argument("--recurrent", choices=RECURRENT_MODES, default="auto",
                    help="crnn bundles: carry the GRU state within voiced segments (state) or re-run each "
-                        "window (window); auto = state when possible")
+                        "window (window); auto = state when possible; carry never resets the state (only to "
+                        "measure what the reset is worth)")
     p.add_argument("--no-emotion", action="store_true", help="do not classify the emotion of segments")
     p.add_argument("--no-keywords", action="store_true", help="do not spot keywords")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1)")
@@ -650,8 +656,6 @@ def add_arguments(p) -> None:
 
 def run(args, stdin: BinaryIO | None = None, stdout=None) -> int:
     """``fedser-client listen``: print events as they happen; returns the exit code."""
-    from fedser.common.export import open_model
-
     out = stdout or sys.stdout
     if args.threads < 1:
         raise ConfigError(f"--threads: expected at least 1; got {args.threads}")

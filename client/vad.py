@@ -101,6 +101,7 @@ class EnergyVAD:
         self.silent = 0                    # unvoiced frames since the last voiced one (in a segment)
         self.active = False
         self.segment_start: float | None = None
+        self.last_onset: float | None = None   # start time of the latest segment (open or closed)
         self.last_voiced: float | None = None  # end time of the last voiced frame
 
     @property
@@ -145,7 +146,7 @@ class EnergyVAD:
             self.last_voiced = t_end
             if not self.active and self.run >= self.onset_frames:
                 self.active = True
-                self.segment_start = t_end - self.run * self.frame_s
+                self.segment_start = self.last_onset = t_end - self.run * self.frame_s
         else:
             self.run = 0
             if self.active:

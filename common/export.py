@@ -213,6 +213,8 @@ class Runtime:
         labels: task -> class names the head was trained on (only trained heads).
         classes: task -> class names in the order of the head's outputs.
         meta: model version, KWS head version, privacy figures, corpus, ...
+        model_config: the ``ModelConfig`` (None if an exported file does not say).
+        export_info: how an exported file was made and verified (None for a bundle).
     """
 
     kind: str
@@ -221,6 +223,8 @@ class Runtime:
     labels: dict[str, list[str]]
     classes: dict[str, tuple[str, ...]]
     meta: dict
+    model_config: ModelConfig | None = None
+    export_info: dict | None = None
 
     @property
     def tasks(self) -> list[str]:
