@@ -190,10 +190,11 @@ def evaluate(runtime, streams: list[Stream], noise_streams: list[np.ndarray], cf
         out["wall"] += wall
         out["cpu"] += cpu
         out["audio"] += s.wave.size / sr
-    out["noise_fa"], out["noise_s"] = 0, 0.0
-    for wave in noise_streams:
+    out["noise_fa"], out["noise_s"], out["noise_by_kind"] = 0, 0.0, {}
+    for name, wave in noise_streams:
         events, wall, cpu = run_listener(runtime, wave, cfg)
         out["noise_fa"] += len(events)
+        out["noise_by_kind"][name] = out["noise_by_kind"].get(name, 0) + len(events)
         out["noise_s"] += wave.size / sr
         out["wall"] += wall
         out["cpu"] += cpu
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, noise in noises.items():
                 bed = np.roll(noise, -int(rng.integers(0, noise.size)))  # not the recording's own fade-in
                 bed = bed if noise_only_s is None else bed[: int(noise_only_s * sr)]
-                noise_streams.append(scaled(bed, WORD_DBFS - snr))
-        noise_s = sum(n.size for n in noise_streams) / sr
+                noise_streams.append((name, scaled(bed, WORD_DBFS - snr)))
+        noise_s = sum(n.size for _, n in noise_streams) / sr
 
         clips = {i: per_clip(bundle_rt, st, sr) for i, st in enumerate(streams)}
         modes = ["window"] + (["state", "carry"] if enc == "crnn" else [])
@@ -316,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{100 * (tot['hits'] - tot['clip_ok']) / tot['commands']:+.1f}",
                          pct(tot["subs"], tot["commands"]), "", "", ""])
             rows.append([mode, "noise only", "", "", "", "", "", "",
-                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} ({r['noise_fa']} in {r['noise_s'] / 60:.0f} min)",
-                         "", ""])
+                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} ({r['noise_fa']} in {r['noise_s'] / 60:.0f} min: "
+                         + ", ".join(f"{k} {v}" for k, v in r["noise_by_kind"].items() if v) + ")", "", ""])
             rtf_rows.append([f"bundle (PyTorch), {mode}", f"{r['audio']:.0f}", f"{r['cpu'] / r['audio']:.4f}",
                              f"{r['wall'] / r['audio']:.4f}"])
         report.add("")

@@ -5,9 +5,11 @@ A ``Listener`` consumes a 16 kHz mono stream in hops (100 ms by default):
 1. Conditioning: NaN/Inf samples become 0 (with a notice) and a one-pole high-pass at
    ``dc_cutoff_hz`` removes any DC offset, so neither reaches the model or the VAD.
 2. Voice activity: ``EnergyVAD`` (adaptive noise floor) opens and closes voiced segments.
-3. Keywords: while there is voice in the last window (the model's KWS clip length,
-   1 s; scoring starts once the stream has filled one window), the keyword head
-   scores the window; probabilities are averaged over the last
+3. Keywords: while voice was heard in the last ``voice_recent_s`` (the newer half of
+   the window; scoring starts once the stream has filled one window), the keyword head
+   scores the window, the last KWS clip length (1 s) of audio. Windows holding only the
+   tail of a word, at their old edge, are not scored: the model was trained on words
+   near the middle of the clip and guesses on tails; probabilities are averaged over the last
    ``smooth_s`` seconds of hops. When a command word becomes the top class with a
    smoothed probability of at least ``threshold`` (and no keyword fired in the last
    ``refractory_s``, and it is not the keyword reported last unless a new voiced
@@ -120,6 +122,7 @@ class ListenConfig:
     refractory_s: float = 0.8
     smooth_s: float = 0.1
     peak_wait_s: float = 0.3
+    voice_recent_s: float = 0.5
     min_emotion_s: float = 0.5
     keywords: bool = True
     emotion: bool = True
@@ -133,7 +136,7 @@ class ListenConfig:
             problems.append(f"hop_s: expected 0.01..1.0 seconds; got {self.hop_s!r}")
         if not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold: expected a probability in [0, 1]; got {self.threshold!r}")
-        for name in ("refractory_s", "smooth_s", "min_emotion_s", "peak_wait_s"):
+        for name in ("refractory_s", "smooth_s", "min_emotion_s", "peak_wait_s", "voice_recent_s"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}: expected >= 0 seconds; got {getattr(self, name)!r}")
         if self.recurrent not in RECURRENT_MODES:
@@ -355,12 +358,12 @@ class Listener:
         window = self._audio(self.samples - self.window, self.samples)
         if self.mode == "carry":
             p = self.recurrent.step(window)
-            gate = self._voice_in_window(now)
+            gate = self._voice_recent(now)
         elif self.mode == "state":
             gate = self.vad.active or segment_closed
             p = self.recurrent.step(window) if gate else None
         else:
-            gate = self._voice_in_window(now)
+            gate = self._voice_recent(now)
             p = self.rt.probs(window)["kws"][0] if gate else None
         if not gate:
             self._recent.clear()
@@ -394,8 +397,9 @@ class Listener:
         self._last_fire, self._last_keyword = now, top
         return [KeywordEvent(self.classes[top], now, peak)]
 
-    def _voice_in_window(self, now: float) -> bool:
-        return self.vad.last_voiced is not None and now - self.vad.last_voiced < self.window / self.sr
+    def _voice_recent(self, now: float) -> bool:
+        recent = min(self.cfg.voice_recent_s, self.window / self.sr)
+        return self.vad.last_voiced is not None and now - self.vad.last_voiced < recent
 
     def _segment_end(self, seg: Segment) -> list[Event]:
         if self.mode == "state":

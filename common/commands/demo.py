@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="corpus folder or manifest (default: synthesize the demo corpus)")
     p.add_argument("--clients", type=int, default=4, help="number of devices (speakers are split among them)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
     p.add_argument("--tiers", default="1.0,0.5,0.25", help="width tiers, assigned to devices in turn")
     p.add_argument("--no-dp", action="store_true", help="no sample-level DP-SGD and no user-level noise")
