@@ -22,13 +22,18 @@ A ``Listener`` consumes a 16 kHz mono stream in hops (100 ms by default):
    segments are centred in one emotion clip, longer ones are cut into clips whose
    probabilities are averaged) and the segment is reported with its label.
 
-Recurrent encoders (``crnn``, PyTorch bundles) can keep their GRU state across hops
-(``recurrent="state"``): the convolutions run over the current window (so their
-normalisation sees the same context as in training), the GRU advances only over the
-new steps, the keyword head pools the GRU outputs of the last window, and the state is
-reset when the voiced segment ends. ``recurrent="window"`` re-runs the whole window
-every hop (what the CNN and exported models do); ``"carry"`` never resets the state
-and exists to measure what a missing reset costs.
+Every model re-runs the whole window each hop (``recurrent="window"``, the default):
+for a recurrent encoder that is a GRU started from zero one window back, exactly the
+per-clip computation it was trained on. Recurrent encoders (``crnn``, PyTorch bundles)
+can instead keep their GRU state across hops (``recurrent="state"``): the convolutions
+run over the current window, the GRU advances only over the new steps, the keyword head
+pools the GRU outputs of the last window, and the state is reset when the voiced segment
+ends. ``"carry"`` never resets the state and exists to measure what a missing reset
+costs. With the per-utterance feature normalisation of ``FrontEnd`` a frame's features
+depend on the window it is computed in, so the steps a carried state has seen were
+normalised against other windows than the ones it is pooled with: the state modes
+detect fewer keywords than re-running the window (see ``bench/results/streaming.md``),
+which is why they are not the default.
 
 Events: ``KeywordEvent`` (``12.34s keyword=stop p=0.97``) and ``EmotionEvent``
 (``15.10-17.80s emotion=angry p=0.71``); ``to_dict()`` is the ``--json`` line.
@@ -57,7 +62,7 @@ from fedser.common.taxonomy import SILENCE, UNKNOWN
 
 from .vad import EnergyVAD, Segment, VADConfig
 
-RECURRENT_MODES = ("auto", "state", "window", "carry")
+RECURRENT_MODES = ("window", "state", "carry")
 NOT_KEYWORDS = frozenset({UNKNOWN, SILENCE})
 STDIN_FORMATS = ("auto", "wav", "f32", "s16")
 
@@ -126,7 +131,7 @@ class ListenConfig:
     min_emotion_s: float = 0.5
     keywords: bool = True
     emotion: bool = True
-    recurrent: str = "auto"
+    recurrent: str = "window"
     dc_cutoff_hz: float = 10.0
     vad: VADConfig = field(default_factory=VADConfig)
 
@@ -251,8 +256,6 @@ class Listener:
     def _mode(self, wanted: str) -> str:
         recurrent_ok = (isinstance(self.rt, TorchRuntime) and self.kws_on
                         and hasattr(self.rt.pipeline.model.encoder, "gru"))
-        if wanted == "auto":
-            return "state" if recurrent_ok else "window"
         if wanted in ("state", "carry") and not recurrent_ok:
             why = ("exported models run whole windows" if not isinstance(self.rt, TorchRuntime)
                    else f"the {self.rt.model_config.encoder!r} encoder is not recurrent")
@@ -294,12 +297,15 @@ class Listener:
         return events
 
     def flush(self) -> list[Event]:
-        """End of stream: process the partial hop (zero-padded) and close the open segment."""
+        """End of stream: process the partial hop (zero-padded), report a pending keyword candidate
+        and close the open segment."""
         events: list[Event] = []
         if self._pending.size:
             tail = self._pending.size
             events += self._hop(np.pad(self._pending, (0, self.hop - tail)))
             self._pending = np.zeros(0, dtype=np.float32)
+        if self._candidate is not None:
+            events += self._fire(self.time)
         for seg in self.vad.flush():
             events += self._segment_end(seg)
         return events
@@ -649,10 +655,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hop", type=float, default=d.hop_s, help=f"hop in seconds (default {d.hop_s})")
     p.add_argument("--smooth", type=float, default=d.smooth_s,
                    help=f"seconds of keyword probabilities averaged (default {d.smooth_s})")
-    p.add_argument("--recurrent", choices=RECURRENT_MODES, default="auto",
-                   help="crnn bundles: carry the GRU state within voiced segments (state) or re-run each "
-                        "window (window); auto = state when possible; carry never resets the state (only to "
-                        "measure what the reset is worth)")
+    p.add_argument("--recurrent", choices=RECURRENT_MODES, default="window",
+                   help="window (default): re-run the whole window each hop; crnn bundles only: state = carry "
+                        "the GRU state within voiced segments, reset at their end; carry = never reset (only "
+                        "to measure what the reset is worth)")
     p.add_argument("--no-emotion", action="store_true", help="do not classify the emotion of segments")
     p.add_argument("--no-keywords", action="store_true", help="do not spot keywords")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1)")

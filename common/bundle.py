@@ -10,8 +10,6 @@ version that wrote it).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import BundleError
+from .fsutil import atomic_write
 from .features import FeatureSpec
 from .models import ModelConfig, MultiTaskNet, build_model
 from .params import arrays_to_state, state_to_arrays
@@ -89,17 +88,7 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
         "meta": json.dumps(meta, default=str),
         "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bundle.state.items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".bundle-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda f: torch.save(payload, f))
 
 
 def load_bundle(path: str | Path) -> Bundle:

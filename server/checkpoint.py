@@ -6,8 +6,6 @@ killed mid-round resumes from the last complete round and no round is counted tw
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 
 from fedser.common.errors import FedserError
+from fedser.common.fsutil import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -40,22 +39,7 @@ def save_checkpoint(run_dir: str | Path, state: ServerState) -> Path:
         "meta": json.dumps({"strategy": state.strategy, "accountant": state.accountant, "rows": state.rows},
                            default=float),
     }
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        dir_fd = os.open(run_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(run_dir: str | Path) -> ServerState | None:

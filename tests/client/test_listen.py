@@ -116,6 +116,12 @@ def test_one_keyword_per_utterance_inside_its_window(pinned):
         assert start < e.time <= end + 1.0 + 0.1 and e.p > 0.99
 
 
+def test_a_keyword_at_the_very_end_of_the_stream_is_reported(pinned):
+    wave, truth = stream([("noise", 1.5), ("voice", 0.5), ("noise", 0.05)])
+    kw = keywords(events_of(pinned(), wave)[0])
+    assert [e.keyword for e in kw] == ["stop"] and kw[0].time >= truth[0][0]
+
+
 def test_a_long_utterance_is_one_keyword(pinned):
     wave, _ = stream([("noise", 1.2), ("voice", 3.0), ("noise", 1.5)])
     assert len(keywords(events_of(pinned(), wave)[0])) == 1
@@ -204,7 +210,8 @@ def test_nan_samples_become_silence_with_a_notice(pinned):
 def test_crnn_keeps_state_within_a_segment_and_resets_after_it(pinned):
     rt = pinned(encoder="crnn")
     wave, truth = stream([("noise", 1.2), ("voice", 0.8), ("noise", 1.5)])
-    l = Listener(rt, ListenConfig(), notice=lambda s: None)
+    assert Listener(rt, ListenConfig(), notice=lambda s: None).mode == "window"
+    l = Listener(rt, ListenConfig(recurrent="state"), notice=lambda s: None)
     assert l.mode == "state" and l.hop == 1280  # 80 ms: whole GRU steps of 40 ms
     states = []
     for i in range(0, wave.size, l.hop):
