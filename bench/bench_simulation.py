@@ -28,7 +28,6 @@ on the held-out speakers after the last round.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess

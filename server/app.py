@@ -7,19 +7,18 @@ last complete round.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedser.common import keys
 from fedser.common.bundle import Bundle, save_bundle
-from fedser.common.data import HEAD_CLASSES, build_task_data
+from fedser.common.data import HEAD_CLASSES
 from fedser.common.errors import ConfigError
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model

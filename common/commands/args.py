@@ -23,7 +23,8 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = True) -> Non
                         "'none' disables it")
 
 
-def cache_from_args(args) -> "FeatureCache":
+def cache_from_args(args):
+    """The feature cache the --cache option names (a FeatureCache)."""
     from ..cache import FeatureCache
 
     if args.cache == "none":

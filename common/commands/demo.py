@@ -9,9 +9,7 @@ ends with a report.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
