@@ -35,7 +35,7 @@ Runs are kept in ``--work`` and reused when complete with the same settings (del
 folder to redo it).
 
     python bench/bench_federated.py [--data DIR] [--clients 20] [--rounds 30] [--local-epochs 5]
-                                    [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp demo]
+                                    [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp dp-user demo]
                                     [--quick]
 
 ``--quick``: 2 rounds, 3 centralized epochs (checks the pipeline; figures mean nothing).
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--client-cpus", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/fedser-bench/federated"))
-    p.add_argument("--only", nargs="+", default=None, choices=("central", "fed", "tiers", "dp", "demo"),
+    p.add_argument("--only", nargs="+", default=None, choices=("central", "fed", "tiers", "dp", "dp-user", "demo"),
                    help="run only these parts (the table shows what exists)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.central_epochs = 2, 3
         args.work = args.work.with_name(args.work.name + "-quick")
-    wanted = set(args.only or ("central", "fed", "tiers", "dp", "demo"))
+    wanted = set(args.only or ("central", "fed", "tiers", "dp", "dp-user", "demo"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(work)
@@ -219,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, (label, cfg) in runs_spec.items():
         if key == "dp":   # the 5-SuperNode row before the long DP rows
             demo = run_demo(parts, args.clients, work, env, "demo" in wanted)
-        part = "dp" if key.startswith("dp") else key
         run_dir = work / f"run-{key}-{args.clients}"
-        if part in wanted or (run_dir / "bench.json").exists():
+        if key in wanted or (run_dir / "bench.json").exists():
             t0 = time.perf_counter()
             results[key] = run_simulation(parts, run_dir, args.rounds, cfg, env, args.ray_cpus, args.client_cpus)
             print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

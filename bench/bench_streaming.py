@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     load_before = load_average()
-    report = Report("streaming", "Streaming keyword spotting (fedser-client listen)")
+    report = Report("streaming" + ("_quick" if args.quick else ""),
+                    "Streaming keyword spotting (fedser-client listen)")
     report.add(f"Machine: {machine_line()}.")
     models = [Path(m) for m in args.model] if args.model else [ensure_model(args.data, args.quick)]
     rng = np.random.default_rng(args.seed)
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle_rt = open_model(model_dir)
         sr = bundle_rt.spec.sample_rate
         seen = set(bundle_rt.meta.get("train_speakers") or [])
-        utts = [u for u in corpus.utterances if u.speaker not in seen and (u.label in COMMAND_WORDS or u.label == UNKNOWN)]
+        utts = [u for u in corpus.utterances
+                if u.speaker not in seen and (u.label in COMMAND_WORDS or u.label == UNKNOWN)]
         commands = [u for u in utts if u.label in COMMAND_WORDS]
         unknown = [u for u in utts if u.label == UNKNOWN]
         n_words = min(len(commands), args.words or (60 if args.quick else 300))
@@ -301,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         clips = {i: per_clip(bundle_rt, st, sr) for i, st in enumerate(streams)}
         modes = ["window"] + (["state", "carry"] if enc == "crnn" else [])
         rows, rtf_rows = [], []
+        done: dict[tuple[str, float], dict] = {}
         for mode in modes:
-            r = evaluate(bundle_rt, streams, noise_streams, replace(cfg, recurrent=mode), clips)
+            r = done[mode, cfg.threshold] = evaluate(bundle_rt, streams, noise_streams, replace(cfg, recurrent=mode),
+                                                     clips)
             for snr, a in r["snr"].items():
                 lat = np.array(a["latency"] or [np.nan])
                 rows.append([mode, f"{snr:.0f} dB", a["commands"], pct(a["clip_ok"], a["commands"]),
@@ -317,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{100 * (tot['hits'] - tot['clip_ok']) / tot['commands']:+.1f}",
                          pct(tot["subs"], tot["commands"]), "", "", ""])
             rows.append([mode, "noise only", "", "", "", "", "", "",
-                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} ({r['noise_fa']} in {r['noise_s'] / 60:.0f} min: "
+                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} "
+                         f"({r['noise_fa']} in {r['noise_s'] / 60:.0f} min: "
                          + ", ".join(f"{k} {v}" for k, v in r["noise_by_kind"].items() if v) + ")", "", ""])
             rtf_rows.append([f"bundle (PyTorch), {mode}", f"{r['audio']:.0f}", f"{r['cpu'] / r['audio']:.4f}",
                              f"{r['wall'] / r['audio']:.4f}"])
@@ -330,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                              "streaming detection", "detection - per-clip (points)", "wrong keyword",
                              "false alarms / h", "latency median (s)", "latency p90 (s)"], rows))
         sweep = []
-        best = modes[1] if enc == "crnn" else modes[0]
         for thr in SWEEP:
-            r = evaluate(bundle_rt, streams, noise_streams, replace(cfg, threshold=thr, recurrent=best), clips)
+            r = done.get(("window", thr)) or evaluate(bundle_rt, streams, noise_streams,
+                                                      replace(cfg, threshold=thr, recurrent="window"), clips)
             tot = {k: sum(a[k] for a in r["snr"].values()) for k in ("commands", "hits", "clip_ok", "clip_ok_thr",
                                                                    "subs", "false_alarms")}
             speech_h = sum(a["seconds"] for a in r["snr"].values()) / 3600
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                           pct(tot["hits"], tot["commands"]), pct(tot["subs"], tot["commands"]),
                           f"{tot['false_alarms'] / speech_h:.0f}", f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f}"])
         report.add("")
-        report.add(f"Threshold sweep ({best} mode, all SNRs):")
+        report.add("Threshold sweep (window mode, all SNRs):")
         report.add("")
         report.add(md_table(["threshold", "per-clip accuracy", "per-clip, p >= threshold", "streaming detection",
                              "wrong keyword", "false alarms / h (speech streams)", "false alarms / h (noise only)"],
@@ -363,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             for fmt, (path, rt) in exports.items():
                 lat_rows.append([fmt, f"{path.stat().st_size / 1024:.0f}", f"{window_latency(rt, n, 200):.2f}"])
                 timing = [run_listener(rt, s.wave, wcfg)[1:] for s in sample]
-                rtf_rows.append([f"{fmt} export, window", f"{sample_s:.0f}", f"{sum(c for _, c in timing) / sample_s:.4f}",
+                rtf_rows.append([f"{fmt} export, window", f"{sample_s:.0f}",
+                                 f"{sum(c for _, c in timing) / sample_s:.4f}",
                                  f"{sum(w for w, _ in timing) / sample_s:.4f}"])
         report.add("")
         report.add("Real-time factor of the whole listener (processing time / audio time; 1 torch / ONNX Runtime "

@@ -464,7 +464,8 @@ def _rate_notice(name: str, rate: int, target: int, notice: Notice) -> None:
         notice(f"{name} is {rate} Hz; resampling to {target} Hz")
 
 
-def file_chunks(path: str | Path, target_rate: int, block_s: float = 0.5, notice: Notice = _stderr) -> Iterator[np.ndarray]:
+def file_chunks(path: str | Path, target_rate: int, block_s: float = 0.5,
+                notice: Notice = _stderr) -> Iterator[np.ndarray]:
     """Mono float32 chunks of an audio file at ``target_rate`` (read block by block)."""
     import soundfile as sf
 
@@ -591,9 +592,8 @@ class _Prefixed:
         return self.stream.read(n)
 
 
-def mic_chunks(target_rate: int, block_s: float = 0.1, device: str | int | None = None,
-               notice: Notice = _stderr) -> Iterator[np.ndarray]:
-    """Mono float32 chunks from a microphone (``sounddevice``, imported only here)."""
+def open_microphone(device: str | int | None = None):
+    """``(sounddevice module, input device info)``; ``ConfigError`` saying what is missing."""
     try:
         import sounddevice as sd
     except ImportError:
@@ -602,13 +602,19 @@ def mic_chunks(target_rate: int, block_s: float = 0.1, device: str | int | None 
     except OSError as exc:  # the PortAudio library itself is missing
         raise ConfigError(f"microphone input needs the PortAudio library ({exc}); install it, e.g. "
                           "`apt install libportaudio2`") from None
-    import queue
-
     try:
-        info = sd.query_devices(device, kind="input")
+        return sd, sd.query_devices(device, kind="input")
     except (ValueError, sd.PortAudioError) as exc:
         raise ConfigError(f"no usable input device{f' {device!r}' if device is not None else ''}: {exc}; "
                           "list devices with `python -m sounddevice`") from None
+
+
+def mic_chunks(target_rate: int, block_s: float = 0.1, device: str | int | None = None,
+               notice: Notice = _stderr) -> Iterator[np.ndarray]:
+    """Mono float32 chunks from a microphone (``sounddevice``, imported only here)."""
+    import queue
+
+    sd, info = open_microphone(device)
     notice(f"listening on {info['name']} (Ctrl-C to stop)")
     q: queue.Queue[np.ndarray] = queue.Queue(maxsize=200)
     dropped = 0
@@ -669,6 +675,8 @@ def run(args, stdin: BinaryIO | None = None, stdout=None) -> int:
     out = stdout or sys.stdout
     if args.threads < 1:
         raise ConfigError(f"--threads: expected at least 1; got {args.threads}")
+    if args.mic:
+        open_microphone(args.device)  # fail before loading the model
     torch.set_num_threads(args.threads)
     runtime = open_model(args.model, threads=args.threads)
     _stderr(f"model: {runtime.describe()}")

@@ -153,7 +153,8 @@ class EnergyVAD:
                 self.silent += 1
                 if self.silent > self.hang_frames:
                     closed = self._close()
-        if self.active and self.segment_start is not None and t_end - self.segment_start >= self.max_frames * self.frame_s:
+        too_long = self.segment_start is not None and t_end - self.segment_start >= self.max_frames * self.frame_s
+        if self.active and too_long:
             closed = self._close(cut=True)
         return closed
 

@@ -358,6 +358,20 @@ def test_microphone_without_sounddevice_is_a_clear_error(pinned_run, monkeypatch
     assert "pip install 'fedser[client]'" in capsys.readouterr().err
 
 
+def test_microphone_without_an_input_device_is_a_clear_error(pinned_run, monkeypatch, capsys):
+    class PortAudioError(Exception):
+        pass
+
+    def query_devices(device=None, kind=None):
+        raise PortAudioError("Error querying device -1")
+
+    fake = type(sys)("sounddevice")
+    fake.PortAudioError, fake.query_devices = PortAudioError, query_devices
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    assert main(["listen", "--model", str(pinned_run), "--mic"]) == 2
+    assert "no usable input device" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- end to end
 
 
