@@ -16,7 +16,7 @@ Each row's wall time covers the whole command (corpus scan, features — cached 
 run —, training with early stopping, test). Peak RSS is the command's own ``ru_maxrss``.
 
     python bench/bench_baselines.py [--data DIR] [--runs DIR] [--only kws emotion ...] [--quick]
-                                    [--train-args "--encoder crnn"] [--reuse]
+                                    [--train-args "--encoder crnn"] [--reuse] [--jobs N --threads T]
 
 ``--quick`` trains 2 epochs per row: it checks the pipeline, its figures mean nothing.
 """
@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,11 +71,13 @@ def fedser_exe() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedser.common.cli"]
 
 
-def run_cmd(cmd: list[str], log_path: Path, stdout_path: Path | None = None) -> tuple[int, float, float]:
+def run_cmd(cmd: list[str], log_path: Path, stdout_path: Path | None = None,
+            threads: int = 0) -> tuple[int, float, float]:
     """Run ``cmd``; (exit status, wall seconds, the command's own peak RSS in MiB)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     t0 = time.perf_counter()
     with open(log_path, "w") as err, open(stdout_path or os.devnull, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env)
         # wait4 gives this child's own rusage, so each row's peak is its own.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse a row's metrics.json when present (no retraining)")
     p.add_argument("--quick", action="store_true", help="2 epochs per row (pipeline check only)")
     p.add_argument("--name", default="bench_baselines", help="results file name (bench/results/NAME.md)")
+    p.add_argument("--jobs", type=int, default=1, help="rows trained at the same time (on a machine with cores to spare)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per row (OMP_NUM_THREADS; 0 = torch's default)")
     args = p.parse_args(argv)
     rows = [r for r in ROWS if args.only is None or r.name in args.only]
     absent = sorted({r.corpus for r in rows if not (args.data / r.corpus).is_dir()})
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     t_all = time.perf_counter()
     results: dict[str, dict] = {}
-    for row in rows:
+
+    def run_row(row: Row) -> None:
         out = args.runs / row.name
         extra = shlex.split(args.train_args) + shlex.split(args.kws_args if row.task == "kws" else args.emotion_args)
         flags = row.flags + extra + (["--epochs", "2"] if args.quick else [])
@@ -126,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             metrics_path.unlink(missing_ok=True)
             print(f"{row.name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            rc, wall, rss = run_cmd(cmd, args.runs / f"{row.name}.log")
+            rc, wall, rss = run_cmd(cmd, args.runs / f"{row.name}.log", threads=args.threads)
         if rc != 0 or not metrics_path.exists():
             print(f"{row.name}: failed (exit {rc}); see {args.runs / f'{row.name}.log'}", file=sys.stderr)
             results[row.name] = {"failed": rc, "flags": flags}
-            continue
+            return
         m = json.loads(metrics_path.read_text())
         results[row.name] = {"m": m, "wall": wall, "rss": rss, "flags": flags, "load": (before, load_average())}
         t = m["test"]
         print(f"{row.name}: accuracy {t['accuracy']:.3f}, UAR {t['uar']:.3f}, {wall:.0f} s", file=sys.stderr, flush=True)
+
+    # Rows are independent runs; with --jobs they share the machine (each row's wall time then includes
+    # the others' load, its accuracy does not change).
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(run_row, rows))
 
     cross = None
     if ("m" in results.get("ravdess", {}) and (args.data / "emodb").is_dir()
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--include-train-speakers", "--json", "--quiet"]
         print(f"cross: {shlex.join(cmd)}", file=sys.stderr, flush=True)
         out_json = args.runs / "cross_emodb.json"
-        rc, wall, rss = run_cmd(cmd, args.runs / "cross_emodb.log", out_json)
+        rc, wall, rss = run_cmd(cmd, args.runs / "cross_emodb.log", out_json, threads=args.threads)
         if rc == 0:
             cross = {"r": json.loads(out_json.read_text().strip().splitlines()[-1]), "wall": wall, "rss": rss}
         else:

@@ -27,6 +27,17 @@ from .features import FeatureSpec, FrontEnd
 from .privacy import SpendRecord
 
 
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """``"auto"`` becomes the encoder's own fastest mode; explicit modes pass through."""
+    if mode != "auto":
+        return mode
+    encoder = getattr(model, "encoder", None)
+    return getattr(encoder, "grad_sample_mode", "hooks")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -42,7 +53,8 @@ class TrainConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    grad_sample_mode: str = "hooks"     # Opacus per-sample gradients: "hooks", "functorch" or "ew"
+    # Opacus per-sample gradients: "hooks", "functorch", "ew", or "auto" (the encoder's fastest).
+    grad_sample_mode: str = "auto"
 
     def validate(self) -> None:
         problems = []
@@ -61,8 +73,9 @@ class TrainConfig:
                 problems.append(f"target_epsilon must be > 0, got {self.target_epsilon}")
             if not 0 < self.delta < 1:
                 problems.append(f"delta must be in (0, 1), got {self.delta}")
-            if self.grad_sample_mode not in ("hooks", "functorch", "ew"):
-                problems.append(f"grad_sample_mode must be hooks, functorch or ew, got {self.grad_sample_mode!r}")
+            if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+                problems.append(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                                f"got {self.grad_sample_mode!r}")
             if not self.max_grad_norm > 0:
                 problems.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if problems:
@@ -190,7 +203,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
             net, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
-                grad_sample_mode=cfg.grad_sample_mode)
+                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model))
         result.noise_multiplier = float(z)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     best_state = copy.deepcopy(model.state_dict())

@@ -86,3 +86,55 @@ def test_empty_training_data_is_a_clear_error():
     empty = TaskData("kws", torch.zeros(0, 40, 101), torch.zeros(0, dtype=torch.long), [])
     with pytest.raises(ConfigError, match="no kws training examples"):
         train_task(build_model(ModelConfig()), "kws", empty, None, TrainConfig(epochs=1), SPEC, progress=False)
+
+
+def _clipped_gradient(model, mode: str, x, y) -> dict[str, torch.Tensor]:
+    """The clipped, averaged gradient Opacus' optimizer hands to the update, noise off."""
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("heads.emotion"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
+        net, optimizer, _ = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False, grad_sample_mode=mode)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x, "kws"), y).backward()
+        optimizer.pre_step()  # per-sample clipping and aggregation, without the (zero) noise step
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    if hasattr(net, "_close"):
+        net._close()
+    return grads
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "crnn"])
+def test_auto_grad_sample_mode_gives_the_same_clipped_gradients_as_hooks(encoder):
+    from fedser.common.training import resolve_grad_sample_mode
+
+    cfg = ModelConfig(encoder=encoder, n_features=8, width=0.5)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8, 40), torch.tensor([0, 1, 2, 3, 4, 5])
+    torch.manual_seed(1)
+    reference = _clipped_gradient(build_model(cfg), "hooks", x, y)
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    mode = resolve_grad_sample_mode("auto", model)
+    assert mode == model.encoder.grad_sample_mode
+    fast = _clipped_gradient(model, mode, x, y)
+    assert reference.keys() == fast.keys() and reference
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_explicit_grad_sample_mode_passes_through_and_unknown_is_named():
+    from fedser.common.training import resolve_grad_sample_mode
+
+    assert resolve_grad_sample_mode("functorch", build_model(ModelConfig(n_features=8))) == "functorch"
+    with pytest.raises(ConfigError, match="grad_sample_mode"):
+        TrainConfig(dp=True, noise_multiplier=1.0, grad_sample_mode="fast").validate()
