@@ -44,6 +44,30 @@ def _ledger(settings: DeviceSettings) -> PrivacyLedger:
     return PrivacyLedger(settings.ledger, max_epsilon=settings.max_epsilon, delta=settings.delta)
 
 
+def _plan_dp(ledger: PrivacyLedger, settings: DeviceSettings, data, cfg) -> tuple[float, list[SpendRecord]] | str:
+    """This round's DP-SGD noise and spend, or the reason the device cannot afford the round.
+
+    The device spreads what is left of its own budget over the rounds still planned: the noise
+    is the smallest that keeps every remaining round within budget (never below the server's
+    floor). A device that cannot afford even heavy noise declines.
+    """
+    epochs, batch_size = int(cfg[keys.LOCAL_EPOCHS]), int(cfg[keys.BATCH_SIZE])
+    per_round = [plan_spend(len(data.train[t]), batch_size, epochs, 1.0) for t in data.tasks]
+    rounds_left = max(1, int(cfg.get(keys.ROUNDS_LEFT, 1)))
+    z = calibrate_noise(ledger.history, settings.max_epsilon, settings.delta,
+                        [(r.sample_rate, r.steps * rounds_left) for r in per_round],
+                        floor=float(cfg.get(keys.DP_NOISE_MULTIPLIER, 0.0)))
+    if z is None:
+        return (f"epsilon spent {ledger.epsilon():.2f} of budget {settings.max_epsilon} "
+                f"(delta {settings.delta}) leaves too little for {rounds_left} more round(s)")
+    planned = [SpendRecord(z, r.sample_rate, r.steps) for r in per_round]
+    projected = epsilon_of(ledger.history + planned, settings.delta)
+    if projected > settings.max_epsilon:
+        return (f"this round would raise epsilon from {ledger.epsilon():.2f} to {projected:.2f}, "
+                f"over the device budget {settings.max_epsilon} (delta {settings.delta})")
+    return z, planned
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     try:
@@ -60,6 +84,15 @@ def query(msg: Message, context: Context) -> Message:
     except LedgerCorruptError as exc:
         # What this device has spent is unknown: it must not train until the ledger is restored.
         return decline(msg, keys.DECLINE_BUDGET, str(exc))
+    if keys.LOCAL_EPOCHS in cfg and bool(cfg.get(keys.DP_ENABLED, True)):
+        # The server said how it will train this round: a device that cannot afford it says so
+        # now, before any model is sent to it.
+        try:
+            plan = _plan_dp(ledger, settings, data, cfg)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            return decline(msg, keys.DECLINE_BAD_INSTRUCTION, str(exc))
+        if isinstance(plan, str):
+            return decline(msg, keys.DECLINE_BUDGET, plan)
     metrics = {
         keys.TIER: settings.tier,
         keys.HEADS: keys.heads_to_mask(data.tasks),
@@ -101,24 +134,10 @@ def train(msg: Message, context: Context) -> Message:
         return decline(msg, keys.DECLINE_BUDGET, str(exc))
     z_sample = None
     if dp:
-        # The device spreads what is left of its own budget over the rounds still planned: the
-        # noise is the smallest that keeps every remaining round within budget (never below the
-        # server's floor). A device that cannot afford even heavy noise declines.
-        per_round = [plan_spend(len(data.train[t]), batch_size, epochs, 1.0) for t in tasks]
-        rounds_left = max(1, int(cfg.get(keys.ROUNDS_LEFT, 1)))
-        z_sample = calibrate_noise(ledger.history, settings.max_epsilon, settings.delta,
-                                   [(r.sample_rate, r.steps * rounds_left) for r in per_round],
-                                   floor=float(cfg.get(keys.DP_NOISE_MULTIPLIER, 0.0)))
-        if z_sample is None:
-            return decline(msg, keys.DECLINE_BUDGET,
-                           f"epsilon spent {ledger.epsilon():.2f} of budget {settings.max_epsilon} "
-                           f"(delta {settings.delta}) leaves too little for {rounds_left} more round(s)")
-        planned = [SpendRecord(z_sample, r.sample_rate, r.steps) for r in per_round]
-        projected = epsilon_of(ledger.history + planned, settings.delta)
-        if projected > settings.max_epsilon:
-            return decline(msg, keys.DECLINE_BUDGET,
-                           f"this round would raise epsilon from {ledger.epsilon():.2f} to {projected:.2f}, "
-                           f"over the device budget {settings.max_epsilon} (delta {settings.delta})")
+        plan = _plan_dp(ledger, settings, data, cfg)
+        if isinstance(plan, str):
+            return decline(msg, keys.DECLINE_BUDGET, plan)
+        z_sample, planned = plan
         # Recorded before training starts: a device killed mid-round over-counts, never under-counts.
         for spend in planned:
             ledger.record(spend, round=int(cfg[keys.SERVER_ROUND]), model_version=int(cfg[keys.MODEL_VERSION]))

@@ -145,12 +145,18 @@ class HeteroFedAvg(FedAvg):
                 keys.SERVER_ROUND: server_round, keys.MODEL_VERSION: self.model_version,
                 keys.KWS_HEAD_VERSION: self.kws_head_version}
 
-    def profile_nodes(self, node_ids: Iterable[int], grid: Grid, server_round: int, timeout: float) -> None:
-        """Ask nodes not yet profiled (or that declined before) for their tier, heads and size."""
+    def profile_nodes(self, node_ids: Iterable[int], grid: Grid, server_round: int, timeout: float,
+                      plan: dict | None = None) -> None:
+        """Ask nodes not yet profiled (or that declined before) for their tier, heads and size.
+
+        ``plan`` (the round's training settings) lets a device check its privacy budget before
+        the server sends it a model: an exhausted device then declines here, with one small
+        query per round, instead of receiving a model slice it cannot train on.
+        """
         todo = [n for n in node_ids if n not in self.profiles or self.profiles[n].declined]
         if not todo:
             return
-        cfg = ConfigRecord(self._base_config(server_round))
+        cfg = ConfigRecord({**(plan or {}), **self._base_config(server_round)})
         msgs = [Message(RecordDict({keys.CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in todo]
         for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -182,7 +188,15 @@ class HeteroFedAvg(FedAvg):
         self._global = record_to_arrays(arrays)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
-        self.profile_nodes(node_ids, grid, server_round, timeout=float(self.train_settings.get("timeout", 600)))
+        base = {**self._base_config(server_round), **dict(config), **self.train_settings,
+                keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
+                keys.NOISE_MODE: self.noise_mode}
+        base.pop("timeout", None)
+        base[keys.ROUNDS_LEFT] = max(1, int(base.pop("num-rounds", server_round)) - server_round + 1)
+        plan = {k: base[k] for k in (keys.LOCAL_EPOCHS, keys.BATCH_SIZE, keys.DP_ENABLED, keys.DP_NOISE_MULTIPLIER,
+                                     keys.ROUNDS_LEFT) if k in base}
+        self.profile_nodes(node_ids, grid, server_round, timeout=float(self.train_settings.get("timeout", 600)),
+                           plan=plan)
         usable = [n for n in node_ids if n in self.profiles and not self.profiles[n].declined]
         for n in node_ids:
             if n not in usable:
@@ -190,11 +204,7 @@ class HeteroFedAvg(FedAvg):
                 self.outcome.declined.append((n, reason))
         self._expected_clients = max(1, len(usable))
         self.outcome.sampled = len(node_ids)
-        base = {**self._base_config(server_round), **dict(config), **self.train_settings,
-                keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
-                keys.NOISE_MODE: self.noise_mode, keys.EXPECTED_CLIENTS: self._expected_clients}
-        base.pop("timeout", None)
-        base[keys.ROUNDS_LEFT] = max(1, int(base.pop("num-rounds", server_round)) - server_round + 1)
+        base[keys.EXPECTED_CLIENTS] = self._expected_clients
         messages, self._sent_tiers = [], {}
         for n in usable:
             tier = self.profiles[n].tier

@@ -313,7 +313,7 @@ def test_device_with_an_exhausted_budget_declines_and_spends_nothing_more(person
 def test_device_whose_budget_cannot_cover_the_remaining_rounds_declines(person, feature_cache, tmp_path):
     # Prepare: a tiny budget that even the heaviest noise cannot stretch over 1000 more rounds.
     ctx = device(person, tmp_path, feature_cache, max_epsilon=0.05)
-    _, instruction = train_instruction(ctx, rounds=1000)
+    _, instruction = train_instruction(device(person, tmp_path / "healthy", feature_cache), rounds=1000)
 
     # Execute
     reply = app(instruction, ctx)
@@ -322,6 +322,44 @@ def test_device_whose_budget_cannot_cover_the_remaining_rounds_declines(person, 
     assert reply.has_error() and reply.error.code == keys.DECLINE_BUDGET, reply
     assert "1000 more round(s)" in reply.error.reason
     assert not (tmp_path / "ledger.json").exists()
+
+
+def test_an_exhausted_device_declines_when_profiled_and_is_never_sent_a_model(person, feature_cache, tmp_path):
+    # Prepare: two devices; the second has already spent more than its budget of 8.
+    healthy = device(person, tmp_path / "healthy", feature_cache, node_id=1)
+    exhausted = device(person, tmp_path / "exhausted", feature_cache, node_id=2)
+    PrivacyLedger(tmp_path / "exhausted" / "ledger.json", max_epsilon=8.0, delta=1e-5).record(
+        SpendRecord(0.6, 1.0, 200), round=1, model_version=0)
+    grid = LoopbackGrid(healthy, exhausted)
+    s = strategy(rounds=3)
+
+    # Execute: two rounds of instructions
+    sent = [list(s.configure_train(r, arrays_to_record(global_model()), ConfigRecord(), grid)) for r in (1, 2)]
+
+    # Assert: only the healthy device got a model; the exhausted one answered a small query each
+    # round with its budget reason, which the round reports.
+    assert [[m.metadata.dst_node_id for m in msgs] for msgs in sent] == [[1], [1]]
+    to_exhausted = [m for m in grid.sent if m.metadata.dst_node_id == 2]
+    assert [m.metadata.message_type for m in to_exhausted] == [MessageType.QUERY, MessageType.QUERY]
+    assert all(keys.ARRAYS not in m.content for m in to_exhausted)
+    (node, reason), = [d for d in s.outcome.declined]
+    assert node == 2 and "budget 8.0" in reason
+
+
+def test_a_query_without_training_settings_still_profiles_an_exhausted_device(person, feature_cache, tmp_path):
+    # A server that sends no plan with its query gets the profile; the budget check then
+    # happens when the device is asked to train.
+    ctx = device(person, tmp_path, feature_cache)
+    PrivacyLedger(tmp_path / "ledger.json", max_epsilon=8.0, delta=1e-5).record(
+        SpendRecord(0.6, 1.0, 200), round=1, model_version=0)
+    _, instruction = train_instruction(device(person, tmp_path / "healthy", feature_cache))
+    cfg = {k: v for k, v in instruction.content[keys.CONFIG].items() if k not in (keys.LOCAL_EPOCHS, keys.DP_ENABLED)}
+
+    reply = app(Message(RecordDict({keys.CONFIG: ConfigRecord(cfg)}), dst_node_id=NODE,
+                        message_type=MessageType.QUERY), ctx)
+
+    assert not reply.has_error(), reply.error
+    assert dict(reply.content[keys.METRICS])[keys.EPSILON] > 8.0
 
 
 def test_device_with_an_unreadable_ledger_declines_instead_of_crashing(person, feature_cache, tmp_path):
