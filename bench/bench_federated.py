@@ -34,7 +34,7 @@ Rows:
 Runs are kept in ``--work`` and reused when complete with the same settings (delete a run
 folder to redo it).
 
-    python bench/bench_federated.py [--data DIR] [--clients 20] [--rounds 30] [--local-epochs 5]
+    python bench/bench_federated.py [--data DIR] [--clients 20] [--rounds 30] [--dp-rounds R] [--local-epochs 5]
                                     [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp dp-user demo]
                                     [--quick]
 
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--local-epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.003, help="devices' Adam learning rate (centralized: 0.003)")
+    p.add_argument("--dp-rounds", type=int, default=None,
+                   help="rounds of the two DP rows (default --rounds; DP-SGD rounds cost several times more)")
     p.add_argument("--central-epochs", type=int, default=30)
     p.add_argument("--user-noise", type=float, default=1.0, help="user-level noise multiplier z of the DP row")
     p.add_argument("--user-clip-norm", type=float, default=2.0, help="update clipping bound C of that row")
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not data_or_skip(args.data, *CORPORA):
         return 0
     if args.quick:
-        args.rounds, args.central_epochs = 2, 3
+        args.rounds, args.central_epochs, args.dp_rounds = 2, 3, None
         args.work = args.work.with_name(args.work.name + "-quick")
     wanted = set(args.only or ("central", "fed", "tiers", "dp", "dp-user", "demo"))
     work = args.work
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = work / f"run-{key}-{args.clients}"
         if key in wanted or (run_dir / "bench.json").exists():
             t0 = time.perf_counter()
-            results[key] = run_simulation(parts, run_dir, args.rounds, cfg, env, args.ray_cpus, args.client_cpus)
+            rounds = args.dp_rounds if key.startswith("dp") and args.dp_rounds else args.rounds
+            results[key] = run_simulation(parts, run_dir, rounds, cfg, env, args.ray_cpus, args.client_cpus)
             print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if demo is None:
         demo = run_demo(parts, args.clients, work, env, "demo" in wanted)
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({sizes[0]}-{sizes[-1]} utterances each, median {sizes[len(sizes) // 2]}); test: "
             f"{meta['test-speakers']} held-out speakers, {meta['test-utterances']} utterances "
             f"(Speech Commands + RAVDESS + EmoDB; speakers are corpus-prefixed, `_silence_` slices of each "
-            f"noise file count as a speaker). Federated: {args.rounds} rounds x {args.local_epochs} local "
+            f"noise file count as a speaker). Federated: rounds as the table says x {args.local_epochs} local "
             f"epoch(s), all {args.clients} devices each round, batch 16, Adam lr {args.lr:g}, server-side evaluation "
             f"of the global model on the test speakers after the last round.")
     rep.add("")
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                       fmt(central["emotion"]["uar"]), "—", "—",
                       f"{central['kws']['train_seconds'] + central['emotion']['train_seconds']:.0f} s "
                       f"(kws {central['kws']['epochs_run']} / emotion {central['emotion']['epochs_run']} epochs)"])
+        table[-1].insert(-1, "—")
     for key in ("fed", "dp", "dp-user"):
         if key in results:
             r = results[key]
@@ -256,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             table.append([runs_spec[key][0], fmt(last(r, "server-kws-accuracy")), fmt(last(r, "server-emotion-uar")),
                           fmt(last(r, "max-device-epsilon"), 2) if runs_spec[key][1]["dp"] else "—",
                           fmt(user_eps, 2) if runs_spec[key][1]["noise-mode"] != "none" else "inf (no noise)",
-                          f"{r['wall']:.0f} s"])
+                          r["rounds"], f"{r['wall']:.0f} s"])
     rep.add(md_table(["run", "KWS accuracy", "emotion UAR", "max device eps (sample-level)",
-                      "user-level eps (delta 1e-5)", "wall time"], table))
+                      "user-level eps (delta 1e-5)", "rounds", "wall time"], table))
     rep.add("")
     if central:
         for key in ("dp", "dp-user", "fed"):
