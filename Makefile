@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedser-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench testbed clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(ARGS)
+
+# The docker-compose test bed (deploy/README.md): prepared once, then run; ARGS go to `testbed up`.
+testbed: $(STAMP)
+	test -f deploy/testbed/testbed.json || $(BIN)/fedser testbed prepare --out deploy/testbed
+	$(BIN)/fedser testbed up --testbed deploy/testbed $(ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -24,7 +24,7 @@ from _common import (BENCH_DIR, DEFAULT_DATA, REPO, RESULTS_DIR, Report, load_av
                      machine_line, md_table)
 
 # Cheap, independent figures first; the long trainings last but one.
-ORDER = ["bench_features", "bench_aggregation", "bench_training", "bench_baselines"]
+ORDER = ["bench_features", "bench_aggregation", "bench_device_memory", "bench_training", "bench_baselines"]
 # Scripts whose --data means one corpus folder rather than the corpus root.
 DATA_SUBDIR = {"bench_features": "speech_commands"}
 

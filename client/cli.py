@@ -1,18 +1,24 @@
 """``fedser-client``: the device agent.
 
+    fedser-client enroll --server-ca CA.pem [--out DIR] [--name NAME] [--force]
     fedser-client start --server HOST:PORT --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
                         [--root-cert CA] [--auth-key KEY] [--insecure]
     fedser-client status [--data DIR | --ledger PATH]
     fedser-client listen --model BUNDLE (--input FILE | --mic) [--json]
 
-``start`` runs a Flower SuperNode whose node config tells the ClientApp where the data,
+``enroll`` prepares a device once: it stores the server's CA, makes the device's key pair and
+prints the public key line to register on the server. ``start`` runs a Flower SuperNode whose node config tells the ClientApp where the data,
 the privacy ledger and the feature cache live. The agent restarts the SuperNode after a
-lost connection (with back-off), so a device rejoins by itself.
+lost connection (with back-off), so a device rejoins by itself. Options of ``start`` that a
+service manager or a container sets default to environment variables (``FEDSER_SERVER``,
+``FEDSER_DATA``, ``FEDSER_TIER``, ``FEDSER_MAX_EPSILON``, ``FEDSER_ROOT_CERT``, ``FEDSER_AUTH_KEY``);
+an option on the command line wins.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -25,19 +31,36 @@ from . import listen
 from .device import DeviceSettings, default_state_dir
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    """An option's default from the environment; empty counts as unset (systemd and compose pass "")."""
+    return os.environ.get(name) or default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedser-client", description="fedser device agent")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    en = sub.add_parser("enroll", help="prepare this device: store the server's CA, make its key pair")
+    en.add_argument("--server-ca", required=True, metavar="CA.pem", help="the server's CA certificate (ca.pem)")
+    en.add_argument("--out", default=None, metavar="DIR",
+                    help="where the CA and the key pair go (default $FEDSER_HOME/identity or ~/.fedser/identity)")
+    en.add_argument("--name", default="device", help="key file name (default device: DIR/device, DIR/device.pub)")
+    en.add_argument("--force", action="store_true", help="replace an existing key pair (it must be registered again)")
     s = sub.add_parser("start", help="join a federation (runs a SuperNode)")
-    s.add_argument("--server", required=True, metavar="HOST:PORT", help="the aggregation server's SuperLink")
-    s.add_argument("--data", required=True, help="this device's corpus folder or manifest CSV")
-    s.add_argument("--tier", default="1.0", help="width tier 1.0, 0.5, 0.25, or auto (speed probe)")
-    s.add_argument("--max-epsilon", type=float, default=8.0, help="sample-level privacy budget of this device")
+    s.add_argument("--server", default=_env("FEDSER_SERVER"), metavar="HOST:PORT",
+                   help="the aggregation server's SuperLink (env FEDSER_SERVER)")
+    s.add_argument("--data", default=_env("FEDSER_DATA"),
+                   help="this device's corpus folder or manifest CSV (env FEDSER_DATA)")
+    s.add_argument("--tier", default=_env("FEDSER_TIER", "1.0"),
+                   help="width tier 1.0, 0.5, 0.25, or auto (speed probe) (env FEDSER_TIER)")
+    s.add_argument("--max-epsilon", type=float, default=_env("FEDSER_MAX_EPSILON", "8.0"),
+                   help="sample-level privacy budget of this device (env FEDSER_MAX_EPSILON)")
     s.add_argument("--delta", type=float, default=1e-5)
     s.add_argument("--ledger", default=None, help="privacy ledger file (default under ~/.fedser)")
     s.add_argument("--cache", default=None, help="feature cache folder (default ~/.fedser/features; 'none' = off)")
-    s.add_argument("--root-cert", default=None, help="CA certificate of the server (TLS)")
-    s.add_argument("--auth-key", default=None, help="this device's private key (SuperNode authentication)")
+    s.add_argument("--root-cert", default=_env("FEDSER_ROOT_CERT"),
+                   help="CA certificate of the server (TLS) (env FEDSER_ROOT_CERT)")
+    s.add_argument("--auth-key", default=_env("FEDSER_AUTH_KEY"),
+                   help="this device's private key (SuperNode authentication) (env FEDSER_AUTH_KEY)")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
     s.add_argument("--port", type=int, default=launch.SUPERNODE_RUNTIME_PORT,
                    help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
@@ -67,7 +90,26 @@ def node_config_from_args(args) -> dict:
     return cfg
 
 
+def enroll(args) -> int:
+    from .enroll import enroll_device
+
+    identity = enroll_device(args.server_ca, args.out, name=args.name, force=args.force)
+    print(f"CA stored at        {identity.ca}")
+    print(f"private key         {identity.private_key} (stays on this device)")
+    print(f"public key          {identity.public_key}")
+    print("\nRegister this public key on the server (fedser-server start --supernode-auth --register FILE):\n")
+    print(identity.public_key_line)
+    print("\nThen start the agent:\n")
+    print(f"fedser-client start --server HOST:{launch.SUPERLINK_PORT} --data DIR --root-cert {identity.ca} "
+          f"--auth-key {identity.private_key}")
+    return 0
+
+
 def start(args) -> int:
+    missing = [f"--{name} (or {var})" for name, var in (("server", "FEDSER_SERVER"), ("data", "FEDSER_DATA"))
+               if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required")
     if not Path(args.data).exists():
         raise ConfigError(f"--data {args.data}: no such file or folder")
     if not args.insecure and not args.root_cert:
@@ -140,7 +182,7 @@ def status(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"start": start, "status": status, "listen": listen.run}[args.command](args)
+        return {"enroll": enroll, "start": start, "status": status, "listen": listen.run}[args.command](args)
     except FedserError as exc:
         print(f"fedser-client: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ BUILTIN_COMMANDS = {
     "simulate": "fedser.common.commands.simulate",
     "certs": "fedser.common.commands.certs",
     "export": "fedser.common.commands.export",
+    "testbed": "fedser.common.commands.testbed",
+    "audit": "fedser.common.commands.audit",
 }
 
 

@@ -290,6 +290,29 @@ def supernode_command(
     return argv
 
 
+def superexec_command(
+    runtime_api_address: str,
+    *,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+) -> list[str]:
+    """argv for ``flower-superexec`` serving ServerApp runs of a SuperLink started elsewhere.
+
+    Pairs with ``flower-superlink --isolation process``: the SuperLink then starts no
+    SuperExec of its own, and this one (in another process, container or host) fetches the
+    runs over the SuperLink's Runtime API at ``runtime_api_address`` ("host:port", the
+    SuperLink's only port) and runs each ServerApp beside itself, where the run directory is.
+    """
+    if insecure == (root_cert is not None):
+        raise ConfigError("superexec: pass root_cert (the SuperLink's CA) for TLS, or insecure=True")
+    argv = [executable("flower-superexec"), "--runtime-api-address", runtime_api_address]
+    if insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(Path(root_cert).resolve())]
+    return argv
+
+
 def run_command(
     app_dir: str | Path,
     connection: str = DEFAULT_CONNECTION,

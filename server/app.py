@@ -7,6 +7,8 @@ last complete round.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -20,6 +22,7 @@ from fedser.common import keys
 from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.data import HEAD_CLASSES
 from fedser.common.errors import ConfigError
+from fedser.common.fsutil import atomic_write
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.params import state_to_arrays
@@ -34,6 +37,7 @@ from .settings import RunSettings
 from .strategy import HeteroFedAvg
 
 log = logging.getLogger("fedser.server")
+RUN_SETTINGS_FILE = "run_settings.json"
 app = ServerApp()
 
 
@@ -97,6 +101,9 @@ class FederatedRun:
                 _progress(self.run_dir, "resume requested but no checkpoint yet: starting at round 1")
             state = self._initial_state(grid)
             save_checkpoint(self.run_dir, state)
+        # The protocol in readable form, so `fedser audit` can replay it as devices ran it.
+        atomic_write(self.run_dir / RUN_SETTINGS_FILE,
+                     lambda f: f.write(json.dumps(dataclasses.asdict(self.s), indent=2).encode()))
         self.strategy.load_state_dict(state.strategy)
         accountant = UserLevelAccountant(1.0, 1, 1)
         accountant.load_state_dict(state.accountant)

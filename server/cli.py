@@ -2,9 +2,14 @@
 
     fedser-server start --run-dir DIR [--rounds R] [--min-clients K] [--kws-corpus PATH]
                         [--eval-data PATH] [--insecure] [--resume] [--supernode-auth --register KEY.pub ...]
+    fedser-server start --superlink HOST:PORT --root-cert CA.pem --run-dir DIR [...]
 
 TLS is on unless ``--insecure``: a CA and server certificate are generated into
 ``--certs`` (default ``RUN_DIR/certs``) when missing; devices need ``ca.pem`` from there.
+
+With ``--superlink`` the SuperLink runs elsewhere (another container or host, started with
+``flower-superlink --isolation process``): this process starts the SuperExec that runs the
+ServerApp here, beside the run directory, registers device keys and submits the run.
 """
 from __future__ import annotations
 
@@ -39,13 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-data", default=None, help="corpus for server-side evaluation each round")
     s.add_argument("--resume", action="store_true", help="continue after the last complete round in RUN_DIR")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
+    s.add_argument("--superlink", default=None, metavar="HOST:PORT",
+                   help="use a SuperLink started elsewhere (flower-superlink --isolation process) instead of "
+                        "starting one")
+    s.add_argument("--root-cert", default=None, metavar="CA.pem",
+                   help="with --superlink: the CA that signed the SuperLink's certificate")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
-    s.add_argument("--port", type=int, default=launch.SUPERLINK_PORT)
+    s.add_argument("--port", type=int, default=None, help=f"SuperLink port (default {launch.SUPERLINK_PORT})")
     s.add_argument("--hostname", action="append", default=[], help="extra DNS name/IP for the certificate")
     s.add_argument("--certs", default=None, help="certificate folder (default RUN_DIR/certs)")
     s.add_argument("--supernode-auth", action="store_true", help="only registered device keys may connect")
     s.add_argument("--register", action="append", default=[], metavar="KEY.pub",
-                   help="device public key to register (with --supernode-auth); repeatable")
+                   help="device public key(s) to register (with --supernode-auth): a .pub file with one or "
+                        "more key lines; repeatable")
     s.add_argument("--config", action="append", default=[], type=_kv, metavar="KEY=VALUE",
                    help="any other run setting, e.g. --config noise-mode=local; repeatable")
     s.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
@@ -96,16 +107,94 @@ def _print_progress(path: Path, seen: int) -> int:
     return len(lines)
 
 
+def _superlink_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--superlink {text!r}: expected HOST:PORT, e.g. superlink:{launch.SUPERLINK_PORT}")
+    return host.strip("[]"), int(port)
+
+
+def _check_attach_args(args) -> None:
+    """``--superlink`` replaces every option that shapes a SuperLink this process would start."""
+    problems = []
+    if args.superlink:
+        try:
+            _superlink_address(args.superlink)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        clashes = [name for name, given in (("--certs", args.certs), ("--hostname", args.hostname),
+                                            ("--supernode-auth", args.supernode_auth), ("--port", args.port))
+                   if given]
+        if args.host != "0.0.0.0":
+            clashes.append("--host")
+        if clashes:
+            problems.append(f"{', '.join(clashes)} shape a SuperLink this process starts; with --superlink "
+                            "set them on that SuperLink")
+        if args.insecure == bool(args.root_cert):
+            problems.append("with --superlink pass --root-cert CA.pem (TLS) or --insecure, one of them")
+        elif args.root_cert and not Path(args.root_cert).is_file():
+            problems.append(f"--root-cert {args.root_cert}: no such file")
+    else:
+        if args.root_cert:
+            problems.append("--root-cert is for --superlink; a SuperLink started here uses --certs")
+        if args.register and not args.supernode_auth:
+            problems.append("--register needs --supernode-auth")
+    for key in args.register:
+        if not Path(key).is_file():
+            problems.append(f"--register {key}: no such file")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _public_keys(path: str | Path) -> list[str]:
+    """The key lines of a ``.pub`` file (one key, or one per line as in ``authorized_keys``)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    bad = [k for k in keys if not k.startswith("ecdsa-sha2-")]
+    if not keys or bad:
+        raise ConfigError(f"--register {path}: expected OpenSSH ECDSA public key lines (fedser-client enroll "
+                          f"or fedser certs --node make them); got {(bad or ['nothing'])[0][:40]!r}")
+    return keys
+
+
+def register_keys(paths: list[str], key_dir: Path, env: dict) -> None:
+    """Register every public key in ``paths``; a key the SuperLink already knows is kept as it is.
+
+    A restarted server (``--resume``) registers the same keys again, so "already in use" is
+    not an error here.
+    """
+    key_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        for i, key in enumerate(_public_keys(path)):
+            single = key_dir / f"{Path(path).name}.{i}"
+            single.write_text(key + "\n")
+            try:
+                node_id = launch.register_node(single, env=env)
+            except launch.FlowerCommandError as exc:
+                if "already in use" not in str(exc):
+                    raise
+                print(f"device key {i + 1} of {path} is already registered", flush=True)
+            else:
+                print(f"registered device key {i + 1} of {path} as node {node_id}", flush=True)
+
+
 def start(args) -> int:
     run_dir = Path(args.run_dir).resolve()
     if not args.resume and (run_dir / CHECKPOINT_FILE).exists():
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    _check_attach_args(args)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = run_config_from_args(args)
-    if args.register and not args.supernode_auth:
-        raise ConfigError("--register needs --supernode-auth")
+    if args.superlink:
+        return _follow(args, run_dir, run_config, attach=_superlink_address(args.superlink))
+    return _follow(args, run_dir, run_config, attach=None)
+
+
+def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | None) -> int:
+    """Start the SuperLink (or, with ``attach``, a SuperExec for a remote one), submit the run, follow it."""
+    port = args.port or launch.SUPERLINK_PORT
     certs: CertPaths | None = None
-    if not args.insecure:
+    if not args.insecure and attach is None:
         cert_dir = Path(args.certs) if args.certs else run_dir / "certs"
         if (cert_dir / "server.pem").exists() and (cert_dir / "ca.pem").exists():
             certs = CertPaths(ca_cert=cert_dir / "ca.pem", ca_key=cert_dir / "ca.key",
@@ -116,23 +205,29 @@ def start(args) -> int:
     flwr_home = run_dir / ".flwr"
     env = launch.flower_env(flwr_home)
     launch.interrupt_on_sigterm()  # so that `finally` stops the SuperLink, which has its own session
-    link = launch.start_process(
-        launch.superlink_command(host=args.host, port=args.port, certs=certs, insecure=args.insecure,
-                                 enable_supernode_auth=args.supernode_auth, database=run_dir / "superlink.db"),
-        run_dir / "logs" / "superlink.log", env=env)
+    if attach is None:
+        link_host, address, root_cert = "127.0.0.1", f"127.0.0.1:{port}", str(certs.ca_cert) if certs else None
+        helper = launch.start_process(
+            launch.superlink_command(host=args.host, port=port, certs=certs, insecure=args.insecure,
+                                     enable_supernode_auth=args.supernode_auth, database=run_dir / "superlink.db"),
+            run_dir / "logs" / "superlink.log", env=env)
+    else:
+        (link_host, port), address, root_cert = attach, args.superlink, args.root_cert
+        helper = launch.start_process(
+            launch.superexec_command(address, root_cert=root_cert, insecure=args.insecure),
+            run_dir / "logs" / "superexec.log", env=env)
     try:
-        launch.wait_for_port("127.0.0.1", args.port, timeout=60, process=link)
-        conn = launch.SuperLinkConnection(f"127.0.0.1:{args.port}", root_cert=str(certs.ca_cert) if certs else None,
-                                          insecure=args.insecure)
+        # A SuperLink in another container may come up after this one: wait longer for it.
+        launch.wait_for_port(link_host, port, timeout=60 if attach is None else 300, process=helper)
+        conn = launch.SuperLinkConnection(address, root_cert=root_cert, insecure=args.insecure)
         launch.write_connection(flwr_home, conn)
-        for key in args.register:
-            node_id = launch.register_node(key, env=env)
-            print(f"registered device key {key} as node {node_id}")
+        register_keys(args.register, flwr_home / "keys", env)
         app_dir = write_app_dir(run_dir / ".app")
         progress = run_dir / "progress.log"
         seen = len(progress.read_text().splitlines()) if progress.exists() else 0
         run_id = launch.submit_run(app_dir, run_config=run_config, env=env)
-        print(f"SuperLink listening on {args.host}:{args.port} ({'TLS' if certs else 'INSECURE plain text'}); "
+        where = f"listening on {args.host}:{port}" if attach is None else f"at {address}"
+        print(f"SuperLink {where} ({'INSECURE plain text' if args.insecure else 'TLS'}); "
               f"run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} device(s)", flush=True)
 
         def on_poll(_status) -> None:
@@ -150,7 +245,7 @@ def start(args) -> int:
               f"(delta {summary.get('user-delta')}); model bundle {run_dir / 'model.fedser'}")
         return 0
     finally:
-        launch.stop_process(link)
+        launch.stop_process(helper)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run setting passed to fedser-server (e.g. noise-mode=local)")
+    p.add_argument("--audit", action="store_true",
+                   help="after the run, run `fedser audit` on it (attacks with the demo's speakers) and link "
+                        "its report from the run report")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -71,7 +74,7 @@ def _tail(path: Path, seen: int, quiet: bool) -> int:
     return len(lines)
 
 
-def report(out: Path) -> str:
+def report(out: Path, audit: Path | None = None) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     rows, summary = metrics["rounds"], metrics["summary"]
     last = rows[-1] if rows else {}
@@ -95,7 +98,20 @@ def report(out: Path) -> str:
               "", f"{summary.get('user-note', '')}", "",
               "Plots: accuracy.png, privacy_and_traffic.png. Per-round figures: metrics.csv / metrics.json.",
               "Evaluate the final model on any corpus: `fedser evaluate RUN_DIR --data PATH --task kws --json`."]
+    if audit is not None:
+        link = audit.relative_to(out) if audit.is_relative_to(out) else audit
+        lines += ["", f"Privacy audit (attacks on updates and on the final model, DP checks): [{link}]({link})"]
     return "\n".join(lines)
+
+
+def run_demo_audit(out: Path, data: list[str], seed: int, quiet: bool) -> Path:
+    """``fedser audit`` on the finished demo run, with the demo's own speakers; returns the report path."""
+    from ..audit.runner import AuditOptions, run_audit
+    from ..cache import FeatureCache
+
+    opts = AuditOptions(updates_per_speaker=2, reference_models=2, reference_epochs=4, seed=seed,
+                        cache=FeatureCache(default_cache_dir() / "features"), progress=not quiet)
+    return run_audit(out, data, out / "audit", opts, log=(lambda s: None) if quiet else print).report
 
 
 def run(args) -> int:
@@ -165,7 +181,11 @@ def run(args) -> int:
     finally:
         for p in reversed(procs):
             launch.stop_process(p)
-    text = report(out)
+    audit = None
+    if args.audit:
+        print("running the privacy audit ...", flush=True)
+        audit = run_demo_audit(out, list(data), args.seed, args.quiet)
+    text = report(out, audit)
     (out / "report.md").write_text(text + "\n")
     print("\n" + text)
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; run directory {out}")

@@ -57,6 +57,8 @@ def test_dp_training_reports_accounted_epsilon(tiny_corpus, tmp_path):
     assert rc == 0
     privacy = json.loads((tmp_path / "metrics.json").read_text())["privacy"]
     assert 0 < privacy["epsilon"] <= 5.0 * 1.02 and privacy["delta"] == 1e-5
+    settings = json.loads((tmp_path / "metrics.json").read_text())["train_config"]
+    assert (settings["batch_size"], settings["lr"]) == (256, 1e-2), "DP-SGD's own defaults"
     assert load_bundle(tmp_path).meta["privacy"]["epsilon"] == privacy["epsilon"]
 
 
@@ -70,6 +72,8 @@ def test_evaluating_a_head_the_model_lacks_is_a_clear_error(kws_run, tiny_corpus
     (["train", "--task", "kws", "--data", "/nonexistent/corpus", "--out", "X"], "no such file"),
     (["train", "--task", "kws", "--data", ".", "--out", "X", "--dp"], "--target-epsilon"),
     (["evaluate", "/nonexistent/run", "--data", "."], "no model bundle"),
+    (["train", "--task", "kws", "--data", ".", "--out", "X", "--batch-size", "0"], "--batch-size"),
+    (["train", "--task", "kws", "--data", ".", "--out", "X", "--lr", "-1"], "--lr"),
 ])
 def test_bad_invocations_exit_2_with_a_reason(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

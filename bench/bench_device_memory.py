@@ -1,0 +1,182 @@
+"""Peak memory of the device agent's training path against the 1 GB target.
+
+Each row is a fresh process, so nothing one measurement loads inflates another:
+
+* ``python``: the interpreter alone;
+* ``import torch``: the floor every fedser process pays;
+* ``import ClientApp``: ``fedser.client.app`` (torch, torchaudio, Opacus, Flower);
+* ``ClientApp round``: what ``flwr-clientapp`` does on a device in one round, through the real
+  ClientApp: the server's own strategy builds the query and train instructions, then the
+  ClientApp profiles the device, trains one DP-SGD round on its data (default ``cnn`` model,
+  Opacus, ledger written) and evaluates the new model;
+* ``ClientApp round, 1 thread``: the same with ``torch.set_num_threads(1)``, as on a small board.
+
+The data is the device's folder or manifest (``--data``); by default one synthesized speaker
+with the demo corpus's words and emotions, about what one person records. Peak RSS is
+``ru_maxrss`` of the process.
+
+    python bench/bench_device_memory.py [--data DIR_OR_CSV] [--epochs 1] [--tier 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, load_average, load_note, machine_line, md_table, now, peak_rss_mb  # noqa: E402
+
+TARGET_MB = 1024.0
+
+
+def _child(args) -> None:
+    """Run one measurement in this (fresh) process and print its result as JSON."""
+    import time
+
+    t0 = time.perf_counter()
+    if args.child == "python":
+        pass
+    elif args.child == "torch":
+        import torch  # noqa: F401
+    elif args.child == "import":
+        import fedser.client.app  # noqa: F401
+    else:
+        _client_round(args)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0}))
+
+
+def _client_round(args) -> None:
+    import torch
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedser.client.app import app
+    from fedser.common import keys
+    from fedser.common.features import FeatureSpec
+    from fedser.common.models import ModelConfig, build_model
+    from fedser.common.params import state_to_arrays
+    from fedser.common.records import arrays_to_record
+    from fedser.server.strategy import HeteroFedAvg
+
+    if args.child == "round-1thread":
+        torch.set_num_threads(1)
+    # Messages built outside a ServerApp process need the identity Flower gives that process.
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, SUPERLINK_NODE_ID
+    spec = FeatureSpec()
+    model = ModelConfig(n_features=spec.n_features())
+    state = Path(args.state)
+    ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                  node_config={"data": args.data, "tier": args.tier, "max-epsilon": 8.0, "delta": 1e-5,
+                               "ledger": str(state / f"ledger-{args.child}.json"), "cache": str(state / "cache")})
+
+    class Loopback:   # a Grid whose only node is the ClientApp in this process
+        def get_node_ids(self):
+            return [ctx.node_id]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [app(m, ctx) for m in messages]
+
+    strategy = HeteroFedAvg(model, spec, clip_norm=2.0, noise_multiplier=1.0, noise_mode="distributed",
+                            min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1,
+                            train_settings={keys.LOCAL_EPOCHS: args.epochs, keys.BATCH_SIZE: 16,
+                                            keys.LEARNING_RATE: 3e-3, keys.DP_ENABLED: True,
+                                            keys.DP_NOISE_MULTIPLIER: 0.0, "num-rounds": 3,
+                                            keys.DP_MAX_GRAD_NORM: 1.0, "timeout": 600.0})
+    torch.manual_seed(0)
+    arrays = arrays_to_record(state_to_arrays(build_model(model)))
+    train = list(strategy.configure_train(1, arrays, ConfigRecord(), Loopback()))
+    if len(train) != 1:
+        raise SystemExit(f"the device was not selected: {strategy.outcome}")
+    reply = app(train[0], ctx)
+    if reply.has_error():
+        raise SystemExit(f"the device declined: {reply.error.reason}")
+    new_arrays, _ = strategy.aggregate_train(1, [reply])
+    evaluate = list(strategy.configure_evaluate(1, new_arrays, ConfigRecord(), Loopback()))
+    answer = app(evaluate[0], ctx)
+    if answer.has_error():
+        raise SystemExit(f"evaluation failed: {answer.error.reason}")
+    assert evaluate[0].metadata.message_type == MessageType.EVALUATE
+    del Message
+
+
+def _torch_build() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _measure(kind: str, args, state: Path) -> dict:
+    argv = [sys.executable, __file__, "--child", kind, "--data", str(args.data), "--state", str(state),
+            "--epochs", str(args.epochs), "--tier", str(args.tier)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}{done.stdout[-1000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _default_data(root: Path) -> Path:
+    from fedser.common.corpora import load_corpora, write_manifest
+    from fedser.common.synth import synthesize_corpus
+
+    synthesize_corpus(root / "corpus", n_speakers=1, noise_seconds=0.0, workers=2, overwrite=True, progress=False)
+    corpus = load_corpora([str(root / "corpus" / "commands"), str(root / "corpus" / "emotion")])
+    return write_manifest(corpus.utterances, root / "device" / "data.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="the device's corpus folder or manifest (default: synthesized)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs of the round (default 1)")
+    p.add_argument("--tier", type=float, default=1.0, choices=(1.0, 0.5, 0.25))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--state", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="fedser-bench-mem-") as tmp:
+        tmp_path = Path(tmp)
+        if args.data is None:
+            args.data = str(_default_data(tmp_path))
+        from fedser.common.corpora import load_corpus
+
+        corpus = load_corpus(args.data)
+        rows = []
+        for kind, label in (("python", "python"), ("torch", "import torch"), ("import", "import ClientApp"),
+                            ("round", "ClientApp round"), ("round-1thread", "ClientApp round, 1 thread")):
+            r = _measure(kind, args, tmp_path)
+            rows.append((label, r["peak_rss_mb"], r["seconds"]))
+    base = dict((label, mb) for label, mb, _ in rows)["import torch"]
+    table = md_table(["process", "peak RSS (MiB)", "over import torch (MiB)", "of the 1 GB target", "seconds"],
+                     [(label, f"{mb:.0f}", f"{mb - base:+.0f}", f"{mb / TARGET_MB:.0%}", f"{s:.1f}")
+                      for label, mb, s in rows])
+    worst = max(mb for label, mb, _ in rows if label.startswith("ClientApp round"))
+    text = "\n".join([
+        "# Device agent memory", "",
+        f"{now()}; {machine_line()}", "",
+        f"Device data: {len(corpus.utterances)} utterances of {len(corpus.speakers())} speaker(s) "
+        f"({', '.join(sorted(corpus.tasks()))}); tier {args.tier}; {args.epochs} local epoch(s), batch 16, "
+        "DP-SGD on, default cnn model.", "",
+        table, "",
+        f"Peak of a training round: {worst:.0f} MiB, target < {TARGET_MB:.0f} MiB: "
+        f"{'met' if worst < TARGET_MB else 'NOT met'}.", "",
+        *([f"This torch build bundles CUDA ({_torch_build()}); a device installs the CPU-only wheels, "
+           "whose import footprint was not measured here.", ""] if "+cu" in _torch_build() else []),
+        "On a device the ClientApp runs in its own `flwr-clientapp` process per instruction; the agent "
+        "(`fedser-client`) and the SuperNode stay resident beside it and hold no model or data.", "",
+        load_note(load_before, load_average()),
+    ])
+    print(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "device_memory.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

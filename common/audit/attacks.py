@@ -1,0 +1,194 @@
+"""The attacks, as pure computation over feature vectors and per-example losses.
+
+* :func:`attribute_inference`: an honest-but-curious server learns gender from updates. Shadow
+  clients (known gender) train a classifier on features of their updates; the classifier
+  predicts each target client's gender from that client's updates (soft vote over its updates).
+  Clients are split by speaker (grouped, stratified cross-validation), so every client is a
+  target once and never a shadow in the same fold. Updates are first centred on the mean update
+  of their population (corpus): language and recording conditions move every update of a corpus
+  the same way, and with few clients per fold that shared offset would otherwise be learnt in
+  place of the attribute. Centring uses no labels, only updates the server holds anyway.
+  Metric: UAR over target clients (chance 0.5).
+* :func:`loss_attack` / :func:`calibrated_attack`: membership inference on a model. The loss
+  attack scores an example by its negative loss; the calibrated attack (difficulty calibration,
+  Watson et al., ICLR 2022) subtracts the loss the example has under reference models that did
+  not train on it, so an example that is merely easy no longer looks like a member.
+* :func:`speaker_scores`: speaker-level membership, the mean score of a speaker's utterances.
+* :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels).
+* :func:`roc_summary`: ROC AUC and TPR at 1 % FPR (chance: 0.5 and 0.01).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .inputs import AuditInputError
+
+LOW_FPR = 0.01
+
+
+@dataclass
+class RocSummary:
+    auc: float
+    tpr_at_low_fpr: float          # TPR at FPR <= LOW_FPR
+    fpr: np.ndarray = field(repr=False)
+    tpr: np.ndarray = field(repr=False)
+    n_pos: int = 0
+    n_neg: int = 0
+
+
+def roc_summary(labels: Sequence[int], scores: Sequence[float]) -> RocSummary:
+    """ROC of ``scores`` for ``labels`` (1 = member / positive class)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise AuditInputError(f"labels {y.shape} and scores {s.shape} must be 1-d of one length")
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise AuditInputError(f"a ROC needs both classes; got {n_pos} positive and {n_neg} negative examples")
+    fpr, tpr, _ = roc_curve(y, s)
+    low = tpr[fpr <= LOW_FPR]
+    return RocSummary(float(roc_auc_score(y, s)), float(low.max()) if low.size else 0.0, fpr, tpr, n_pos, n_neg)
+
+
+# ----------------------------------------------------------------------------- attribute inference
+
+
+@dataclass
+class AttributeResult:
+    uar: float                     # UAR over target clients (soft vote over each client's updates)
+    uar_per_update: float          # UAR over single updates
+    auc: float                     # ROC AUC of the client-level score
+    n_clients: int
+    n_updates: int
+    client_prob: dict[str, float]  # client -> P(positive class) from the folds it was a target in
+    client_label: dict[str, int]
+    roc: RocSummary | None = None
+    chance_uar: float | None = None  # 95th percentile of the UAR with shuffled labels (chance_band)
+
+
+def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
+                        populations: Sequence[str] | None = None, n_splits: int = 5, seed: int = 0,
+                        C: float = 0.05) -> AttributeResult:
+    """Cross-validated attribute inference from updates.
+
+    Args:
+        features: (n_updates, d) attack features (``protocol.update_features``).
+        labels: the attribute of each update's client (0/1).
+        clients: the client (speaker) each update came from; folds never split a client.
+        populations: the population (corpus) of each update's client; each population's updates
+            are centred on their own mean before the classifier sees them (None: one population).
+        n_splits: folds (lowered to the number of clients of the rarer class).
+        C: inverse L2 strength of the logistic regression (strong regularisation: few shadow
+            clients, many features).
+
+    Raises AuditInputError when a client carries both labels or a class has fewer than 2 clients.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=int)
+    g = np.asarray(clients)
+    if X.ndim != 2 or X.shape[0] != y.shape[0] or y.shape[0] != g.shape[0]:
+        raise AuditInputError(f"features {X.shape}, labels {y.shape} and clients {g.shape} do not match")
+    client_label: dict[str, int] = {}
+    for c, lab in zip(g.tolist(), y.tolist()):
+        if client_label.setdefault(c, lab) != lab:
+            raise AuditInputError(f"client {c!r} has updates with both attribute values")
+    per_class = [sum(1 for v in client_label.values() if v == k) for k in (0, 1)]
+    if min(per_class) < 2:
+        raise AuditInputError(f"attribute inference needs at least 2 clients of each class (shadow and target); "
+                              f"got {per_class[0]} and {per_class[1]}: give more speakers of known gender")
+    k = max(2, min(n_splits, min(per_class)))
+    prob = np.full(len(y), np.nan)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    X = np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
+    if populations is not None:
+        pop = np.asarray(populations)
+        if pop.shape != y.shape:
+            raise AuditInputError(f"populations {pop.shape} do not match {y.shape[0]} updates")
+        X = X.copy()
+        for name in np.unique(pop):
+            X[pop == name] -= X[pop == name].mean(axis=0)
+    for train, test in cv.split(X, y, g):
+        if len(set(y[train].tolist())) < 2:
+            continue
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+        clf.fit(X[train], y[train])
+        prob[test] = clf.predict_proba(X[test])[:, 1]
+    done = ~np.isnan(prob)
+    client_prob = {c: float(np.mean(prob[(g == c) & done])) for c in client_label if ((g == c) & done).any()}
+    names = sorted(client_prob)
+    yc = np.array([client_label[c] for c in names])
+    pc = np.array([client_prob[c] for c in names])
+    uar = float(balanced_accuracy_score(yc, (pc > 0.5).astype(int)))
+    uar_u = float(balanced_accuracy_score(y[done], (prob[done] > 0.5).astype(int)))
+    roc = roc_summary(yc, pc) if len(set(yc.tolist())) == 2 else None
+    return AttributeResult(uar, uar_u, roc.auc if roc else float("nan"), len(names), int(done.sum()),
+                           client_prob, client_label, roc)
+
+
+def chance_band(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
+                populations: Sequence[str] | None = None, permutations: int = 20, seed: int = 0,
+                quantile: float = 0.95) -> float:
+    """The UAR the attack reaches by luck: its ``quantile`` over ``permutations`` runs with the
+    clients' labels shuffled (whole clients keep one label; class counts are kept).
+
+    With a few dozen target clients the UAR of an attack that learns nothing spreads widely around
+    0.5; a measured UAR means something only above this band.
+    """
+    if permutations < 1:
+        raise AuditInputError(f"permutations must be >= 1; got {permutations}")
+    g = np.asarray(clients)
+    y = np.asarray(labels, dtype=int)
+    names = sorted(set(g.tolist()))
+    client_label = {c: int(y[g == c][0]) for c in names}
+    rng = np.random.default_rng(seed)
+    uars = []
+    for i in range(permutations):
+        shuffled = dict(zip(names, rng.permutation([client_label[c] for c in names]).tolist()))
+        uars.append(attribute_inference(features, [shuffled[c] for c in g.tolist()], g, populations=populations,
+                                        seed=seed + i + 1).uar)
+    return float(np.quantile(uars, quantile))
+
+
+# ----------------------------------------------------------------------------- membership inference
+
+
+def loss_attack(losses: Sequence[float]) -> np.ndarray:
+    """Membership score of the loss-threshold attack (Yeom et al., 2018): higher = more likely a member."""
+    return -np.asarray(losses, dtype=np.float64)
+
+
+def calibrated_attack(losses: Sequence[float], ref_losses: np.ndarray, ref_trained_on: np.ndarray) -> np.ndarray:
+    """Difficulty-calibrated score: mean loss under OUT reference models minus the target's loss.
+
+    ``ref_losses`` and ``ref_trained_on`` are (K, N); an example with no OUT reference model falls
+    back on the mean over all K.
+    """
+    loss = np.asarray(losses, dtype=np.float64)
+    ref = np.asarray(ref_losses, dtype=np.float64)
+    inside = np.asarray(ref_trained_on, dtype=bool)
+    if ref.ndim != 2 or ref.shape != inside.shape or ref.shape[1] != loss.shape[0]:
+        raise AuditInputError(f"reference losses {ref.shape} / masks {inside.shape} do not fit {loss.shape[0]} examples")
+    out = ~inside
+    n_out = out.sum(axis=0)
+    mean_out = np.where(n_out > 0, (ref * out).sum(axis=0) / np.maximum(n_out, 1), ref.mean(axis=0))
+    return mean_out - loss
+
+
+def speaker_scores(scores: Sequence[float], speakers: Sequence[str]) -> dict[str, float]:
+    """Speaker-level membership score: the mean of the speaker's utterance scores."""
+    s = np.asarray(scores, dtype=np.float64)
+    out: dict[str, list[float]] = {}
+    for v, spk in zip(s.tolist(), speakers):
+        out.setdefault(spk, []).append(v)
+    return {k: float(np.mean(v)) for k, v in out.items()}

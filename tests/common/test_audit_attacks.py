@@ -1,0 +1,125 @@
+"""Attacks of the privacy audit on planted signals: each finds a leak that is there and none that is not."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedser.common.audit import AuditInputError
+from fedser.common.audit.attacks import (
+    attribute_inference,
+    calibrated_attack,
+    chance_band,
+    loss_attack,
+    roc_summary,
+    speaker_scores,
+)
+from fedser.common.audit.protocol import first_layer_name, update_features
+
+
+def _updates(planted: float, seed: int, n_clients: int = 32, per_client: int = 4, dim: int = 300):
+    """Fake update features: class-1 clients carry ``planted`` extra in the first 12 dimensions."""
+    rng = np.random.default_rng(seed)
+    X, y, g = [], [], []
+    for c in range(n_clients):
+        label = c % 2
+        voice = rng.normal(0, 0.5, dim)          # what makes one client's updates alike
+        for _ in range(per_client):
+            x = voice + rng.normal(0, 1.0, dim)
+            x[:12] += planted * label
+            X.append(x)
+            y.append(label)
+            g.append(f"spk{c}")
+    return np.stack(X), y, g
+
+
+def test_attribute_inference_finds_a_planted_attribute():
+    X, y, g = _updates(planted=1.0, seed=1)
+    res = attribute_inference(X, y, g, seed=0)
+    assert res.n_clients == 32 and res.n_updates == 128
+    assert res.uar >= 0.85
+    assert res.uar_per_update >= 0.7
+
+
+def test_attribute_inference_finds_nothing_in_pure_noise():
+    uars = [attribute_inference(*_updates(planted=0.0, seed=s), seed=s).uar for s in range(3)]
+    assert abs(float(np.mean(uars)) - 0.5) <= 0.15
+    assert max(uars) <= 0.8
+
+
+def test_chance_band_lies_between_pure_noise_and_a_planted_attribute():
+    X, y, g = _updates(planted=1.0, seed=3, n_clients=16, per_client=2, dim=60)
+    band = chance_band(X, y, g, permutations=8, seed=0)
+    assert 0.5 <= band < attribute_inference(X, y, g, seed=0).uar
+    with pytest.raises(AuditInputError, match="permutations"):
+        chance_band(X, y, g, permutations=0)
+
+
+def test_population_centring_removes_a_corpus_offset():
+    """Two corpora whose updates differ by a large shared offset: centred per corpus, the planted
+    attribute is still found (and a population list of the wrong length is refused)."""
+    X, y, g = _updates(planted=1.0, seed=2, n_clients=40)
+    pops = [("a" if int(c[3:]) < 20 else "b") for c in g]
+    X = X + np.where(np.array(pops)[:, None] == "a", 6.0, -6.0) * np.r_[np.ones(40), np.zeros(X.shape[1] - 40)]
+    centred = attribute_inference(X, y, g, populations=pops, seed=0)
+    assert centred.uar >= 0.85
+    with pytest.raises(AuditInputError, match="populations"):
+        attribute_inference(X, y, g, populations=pops[:-1])
+
+
+def test_attribute_inference_rejects_too_few_clients_and_mixed_labels():
+    X, y, g = _updates(planted=1.0, seed=0, n_clients=3)
+    with pytest.raises(AuditInputError, match="at least 2 clients of each class"):
+        attribute_inference(X, y, g)
+    X, y, g = _updates(planted=1.0, seed=0, n_clients=6)
+    y[0] = 1 - y[0]
+    with pytest.raises(AuditInputError, match="both attribute values"):
+        attribute_inference(X, y, g)
+
+
+def _losses(effect: float, seed: int, n: int = 600, k: int = 4):
+    """Per-example losses: difficulty d_i varies a lot; members lose ``effect`` less than they would."""
+    rng = np.random.default_rng(seed)
+    member = rng.random(n) < 0.5
+    difficulty = rng.gamma(2.0, 0.6, n)
+    target = np.maximum(difficulty - effect * member + rng.normal(0, 0.05, n), 0)
+    inside = rng.random((k, n)) < 0.5
+    ref = np.maximum(difficulty + rng.normal(0, 0.05, (k, n)) - effect * inside, 0)
+    return member.astype(int), target, ref, inside
+
+
+def test_membership_attacks_find_planted_membership_and_calibration_helps():
+    labels, target, ref, inside = _losses(effect=0.3, seed=0)
+    loss_auc = roc_summary(labels, loss_attack(target)).auc
+    cal = roc_summary(labels, calibrated_attack(target, ref, inside))
+    assert loss_auc > 0.55
+    assert cal.auc >= 0.95 and cal.auc > loss_auc + 0.2
+    assert cal.tpr_at_low_fpr > 0.3
+
+
+def test_membership_attacks_find_nothing_without_membership_signal():
+    labels, target, ref, inside = _losses(effect=0.0, seed=1)
+    assert abs(roc_summary(labels, loss_attack(target)).auc - 0.5) < 0.07
+    cal = roc_summary(labels, calibrated_attack(target, ref, inside))
+    assert abs(cal.auc - 0.5) < 0.07
+    assert cal.tpr_at_low_fpr < 0.1
+
+
+def test_speaker_level_aggregation_and_roc_edges():
+    scores = speaker_scores([1.0, 3.0, -1.0, 0.0], ["a", "a", "b", "b"])
+    assert scores == {"a": 2.0, "b": -0.5}
+    perfect = roc_summary([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2])
+    assert perfect.auc == 1.0 and perfect.tpr_at_low_fpr == 1.0
+    with pytest.raises(AuditInputError, match="both classes"):
+        roc_summary([1, 1], [0.3, 0.4])
+    with pytest.raises(AuditInputError, match="do not fit"):
+        calibrated_attack([0.1, 0.2], np.zeros((2, 3)), np.zeros((2, 3), bool))
+
+
+def test_update_features_start_with_the_first_layer():
+    upd = {"encoder.stem.conv.weight": np.ones((4, 5, 3), np.float32), "encoder.stem.conv.bias": np.zeros(4),
+           "heads.emotion.weight": np.full((2, 8), 2.0)}
+    assert first_layer_name(upd) == "encoder.stem.conv.weight"
+    f = update_features(upd)
+    # 60 first-layer values, 5 per-row sums, 5 per-row magnitudes, 3 statistics per array
+    assert f.shape == (60 + 5 + 5 + 9,)
+    assert np.allclose(f[60:65], 12.0) and np.allclose(f[65:70], 1.0)
