@@ -169,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         rep.add("**Quick mode (2 epochs per row): a pipeline check, not a result.**\n")
     rep.add(f"Corpus: {args.data}. Each row is one `fedser train --task T --data CORPUS --out RUN --quiet FLAGS` "
-            "(speaker split val 0.15 / test 0.2 of speakers, seed 0; cnn encoder, Adam lr 3e-3, batch 64, "
-            "up to 30 epochs with early stopping on validation UAR, patience 6, augmentation on, unless FLAGS "
-            "say otherwise). Test figures come from the run's metrics.json.")
+            "(speaker split val 0.15 / test 0.2 of speakers, seed 0; cnn encoder, Adam with a cosine schedule, "
+            "early stopping on validation UAR, augmentation on; batch, learning rate, epoch limit and patience are "
+            "the CLI's defaults for the row, shown in the settings column). Test figures come from the run's "
+            "metrics.json.")
     rep.add(f"{load_note(load_start, load_end)}.")
     rep.add("")
     table = []
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if r is None:
             continue
         if "m" not in r:
-            table.append([row.label, shlex.join(r["flags"]) or "(defaults)"] + ["failed"] + [""] * 9)
+            table.append([row.label, shlex.join(r["flags"]) or "(defaults)", ""] + ["failed"] + [""] * 9)
             continue
         m, t = r["m"], r["m"]["test"]
         s = m["split"]
@@ -198,19 +199,22 @@ def main(argv: list[str] | None = None) -> int:
         elif row.target:
             verdict = row.target
         verdicts.append(f"- {row.label}: {row.metric} {headline:.3f} — {verdict}")
-        table.append([row.label, shlex.join(r["flags"]) or "(defaults)",
+        tc = m.get("train_config", {})
+        settings = (f"batch {tc.get('batch_size')}, lr {tc.get('lr', float('nan')):g}, <= {tc.get('epochs')} epochs, "
+                    f"patience {tc.get('patience')}")
+        table.append([row.label, shlex.join(r["flags"]) or "(defaults)", settings,
                       f"{s['train_speakers']} / {s['test_speakers']}", f"{s['train']} / {s['val']} / {s['test']}",
                       fmt(t["accuracy"]), fmt(t["uar"]), fmt(t["weighted_f1"]), fmt(eps, 2),
                       f"{m['best_epoch']} / {epochs_run}", f"{r['wall']:.0f}", f"{r['rss']:.0f}", verdict])
     if cross:
         c = cross["r"]
         table.append([f"Cross-corpus: RAVDESS model on EmoDB ({len(c['label_set'])} shared classes)",
-                      "`fedser evaluate --include-train-speakers`", f"— / {c['speakers']}", f"— / — / {c['n']}", fmt(c["accuracy"]),
+                      "`fedser evaluate --include-train-speakers`", "—", f"— / {c['speakers']}", f"— / — / {c['n']}", fmt(c["accuracy"]),
                       fmt(c["uar"]), fmt(c["weighted_f1"]), "—", "—", f"{cross['wall']:.0f}", f"{cross['rss']:.0f}",
                       "— (extra; chance UAR " + f"{1 / len(c['label_set']):.3f})"])
-    rep.add(md_table(["row", "flags", "speakers train / test", "clips train / val / test", "accuracy", "UAR",
+    rep.add(md_table(["row", "flags", "settings", "speakers train / test", "clips train / val / test", "accuracy", "UAR",
                       "weighted F1", "epsilon", "best epoch / epochs run", "wall (s)", "peak RSS (MiB)", "target"],
-                     table, ["l", "l"] + ["r"] * 9 + ["l"]))
+                     table, ["l", "l", "l"] + ["r"] * 9 + ["l"]))
     rep.add("")
     if cross:
         rep.add(f"Cross-corpus classes: {', '.join(cross['r']['label_set'])}"

@@ -35,12 +35,13 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     p.add_argument("--encoder", choices=sorted(ENCODERS), default="cnn")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0, 0.5, 0.25)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=60,
+                   help="at most this many epochs (cosine learning-rate schedule over them)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"default {PLAIN_BATCH} ({DP_BATCH} with --dp: DP-SGD's noise on the mean gradient is z*C/B, "
                         "so it needs larger batches)")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {PLAIN_LR:g}; {DP_LR:g} with --dp)")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
+    p.add_argument("--patience", type=int, default=15, help="early-stopping patience in epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=float, default=0.15, help="share of speakers for validation")
     p.add_argument("--test", type=float, default=0.2, help="share of speakers for test")
