@@ -28,6 +28,10 @@ from .privacy import SpendRecord
 
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
+# DP-SGD wants large batches (its noise on the mean gradient is z*C/B) but per-sample gradients
+# cost memory per example: larger logical batches are computed in physical chunks of this size
+# (Opacus' batch splitting; the same step, the same privacy accounting).
+MAX_PHYSICAL_BATCH = 64
 
 
 def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
@@ -205,6 +209,11 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
                 noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
                 grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model))
         result.noise_multiplier = float(z)
+        logical_steps = len(loader)
+        if batch_size > MAX_PHYSICAL_BATCH:
+            from opacus.utils.batch_memory_manager import wrap_data_loader
+
+            loader = wrap_data_loader(data_loader=loader, max_batch_size=MAX_PHYSICAL_BATCH, optimizer=optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     best_state = copy.deepcopy(model.state_dict())
     best = -1.0
@@ -237,6 +246,8 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
                 total += loss.item() * xb.shape[0]
                 seen += xb.shape[0]
             scheduler.step()
+            if cfg.dp:
+                steps = logical_steps  # optimizer steps, not the physical chunks they were computed in
             result.steps += steps
             if cfg.dp:
                 result.spend.append(SpendRecord(result.noise_multiplier, sample_rate, steps))

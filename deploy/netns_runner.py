@@ -284,6 +284,18 @@ def _mount(source: str, target: str, fstype: str | None = None, flags: int = 0, 
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 1, 32, 4096, 16384
 
 
+def _package_roots() -> list[str]:
+    """Folders that hold the installed fedser packages (the checkout itself for an editable install)."""
+    import importlib.util
+
+    roots = []
+    for name in ("fedser.common", "fedser.client", "fedser.server"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.append(str(Path(spec.origin).resolve().parents[1]))
+    return roots
+
+
 def _build_root(root: str, mounts: list[dict], expose: list[str], tmpfs: list[str]) -> None:
     """Assemble the service's file system under ``root`` (see the module docstring)."""
     _mount("tmpfs", root, "tmpfs", 0, "mode=0755")
@@ -314,12 +326,13 @@ def _build_root(root: str, mounts: list[dict], expose: list[str], tmpfs: list[st
             else:
                 Path(dst_entry).touch()
                 _mount(path, dst_entry, None, MS_BIND)
-    for t in expose:
-        os.makedirs(root + t, exist_ok=True)
-        _mount(t, root + t, None, MS_BIND | MS_REC)
     for t in {"/tmp", "/run", *tmpfs}:
         os.makedirs(root + t, exist_ok=True)
         _mount("tmpfs", root + t, "tmpfs", 0, "mode=1777" if t == "/tmp" else "mode=0755")
+    # After the tmpfs mounts, so an environment that lives under /tmp is not hidden by them.
+    for t in sorted(expose, key=lambda s: s.count("/")):
+        os.makedirs(root + t, exist_ok=True)
+        _mount(t, root + t, None, MS_BIND | MS_REC)
     for m in mounts:
         dst = root + m["target"]
         if os.path.isdir(m["source"]):
@@ -454,8 +467,10 @@ class NetnsBed:
         mounts = [m.__dict__ for m in svc.mounts] + self._account_files(name, uid, gid)
         env = {"PATH": f"{self.bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "HOSTNAME": name, **svc.environment}
-        # The runner's stand-in for the image's virtual environment, and the interpreter it links to.
-        expose = sorted({str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve())})
+        # The runner's stand-in for the image's virtual environment, the interpreter it links to and
+        # the source tree of an editable install; they stay visible even under a fresh /tmp.
+        expose = sorted({str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve()),
+                         *_package_roots()})
         spec = {"root": str(root), "mounts": mounts, "expose": expose,
                 "tmpfs": svc.tmpfs, "hostname": name, "uid": uid, "gid": gid, "working_dir": svc.working_dir,
                 "argv": argv, "env": env}

@@ -138,3 +138,31 @@ def test_explicit_grad_sample_mode_passes_through_and_unknown_is_named():
     assert resolve_grad_sample_mode("functorch", build_model(ModelConfig(n_features=8))) == "functorch"
     with pytest.raises(ConfigError, match="grad_sample_mode"):
         TrainConfig(dp=True, noise_multiplier=1.0, grad_sample_mode="fast").validate()
+
+
+def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monkeypatch):
+    import fedser.common.training as training
+
+    data = separable(n=64)
+
+    def run(max_physical: int):
+        monkeypatch.setattr(training, "MAX_PHYSICAL_BATCH", max_physical)
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_features=40, width=0.25))
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, dp=True, noise_multiplier=0.0, max_grad_norm=0.5,
+                          seed=3, grad_sample_mode="hooks")
+        result = train_task(model, "kws", data, None, cfg, SPEC, progress=False)
+        return model.state_dict(), result
+
+    whole, r_whole = run(64)
+    chunked, r_chunked = run(8)
+
+    assert r_chunked.steps == r_whole.steps == 4, "spend counts optimizer steps, not physical chunks"
+    assert [s.as_tuple() for s in r_chunked.spend] == [s.as_tuple() for s in r_whole.spend]
+    assert r_chunked.epsilon == r_whole.epsilon
+    torch.manual_seed(0)
+    initial = build_model(ModelConfig(n_features=40, width=0.25)).state_dict()
+    moved = [k for k in whole if not torch.equal(whole[k], initial[k])]
+    assert moved, "training changed the model"
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-5, msg=k)
