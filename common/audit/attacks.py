@@ -4,10 +4,10 @@
   clients (known gender) train a classifier on features of their updates; the classifier
   predicts each target client's gender from that client's updates (soft vote over its updates).
   Clients are split by speaker (grouped, stratified cross-validation), so every client is a
-  target once and never a shadow in the same fold. Updates are first centred on the mean update
-  of their population (corpus): language and recording conditions move every update of a corpus
-  the same way, and with few clients per fold that shared offset would otherwise be learnt in
-  place of the attribute. Centring uses no labels, only updates the server holds anyway.
+  target once and never a shadow in the same fold. Updates are first centred on the mean shadow
+  update of their population (corpus): language and recording conditions move every update of a
+  corpus the same way, and with few clients per fold that shared offset would otherwise be learnt
+  in place of the attribute.
   Metric: UAR over target clients (chance 0.5).
 * :func:`loss_attack` / :func:`calibrated_attack`: membership inference on a model. The loss
   attack scores an example by its negative loss; the calibrated attack (difficulty calibration,
@@ -111,19 +111,24 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
     prob = np.full(len(y), np.nan)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     X = np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0)
-    if populations is not None:
-        pop = np.asarray(populations)
-        if pop.shape != y.shape:
-            raise AuditInputError(f"populations {pop.shape} do not match {y.shape[0]} updates")
-        X = X.copy()
-        for name in np.unique(pop):
-            X[pop == name] -= X[pop == name].mean(axis=0)
+    pop = np.zeros(len(y), dtype=int) if populations is None else np.asarray(populations)
+    if pop.shape != y.shape:
+        raise AuditInputError(f"populations {pop.shape} do not match {y.shape[0]} updates")
     for train, test in cv.split(X, y, g):
         if len(set(y[train].tolist())) < 2:
             continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-        clf.fit(X[train], y[train])
-        prob[test] = clf.predict_proba(X[test])[:, 1]
+        # Centre on the shadow updates of each population only: a mean over all updates would carry
+        # the target fold's class balance into every score (in high dimensions, a large bias).
+        Xc = X.copy()
+        for name in np.unique(pop):
+            shadow = train[pop[train] == name]
+            if shadow.size:
+                Xc[pop == name] -= X[shadow].mean(axis=0)
+        # Balanced classes: otherwise a fold's class imbalance tilts the prediction against the
+        # target's own class.
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
+        clf.fit(Xc[train], y[train])
+        prob[test] = clf.predict_proba(Xc[test])[:, 1]
     done = ~np.isnan(prob)
     client_prob = {c: float(np.mean(prob[(g == c) & done])) for c in client_label if ((g == c) & done).any()}
     names = sorted(client_prob)
