@@ -244,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("")
     rep.add("### Targets")
     rep.add("")
-    rows = targets(table)
+    # "Clearly above chance" means above what the attack scores with the genders shuffled, too.
+    bar = max(0.65, chance_uar[0]) if chance_uar else 0.65
+    rows = targets(table, bar)
     long_no_dp = [r for r in curve if r["user-level z"] == 0]
     if long_no_dp:
         r = long_no_dp[0]
-        rows.insert(2, [f"no DP, {curve_rounds}-round federation (curve z=0): attribute UAR >= 0.65",
-                        f"{r['attribute UAR']:.3f}", "yes" if r["attribute UAR"] >= 0.65 else "**no**"])
+        rows.insert(2, [f"no DP, {curve_rounds}-round federation (curve z=0): attribute UAR >= {bar:.3f}",
+                        f"{r['attribute UAR']:.3f}", "yes" if r["attribute UAR"] >= bar else "**no**"])
         rows.insert(3, [f"no DP, {curve_rounds}-round federation (curve z=0): attribute AUC >= 0.65",
                         f"{r['attribute AUC']:.3f}", "yes" if r["attribute AUC"] >= 0.65 else "**no**"])
     rep.add(md_table(["target", "measured", "met"], rows))
@@ -263,8 +265,11 @@ CURVE_Z = (0.0, 0.3, 1.0, 3.0)
 COLUMNS = {"attribute": 4, "attribute AUC": 5, "loss": 7, "calibrated": 8, "speaker": 10}
 
 
-def targets(table: list[list[str]]) -> list[list[str]]:
-    """Issue 6's targets against the measured rows: attacks work without DP, fail at the defaults."""
+def targets(table: list[list[str]], uar_bar: float = 0.65) -> list[list[str]]:
+    """Issue 6's targets against the measured rows: attacks work without DP, fail at the defaults.
+
+    ``uar_bar``: the attribute UAR that counts as clearly above chance (at least the permutation band).
+    """
     rows = {r[0]: r for r in table}
     out = []
 
@@ -274,7 +279,7 @@ def targets(table: list[list[str]]) -> list[list[str]]:
         v = float(rows[setting][COLUMNS[col]])
         out.append([what, f"{v:.3f}", "yes" if ok(v) else "**no**"])
 
-    add("no DP: attribute UAR clearly above 0.5 (>= 0.65)", "no DP", "attribute", lambda v: v >= 0.65)
+    add(f"no DP: attribute UAR clearly above 0.5 (>= {uar_bar:.3f})", "no DP", "attribute", lambda v: v >= uar_bar)
     add("no DP: attribute AUC clearly above 0.5 (>= 0.65)", "no DP", "attribute AUC", lambda v: v >= 0.65)
     add("no DP, central: membership AUC (loss) clearly above 0.5 (>= 0.60)", "no DP, central", "loss",
         lambda v: v >= 0.60)
