@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="federated rounds (default 3, the project's default; 1 with --quick)")
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 1, the project's)")
     p.add_argument("--central-epochs", type=int, default=None,
-                   help="epochs of the centrally trained no-DP target (default 20; 2 with --quick)")
+                   help="epochs of the centrally trained no-DP target, long enough to memorise (default 100; 2 with --quick)")
     args = p.parse_args(argv)
     if not data_or_skip(args.data, "ravdess", "emodb"):
         return 0
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # central" row trains the same members for many epochs: the setting where a model memorises.
     rounds = args.rounds or (1 if quick else 3)
     local_epochs = args.local_epochs or 1
-    central_epochs = args.central_epochs or (2 if quick else 30)
+    central_epochs = args.central_epochs or (2 if quick else 100)
     ref_epochs = central_epochs
     k_updates = 2 if quick else 6
     n_perm = 4 if quick else 12     # label shufflings for the attribute attack's chance band
