@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, title: str | None = None) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` and free it."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
                   title: str = "Confusion matrix") -> Path:
     """Row-normalised confusion matrix (rows = true class) with raw counts written in each cell."""
@@ -40,11 +51,7 @@ def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], pat
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                         color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, label="recall share")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def curves_png(rows: Sequence[dict], x: str, panels: Sequence[tuple[str, Sequence[str]]],
@@ -65,10 +72,4 @@ def curves_png(rows: Sequence[dict], x: str, panels: Sequence[tuple[str, Sequenc
         if keys:
             ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel(x)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..plots import _pyplot
+from ..plots import _pyplot, save_figure
 from .attacks import LOW_FPR, RocSummary
 from .dpchecks import CheckResult
 
@@ -42,12 +42,7 @@ def roc_png(curves: Sequence[tuple[str, RocSummary]], path: str | Path, title: s
         ax.set_ylabel("true positive rate")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def _eps(v: float | None) -> str:
