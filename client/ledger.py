@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedser.common.errors import ConfigError, FedserError, PrivacyBudgetExceeded, collect
-from fedser.common.privacy import ACCOUNTANTS, SpendRecord, epsilon_of
+from fedser.common.privacy import ACCOUNTANTS, SpendRecord, epsilon_of, plan_spend  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,6 @@ class LedgerEntry:
         if not isinstance(d["timestamp"], (int, float)) or isinstance(d["timestamp"], bool):
             raise ConfigError(f"ledger entry timestamp={d['timestamp']!r} must be a number")
         return cls(SpendRecord.from_dict(d), d["round"], d["model_version"], float(d["timestamp"]))
-
-
-def plan_spend(n: int, batch_size: int, epochs: int, noise_multiplier: float) -> SpendRecord:
-    """Spend of ``epochs`` epochs of DP-SGD over ``n`` examples in batches of ``batch_size``.
-
-    sample_rate = b / n (capped at 1) and steps = epochs * ceil(n / b). Opacus's Poisson loader
-    uses q = 1 / ceil(n / b) <= b / n, so this never under-counts what the trainer spends.
-    """
-    problems: list[str] = []
-    for name, value in (("n", n), ("batch_size", batch_size), ("epochs", epochs)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{name}={value!r} must be an integer >= 1")
-    collect(problems, ConfigError, prefix="plan_spend")
-    return SpendRecord(noise_multiplier, min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
 
 
 def _digest(entries: list[dict[str, Any]]) -> str:

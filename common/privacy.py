@@ -133,6 +133,20 @@ def _merged(history: Iterable[SpendRecord]) -> list[tuple[float, float, int]]:
     return [(z, q, n) for (z, q), n in steps.items()]
 
 
+def plan_spend(n: int, batch_size: int, epochs: int, noise_multiplier: float) -> SpendRecord:
+    """Spend of ``epochs`` epochs of DP-SGD over ``n`` examples in batches of ``batch_size``.
+
+    sample_rate = b / n (capped at 1) and steps = epochs * ceil(n / b). Opacus's Poisson loader
+    uses q = 1 / ceil(n / b) <= b / n, so this never under-counts what the trainer spends.
+    """
+    problems: list[str] = []
+    for name, value in (("n", n), ("batch_size", batch_size), ("epochs", epochs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name}={value!r} must be an integer >= 1")
+    collect(problems, ConfigError, prefix="plan_spend")
+    return SpendRecord(noise_multiplier, min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
+
+
 def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` spent by the composition of every record in ``history``.
 

@@ -28,6 +28,7 @@ from ..privacy import (
     UserLevelAccountant,
     calibrate_noise,
     epsilon_of,
+    plan_spend,
     privatize_update,
 )
 from ..training import TrainConfig, train_task
@@ -111,7 +112,7 @@ class Protocol:
 
     def plan(self, n: int) -> SpendRecord:
         """One round's sample-level spend of a device with ``n`` examples (as the device plans it)."""
-        return SpendRecord(1.0, min(1.0, self.batch_size / n), self.local_epochs * math.ceil(n / self.batch_size))
+        return plan_spend(n, self.batch_size, self.local_epochs, 1.0)
 
     def sample_noise(self, n: int) -> float:
         """The DP-SGD noise multiplier a fresh device with ``n`` examples calibrates for the whole run."""
