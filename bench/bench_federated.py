@@ -20,6 +20,11 @@ Rows:
      user-level epsilon is infinite);
    - federated, sample-level DP + user-level noise (update clipping ``--user-clip-norm`` C,
      distributed noise z = ``--user-noise``; user-level epsilon accounted by the server).
+   - federated with public pretraining: the command utterances of the last ``--public-devices``
+     devices become the server's public corpus (``kws-corpus``: the server pretrains the encoder
+     and the KWS head on it, ``--pretrain-epochs``), the other devices federate with DP-SGD on
+     the heads alone (``train-scope heads``: DP noise falls on a few thousand weights, not the
+     whole network). Fewer private devices than the other rows; the same test speakers.
    Rows without user-level noise clip updates at ``--clip-norm`` (only a bound there).
    Targets: federated + DP keeps >= 90 % of the centralized KWS accuracy and >= 85 % of the
    centralized emotion UAR.
@@ -35,7 +40,7 @@ Runs are kept in ``--work`` and reused when complete with the same settings (del
 folder to redo it).
 
     python bench/bench_federated.py [--data DIR] [--clients 20] [--rounds 30] [--dp-rounds R] [--local-epochs 5]
-                                    [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp dp-user demo]
+                                    [--lr 0.003] [--user-noise 1.0] [--only central fed tiers dp dp-user dp-public demo]
                                     [--quick]
 
 ``--quick``: 2 rounds, 3 centralized epochs (checks the pipeline; figures mean nothing).
@@ -82,6 +87,35 @@ def union_manifest(parts: Path, n: int, out: Path, devices: range | None = None)
         w.writerow(header)
         w.writerows(rows)
     return out
+
+
+def public_split(parts: Path, n: int, k: int, out: Path) -> tuple[Path, Path]:
+    """Devices ``n-k .. n-1`` turned public: their command utterances become ``public_kws.csv`` (the
+    server's public corpus) and the federation keeps devices ``0 .. n-k-1``; the test speakers stay
+    held out. Returns (partition folder of the n-k devices, public manifest)."""
+    fed = out / f"parts-{n}-public-{k}"
+    public = out / f"public_kws_{n}_{k}.csv"
+    if not (fed / "partitions.json").exists():
+        import shutil
+        meta = json.loads((parts / "partitions.json").read_text())
+        fed.mkdir(parents=True, exist_ok=True)
+        for i in range(n - k):
+            shutil.copytree(parts / f"device-{i}", fed / f"device-{i}", dirs_exist_ok=True)
+        shutil.copy(parts / "test.csv", fed / "test.csv")
+        meta["num-partitions"] = n - k
+        meta["devices"] = meta["devices"][: n - k]
+        with open(public, "w", newline="") as f:
+            w = csv.writer(f)
+            header = None
+            for i in range(n - k, n):
+                with open(parts / f"device-{i}" / "data.csv", newline="") as g:
+                    r = csv.DictReader(g)
+                    if header is None:
+                        header = r.fieldnames
+                        w.writerow(header)
+                    w.writerows([row[h] for h in header] for row in r if row.get("task") == "kws")
+        (fed / "partitions.json").write_text(json.dumps(meta, indent=1))
+    return fed, public
 
 
 def centralized(task: str, pool: Path, test_csv: Path, work: Path, env: dict, epochs: int) -> dict:
@@ -168,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--client-cpus", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/fedser-bench/federated"))
-    p.add_argument("--only", nargs="+", default=None, choices=("central", "fed", "tiers", "dp", "dp-user", "demo"),
+    p.add_argument("--public-devices", type=int, default=5,
+                   help="devices whose command utterances become the server's public corpus in the dp-public row")
+    p.add_argument("--pretrain-epochs", type=int, default=30, help="server pretraining epochs on that public corpus")
+    p.add_argument("--only", nargs="+", default=None,
+                   choices=("central", "fed", "tiers", "dp", "dp-user", "dp-public", "demo"),
                    help="run only these parts (the table shows what exists)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -177,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.central_epochs, args.dp_rounds = 2, 3, None
         args.work = args.work.with_name(args.work.name + "-quick")
-    wanted = set(args.only or ("central", "fed", "tiers", "dp", "dp-user", "demo"))
+    wanted = set(args.only or ("central", "fed", "tiers", "dp", "dp-user", "dp-public", "demo"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(work)
@@ -217,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                     {**base, "dp": True, "noise-mode": "distributed", "noise-multiplier": args.user_noise,
                      "clip-norm": args.user_clip_norm, "partition-tiers": "1.0"}),
     }
+    k = args.public_devices
+    fed_parts, public_csv = public_split(parts, args.clients, k, work)
+    runs_spec["dp-public"] = (
+        f"federated on {args.clients - k} devices, sample-level DP (eps 8/device) on the heads only; encoder + KWS "
+        f"head pretrained on the commands of {k} other devices' speakers (public, `kws-corpus`)",
+        {**base, "dp": True, "noise-mode": "none", "partition-tiers": "1.0", "kws-corpus": str(public_csv),
+         "kws-pretrain-epochs": args.pretrain_epochs, "train-scope": "heads"})
     results, demo = {}, None
     for key, (label, cfg) in runs_spec.items():
         if key == "dp":   # the 5-SuperNode row before the long DP rows
@@ -225,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if key in wanted or (run_dir / "bench.json").exists():
             t0 = time.perf_counter()
             rounds = args.dp_rounds if key.startswith("dp") and args.dp_rounds else args.rounds
-            results[key] = run_simulation(parts, run_dir, rounds, cfg, env, args.ray_cpus, args.client_cpus)
+            results[key] = run_simulation(fed_parts if key == "dp-public" else parts, run_dir, rounds, cfg, env,
+                                          args.ray_cpus, args.client_cpus)
             print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if demo is None:
         demo = run_demo(parts, args.clients, work, env, "demo" in wanted)
@@ -253,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{central['kws']['train_seconds'] + central['emotion']['train_seconds']:.0f} s "
                       f"(kws {central['kws']['epochs_run']} / emotion {central['emotion']['epochs_run']} epochs)"])
         table[-1].insert(-1, "—")
-    for key in ("fed", "dp", "dp-user"):
+    for key in ("fed", "dp", "dp-user", "dp-public"):
         if key in results:
             r = results[key]
             user_eps = r["summary"].get("user-epsilon")
@@ -265,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                       "user-level eps (delta 1e-5)", "rounds", "wall time"], table))
     rep.add("")
     if central:
-        for key in ("dp", "dp-user", "fed"):
+        for key in ("dp", "dp-user", "dp-public", "fed"):
             if key in results:
                 kws = last(results[key], "server-kws-accuracy") / central["kws"]["accuracy"]
                 emo = last(results[key], "server-emotion-uar") / central["emotion"]["uar"]

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CA certificate of the server (TLS) (env FEDSER_ROOT_CERT)")
     s.add_argument("--auth-key", default=_env("FEDSER_AUTH_KEY"),
                    help="this device's private key (SuperNode authentication) (env FEDSER_AUTH_KEY)")
+    s.add_argument("--threads", type=int, default=_env("FEDSER_THREADS", "0"),
+                   help="CPU threads for training (OMP_NUM_THREADS of the ClientApp processes); 0 = torch's "
+                        "default, all cores. Set it when several agents share one machine (env FEDSER_THREADS)")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
     s.add_argument("--port", type=int, default=launch.SUPERNODE_RUNTIME_PORT,
                    help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
@@ -114,7 +117,13 @@ def start(args) -> int:
         raise ConfigError(f"--data {args.data}: no such file or folder")
     if not args.insecure and not args.root_cert:
         raise ConfigError("TLS needs --root-cert CA.pem (the server's ca.pem), or --insecure for plain text")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: expected 0 (all cores) or a positive count")
     node_config = node_config_from_args(args)
+    env = launch.flower_env()
+    if args.threads:
+        # Inherited by the ClientApp processes the SuperNode starts; torch sizes its pool from it.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     argv = launch.supernode_command(args.server, node_config, root_cert=args.root_cert, insecure=args.insecure,
                                     auth_key=args.auth_key, runtime_port=args.port)
     log_path = Path(args.log) if args.log else None
@@ -131,10 +140,10 @@ def start(args) -> int:
     signal.signal(signal.SIGTERM, _stop)
     while True:
         if log_path:
-            proc = launch.start_process(argv, log_path)
+            proc = launch.start_process(argv, log_path, env=env)
         else:
             import subprocess
-            proc = subprocess.Popen(argv, env=launch.flower_env(), start_new_session=True)
+            proc = subprocess.Popen(argv, env=env, start_new_session=True)
         try:
             code = proc.wait()
         except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -417,9 +417,13 @@ class UpdateStats:
 
 def privatize_update(
     delta: Mapping[str, np.ndarray], clip_norm: float, noise_multiplier: float, mode: str,
-    expected_clients: int, rng: np.random.Generator,
+    expected_clients: int, rng: np.random.Generator, frozen: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], UpdateStats]:
     """Clip ``delta`` to global L2 norm ``clip_norm`` and add Gaussian noise as ``mode`` says.
+
+    ``frozen`` names arrays the device did not train (the run fixed them for every device):
+    they must be exactly zero and are sent as zeros, without noise. Being the same for every
+    device, they reveal nothing, and noise on them would only corrupt weights nobody trains.
 
     Args:
         delta: name -> float array (any shape); the update, local minus global.
@@ -428,6 +432,7 @@ def privatize_update(
         mode: one of ``NOISE_MODES``.
         expected_clients: m >= 1, devices per round the distributed noise is split over.
         rng: source of the noise.
+        frozen: names in ``delta`` left untrained (all zero); no noise is added to them.
 
     Returns:
         (name -> array with the same shapes, dtypes and key order as ``delta``, UpdateStats).
@@ -448,6 +453,10 @@ def privatize_update(
            if not np.issubdtype(a.dtype, np.floating)]
     bad += [f"{k}: {int(np.size(a) - np.isfinite(a).sum())} non-finite values" for k, a in arrays.items()
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
+    unknown = sorted(set(frozen) - set(arrays))
+    bad += [f"{k}: named frozen but not in the update" for k in unknown]
+    bad += [f"{k}: named frozen but changed (norm {float(np.linalg.norm(arrays[k])):.3g})" for k in frozen
+            if k in arrays and np.issubdtype(arrays[k].dtype, np.floating) and np.any(arrays[k])]
     if bad:
         raise UpdateRejected(bad)
 
@@ -459,7 +468,7 @@ def privatize_update(
     out: dict[str, np.ndarray] = {}
     for k, a in arrays.items():
         v = a.astype(np.float64) * scale
-        if std > 0.0:
+        if std > 0.0 and k not in frozen:
             v = v + rng.normal(0.0, std, size=a.shape)
         out[k] = v.astype(a.dtype, copy=False)
     return out, UpdateStats(norm_before=norm, norm_after_clip=norm * scale, scale=scale, noise_std=std)

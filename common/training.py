@@ -34,10 +34,13 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 MAX_PHYSICAL_BATCH = 64
 
 
-def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
-    """``"auto"`` becomes the encoder's own fastest mode; explicit modes pass through."""
+def resolve_grad_sample_mode(mode: str, model: nn.Module, train_encoder: bool = True) -> str:
+    """``"auto"`` becomes the encoder's own fastest mode ("hooks" when only a head trains:
+    hooks skip frozen layers); explicit modes pass through."""
     if mode != "auto":
         return mode
+    if not train_encoder:
+        return "hooks"
     encoder = getattr(model, "encoder", None)
     return getattr(encoder, "grad_sample_mode", "hooks")
 
@@ -59,6 +62,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Opacus per-sample gradients: "hooks", "functorch", "ew", or "auto" (the encoder's fastest).
     grad_sample_mode: str = "auto"
+    # False keeps the encoder fixed and trains the head alone: on a device whose encoder was
+    # pretrained on public speech, DP-SGD's noise then falls on a few thousand head weights
+    # instead of the whole network.
+    train_encoder: bool = True
 
     def validate(self) -> None:
         problems = []
@@ -107,12 +114,15 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.where(present, counts.sum() / (counts.clamp(min=1) * present.sum()), torch.zeros_like(counts))
 
 
-def _freeze_other_heads(model: nn.Module, task: str) -> dict[str, bool]:
-    """Only the trained head (and the encoder) take gradients; Opacus needs that."""
+def _freeze_all_but(model: nn.Module, task: str, train_encoder: bool) -> dict[str, bool]:
+    """Only the trained head (and the encoder, unless frozen) take gradients; Opacus needs that."""
     saved = {}
     for name, p in model.named_parameters():
         saved[name] = p.requires_grad
-        if name.startswith("heads.") and not name.startswith(f"heads.{task}."):
+        if name.startswith("heads."):
+            if not name.startswith(f"heads.{task}."):
+                p.requires_grad_(False)
+        elif not train_encoder:
             p.requires_grad_(False)
     return saved
 
@@ -179,7 +189,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     frontend = FrontEnd(spec) if use_waves else None
-    saved_grad = _freeze_other_heads(model, task)
+    saved_grad = _freeze_all_but(model, task, cfg.train_encoder)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -207,7 +217,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
             net, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
-                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model))
+                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model, cfg.train_encoder))
         result.noise_multiplier = float(z)
         logical_steps = len(loader)
         if batch_size > MAX_PHYSICAL_BATCH:

@@ -71,7 +71,8 @@ class FederatedRun:
                             keys.LEARNING_RATE: settings.learning_rate,
                             keys.DP_ENABLED: settings.dp, keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
                             "num-rounds": settings.num_server_rounds,
-                            keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, "timeout": settings.round_timeout})
+                            keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
+                            "timeout": settings.round_timeout})
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec) if settings.eval_data else None
 
     def _initial_state(self, grid: Grid) -> ServerState:

@@ -52,6 +52,7 @@ class RunSettings:
     dp: bool = True                   # sample-level DP-SGD on devices
     dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it
     dp_max_grad_norm: float = 1.0
+    train_scope: str = "all"          # "heads": devices fine-tune only the heads (see kws_corpus)
     kws_corpus: str = ""              # public command corpus to pretrain the KWS head on
     kws_pretrain_epochs: int = 5
     eval_data: str = ""               # corpus for server-side evaluation each round
@@ -95,6 +96,11 @@ class RunSettings:
             p.append(f"min-clients must be >= 1, got {self.min_clients}")
         if not 0 < self.fraction_train <= 1:
             p.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.train_scope not in ("all", "heads"):
+            p.append(f"train-scope must be all or heads, got {self.train_scope!r}")
+        elif self.train_scope == "heads" and not self.kws_corpus:
+            p.append("train-scope=heads needs kws-corpus: without public pretraining the fixed encoder would "
+                     "stay at its random initialisation")
         if self.noise_mode not in ("local", "distributed", "none"):
             p.append(f"noise-mode must be local, distributed or none, got {self.noise_mode!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):

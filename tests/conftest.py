@@ -8,6 +8,12 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end modules first: under pytest-xdist (``--dist loadfile``) each module runs
+    on one worker, and the long ones then overlap with the many short ones instead of ending last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real development corpus beside the project; skips the test when it is absent."""

@@ -9,6 +9,7 @@ ends with a report.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--max-epsilon", type=float, default=8.0, help="each device's sample-level budget")
     p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the server's test")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads per device (default: this machine's cores shared among the devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run setting passed to fedser-server (e.g. noise-mode=local)")
@@ -121,6 +124,8 @@ def run(args) -> int:
     tiers = _tiers(args.tiers)
     if args.clients < 1 or args.rounds < 1:
         raise ConfigError("--clients and --rounds must be >= 1")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: expected a positive count (or 0 for the default)")
     if args.no_dp and args.user_noise > 0:
         raise ConfigError("--no-dp and --user-noise contradict each other")
     if out.exists() and (out / "checkpoint.pt").exists():
@@ -153,6 +158,10 @@ def run(args) -> int:
         server_argv += ["--config", "noise-mode=none"]
     for kv in args.config:
         server_argv += ["--config", kv]
+    # The devices train at the same time on this one machine: each gets its share of the cores,
+    # so torch's thread pools do not fight over them.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or max(1, cores // args.clients)
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
     launch.interrupt_on_sigterm()  # so that `finally` stops the server and devices (own sessions)
@@ -165,7 +174,7 @@ def run(args) -> int:
             argv = [launch.executable("fedser-client"), "start", "--server", f"127.0.0.1:{port}",
                     "--data", str(manifest), "--tier", str(tier), "--max-epsilon", str(args.max_epsilon),
                     "--root-cert", str(certs.ca_cert), "--ledger", str(manifest.parent / "ledger.json"),
-                    "--cache", str(cache), "--port", str(launch.free_port()),
+                    "--cache", str(cache), "--port", str(launch.free_port()), "--threads", str(threads),
                     "--log", str(out / "logs" / f"device-{i}.log")]
             procs.append(launch.start_process(argv, out / "logs" / f"device-{i}.out"))
         print(f"SuperLink on 127.0.0.1:{port} (TLS), {len(devices)} SuperNodes; tiers "

@@ -33,10 +33,10 @@ from fedser.client.ledger import PrivacyLedger, plan_spend
 from fedser.common import keys
 from fedser.common.corpora import load_corpora, write_manifest
 from fedser.common.features import FeatureSpec
-from fedser.common.models import ModelConfig, build_model
+from fedser.common.models import ModelConfig, build_model, head_of
 from fedser.common.params import state_to_arrays
 from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of
-from fedser.common.records import arrays_to_record
+from fedser.common.records import arrays_to_record, record_to_arrays
 from fedser.common.slicing import slice_state
 from fedser.server.strategy import HeteroFedAvg
 
@@ -125,7 +125,7 @@ def strategy(rounds: int = 3, epochs: int = 1, dp: bool = True) -> HeteroFedAvg:
         min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1,
         train_settings={keys.LOCAL_EPOCHS: epochs, keys.BATCH_SIZE: 16, keys.LEARNING_RATE: 3e-3,
                         keys.DP_ENABLED: dp, keys.DP_NOISE_MULTIPLIER: 0.0, "num-rounds": rounds,
-                        keys.DP_MAX_GRAD_NORM: 1.0, "timeout": 60.0})
+                        keys.DP_MAX_GRAD_NORM: 1.0, keys.TRAIN_SCOPE: "all", "timeout": 60.0})
 
 
 def global_model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -203,6 +203,28 @@ def test_train_reply_holds_only_the_tiers_model_slice_and_scalar_metrics(tier, p
     # The server's validation accepts it as a well-formed update.
     s.aggregate_train(1, [reply])
     assert (s.outcome.used, s.outcome.rejected, s.outcome.failed) == (1, [], [])
+
+
+def test_heads_scope_update_leaves_the_encoder_exactly_as_broadcast(person, feature_cache, tmp_path):
+    # Prepare: the server asks for head-only training, with distributed user-level noise on.
+    ctx = device(person, tmp_path, feature_cache)
+    s, instruction = train_instruction(ctx)
+    cfg = dict(instruction.content[keys.CONFIG])
+    assert cfg[keys.TRAIN_SCOPE] == "all"  # the default
+    heads_only = with_content(instruction, config={**cfg, keys.TRAIN_SCOPE: "heads"})
+
+    # Execute
+    reply = app(heads_only, ctx)
+
+    # Assert: no change and no noise on any encoder array; the heads moved; DP spend recorded.
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else None
+    update = record_to_arrays(reply.content[keys.ARRAYS])
+    encoder = [k for k in update if head_of(k) is None]
+    assert encoder and all(not np.any(update[k]) for k in encoder)
+    assert all(np.any(update[k]) for k in update if head_of(k) is not None)
+    assert scalar_metrics(reply.content[keys.METRICS], TRAIN_METRICS)[keys.EPSILON] > 0
+    s.aggregate_train(1, [reply])
+    assert (s.outcome.used, s.outcome.rejected) == (1, [])
 
 
 def test_query_and_evaluate_replies_hold_only_scalar_metrics(person, feature_cache, tmp_path):
@@ -413,8 +435,12 @@ def _no_config(msg, cfg):
     return with_content(msg, drop=(keys.CONFIG,))
 
 
+def _unknown_train_scope(msg, cfg):
+    return with_content(msg, config={**cfg, keys.TRAIN_SCOPE: "encoder"})
+
+
 @pytest.mark.parametrize("spoil", [_wrong_tier, _no_model_config, _garbled_model_config, _unknown_encoder,
-                                   _bad_feature_spec, _wrong_shapes, _no_arrays, _no_config],
+                                   _bad_feature_spec, _wrong_shapes, _no_arrays, _no_config, _unknown_train_scope],
                          ids=lambda f: f.__name__.strip("_").replace("_", " "))
 def test_device_declines_an_instruction_it_cannot_use(spoil, person, feature_cache, tmp_path):
     # Prepare: a device of tier 0.25; the instruction meant for it, spoilt one way.

@@ -151,6 +151,24 @@ def test_mode_none_adds_no_noise_whatever_z_is():
     assert st_.noise_std == 0.0
 
 
+def test_frozen_arrays_get_no_noise_while_the_trained_ones_do():
+    # Prepare: a head-only update; the encoder was not trained, so its delta is exactly zero.
+    delta = {"encoder.weight": np.zeros((4, 3), np.float32), "heads.kws.weight": np.full(6, 3.0, np.float32)}
+    # Execute
+    out, st_ = privatize_update(delta, 1.0, 1.0, "local", 1, _rng(), frozen=["encoder.weight"])
+    # Assert
+    assert not out["encoder.weight"].any()
+    assert st_.norm_before == pytest.approx(3.0 * math.sqrt(6)) and st_.noise_std == 1.0
+    assert not np.allclose(out["heads.kws.weight"], 1.0 / math.sqrt(6), atol=1e-3)  # noised
+
+
+@pytest.mark.parametrize("frozen, what", [(["encoder.weight"], "changed"), (["decoder.weight"], "not in the update")])
+def test_a_frozen_array_that_moved_or_does_not_exist_is_refused_by_name(frozen, what):
+    delta = {"encoder.weight": np.full(3, 0.1, np.float32), "heads.kws.weight": np.ones(2, np.float32)}
+    with pytest.raises(UpdateRejected, match=f"{frozen[0]}: named frozen but {what}"):
+        privatize_update(delta, 1.0, 1.0, "local", 1, _rng(), frozen=frozen)
+
+
 def test_same_seed_same_noise():
     a, _ = privatize_update(_zeros(1000), 1.0, 1.0, "local", 1, _rng(7))
     b, _ = privatize_update(_zeros(1000), 1.0, 1.0, "local", 1, _rng(7))

@@ -40,6 +40,22 @@ def test_learns_a_separable_task_and_keeps_the_other_head_untouched():
     assert all(p.requires_grad for p in model.parameters())  # restored after training
 
 
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_a_frozen_encoder_stays_put_while_the_head_learns(dp):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=1e-2, train_encoder=False, dp=dp,
+                      noise_multiplier=0.5 if dp else None)
+    result = train_task(model, "kws", separable(), None, cfg, SPEC, progress=False)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.kws.") for k in changed)
+    assert {k for k in before if k.startswith("heads.kws.")} == changed
+    assert all(p.requires_grad for p in model.parameters())
+    assert (result.steps > 0) and (len(result.spend) == (6 if dp else 0))
+
+
 def test_dp_training_reports_the_accountants_epsilon_over_prior_spend():
     torch.manual_seed(0)
     data = separable(n=64)

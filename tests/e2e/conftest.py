@@ -66,8 +66,9 @@ def fedser_state(tmp_path_factory) -> dict[str, str]:
     The feature cache is shared by all runs of the session, so each utterance is featurised once.
     """
     root = tmp_path_factory.mktemp("fedser state")
+    # One torch thread per process: a federation's processes share the machine's cores.
     return {"FEDSER_HOME": str(root / "home"), "FEDSER_CACHE": str(root / "cache"),
-            "FLWR_HOME": str(root / "flwr")}
+            "FLWR_HOME": str(root / "flwr"), "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------- processes

@@ -105,6 +105,7 @@ def test_an_integral_float_is_an_int():
     ("dp-max-grad-norm", -1.0, "dp-max-grad-norm"),
     ("round-timeout", 0.0, "round-timeout"),
     ("kws-pretrain-epochs", 0, "kws-pretrain-epochs"),
+    ("train-scope", "encoder", "train-scope"),
 ])
 def test_values_out_of_range_are_refused_naming_the_setting(key, value, fragment):
     # Execute / Assert
@@ -119,6 +120,12 @@ def test_range_problems_are_collected_together():
     # Assert
     text = str(info.value)
     assert "num-server-rounds" in text and "noise-mode" in text and "user-delta" in text
+
+
+def test_head_only_training_needs_a_pretrained_encoder():
+    with pytest.raises(ConfigError, match="train-scope=heads needs kws-corpus"):
+        RunSettings.from_run_config({"run-dir": "r", "train-scope": "heads"})
+    RunSettings.from_run_config({"run-dir": "r", "train-scope": "heads", "kws-corpus": "/data/public"}).validate()
 
 
 def test_the_defaults_validate():
