@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from fedser.common import keys
 from fedser.common.augment import Augmenter
 from fedser.common.errors import ConfigError, CorpusError, FedserError
-from fedser.common.models import build_model, head_of
+from fedser.common.models import build_model, encoder_params_in_scope, head_of
 from fedser.common.params import arrays_to_state, state_to_arrays
 from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of
 from fedser.common.records import arrays_to_record, model_from_config, record_to_arrays
@@ -146,11 +146,10 @@ def train(msg: Message, context: Context) -> Message:
             ledger.record(spend, round=int(cfg[keys.SERVER_ROUND]), model_version=int(cfg[keys.MODEL_VERSION]))
 
     losses, steps = [], 0
-    train_encoder = scope == "all"
     torch.manual_seed(int(cfg[keys.SERVER_ROUND]) * 7919 + int(context.node_id) % 7919)
     for task in tasks:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=float(cfg[keys.LEARNING_RATE]),
-                           dp=dp, noise_multiplier=z_sample, train_encoder=train_encoder,
+                           dp=dp, noise_multiplier=z_sample, scope=scope,
                            max_grad_norm=float(cfg[keys.DP_MAX_GRAD_NORM]), delta=settings.delta)
         result = train_task(model, task, data.train[task], None, tcfg, spec, Augmenter(spec, seed=steps),
                             progress=False)
@@ -159,7 +158,8 @@ def train(msg: Message, context: Context) -> Message:
     local = state_to_arrays(model)
     delta = {k: (local[k] - global_sub[k]).astype(np.float32) for k in global_sub}
     rng = np.random.default_rng()
-    frozen = [] if train_encoder else [k for k in delta if head_of(k) is None]
+    trained = encoder_params_in_scope(model, scope)
+    frozen = [k for k in delta if head_of(k) is None and k not in trained]
     noised, stats = privatize_update(delta, clip_norm=float(cfg[keys.CLIP_NORM]),
                                      noise_multiplier=float(cfg[keys.NOISE_MULTIPLIER]),
                                      mode=str(cfg[keys.NOISE_MODE]), expected_clients=int(cfg[keys.EXPECTED_CLIENTS]),

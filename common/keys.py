@@ -21,8 +21,8 @@ DP_ENABLED = "dp"                     # sample-level DP-SGD on devices
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # floor of the DP-SGD noise; devices calibrate above it
 ROUNDS_LEFT = "rounds-left"           # rounds still planned, this one included (budget calibration)
 DP_MAX_GRAD_NORM = "dp-max-grad-norm"
-TRAIN_SCOPE = "train-scope"           # "all" | "heads" (the encoder stays as broadcast)
-TRAIN_SCOPES = ("all", "heads")
+TRAIN_SCOPE = "train-scope"           # what devices train: "all" | "norms" (+ heads) | "heads"
+TRAIN_SCOPES = ("all", "norms", "heads")
 MODEL_CONFIG = "model-config"         # JSON of the ModelConfig
 FEATURE_SPEC = "feature-spec"         # JSON of the FeatureSpec
 

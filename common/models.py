@@ -441,6 +441,31 @@ def build_model(cfg: ModelConfig) -> MultiTaskNet:
     return MultiTaskNet(cfg)
 
 
+def encoder_params_in_scope(model: nn.Module, scope: str) -> set[str]:
+    """Names of the encoder parameters a device trains under ``scope`` (``keys.TRAIN_SCOPES``).
+
+    "all": every one; "norms": the affine scale and shift of the normalisation layers (a few
+    hundred weights that adapt a pretrained encoder's features); "heads": none. The heads a
+    device has labels for are trained under every scope.
+    """
+    from .keys import TRAIN_SCOPES
+
+    if scope not in TRAIN_SCOPES:
+        raise ConfigError(f"train scope {scope!r} is not one of {', '.join(TRAIN_SCOPES)}")
+    names = set()
+    for prefix, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if head_of(full) is not None:
+                continue
+            if scope == "all" or (scope == "norms" and isinstance(module, _NORMS)):
+                names.add(full)
+    return names
+
+
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d)
+
+
 def head_of(param_name: str) -> str | None:
     """``"emotion"`` / ``"kws"`` for a head parameter name, None for the shared encoder.
 

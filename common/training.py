@@ -24,6 +24,8 @@ from .data import TaskData
 from .errors import ConfigError
 from .evaluation import classification_report
 from .features import FeatureSpec, FrontEnd
+from .keys import TRAIN_SCOPES
+from .models import encoder_params_in_scope, head_of
 from .privacy import SpendRecord
 
 
@@ -34,12 +36,12 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 MAX_PHYSICAL_BATCH = 64
 
 
-def resolve_grad_sample_mode(mode: str, model: nn.Module, train_encoder: bool = True) -> str:
-    """``"auto"`` becomes the encoder's own fastest mode ("hooks" when only a head trains:
-    hooks skip frozen layers); explicit modes pass through."""
+def resolve_grad_sample_mode(mode: str, model: nn.Module, scope: str = "all") -> str:
+    """``"auto"`` becomes the encoder's own fastest mode ("hooks" when part of the encoder is
+    fixed: hooks skip frozen layers); explicit modes pass through."""
     if mode != "auto":
         return mode
-    if not train_encoder:
+    if scope != "all":
         return "hooks"
     encoder = getattr(model, "encoder", None)
     return getattr(encoder, "grad_sample_mode", "hooks")
@@ -62,10 +64,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Opacus per-sample gradients: "hooks", "functorch", "ew", or "auto" (the encoder's fastest).
     grad_sample_mode: str = "auto"
-    # False keeps the encoder fixed and trains the head alone: on a device whose encoder was
-    # pretrained on public speech, DP-SGD's noise then falls on a few thousand head weights
-    # instead of the whole network.
-    train_encoder: bool = True
+    # Which encoder weights train with the head (``keys.TRAIN_SCOPES``): "all", "norms" (the
+    # normalisation layers' scale and shift) or "heads" (none). On a device whose encoder was
+    # pretrained on public speech, DP-SGD's noise then falls on a few thousand weights instead
+    # of the whole network.
+    scope: str = "all"
 
     def validate(self) -> None:
         problems = []
@@ -75,6 +78,8 @@ class TrainConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.scope not in TRAIN_SCOPES:
+            problems.append(f"scope must be one of {', '.join(TRAIN_SCOPES)}, got {self.scope!r}")
         if self.optimizer not in ("adam", "sgd"):
             problems.append(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.dp:
@@ -114,15 +119,14 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.where(present, counts.sum() / (counts.clamp(min=1) * present.sum()), torch.zeros_like(counts))
 
 
-def _freeze_all_but(model: nn.Module, task: str, train_encoder: bool) -> dict[str, bool]:
-    """Only the trained head (and the encoder, unless frozen) take gradients; Opacus needs that."""
+def _freeze_all_but(model: nn.Module, task: str, scope: str) -> dict[str, bool]:
+    """Only the trained head and the encoder weights in ``scope`` take gradients; Opacus needs that."""
+    encoder = encoder_params_in_scope(model, scope)
     saved = {}
     for name, p in model.named_parameters():
         saved[name] = p.requires_grad
-        if name.startswith("heads."):
-            if not name.startswith(f"heads.{task}."):
-                p.requires_grad_(False)
-        elif not train_encoder:
+        head = head_of(name)
+        if (head is not None and head != task) or (head is None and name not in encoder):
             p.requires_grad_(False)
     return saved
 
@@ -189,7 +193,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     frontend = FrontEnd(spec) if use_waves else None
-    saved_grad = _freeze_all_but(model, task, cfg.train_encoder)
+    saved_grad = _freeze_all_but(model, task, cfg.scope)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -199,6 +203,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
     result = TrainResult()
     engine = None
     net: nn.Module = model
+    model.train()   # Opacus refuses a model left in eval mode (e.g. by an earlier evaluate_task)
     if cfg.dp:
         from opacus import PrivacyEngine
         from .privacy import noise_for_budget
@@ -217,7 +222,7 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
             net, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
-                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model, cfg.train_encoder))
+                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model, cfg.scope))
         result.noise_multiplier = float(z)
         logical_steps = len(loader)
         if batch_size > MAX_PHYSICAL_BATCH:

@@ -30,7 +30,7 @@ from fedser.common.privacy import UserLevelAccountant
 from fedser.common.records import arrays_to_record, record_to_arrays
 
 from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_checkpoint
-from .kws import pretrain_kws_head
+from .pretrain import PublicCorpus, pretrain
 from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
 from .settings import RunSettings
@@ -78,10 +78,16 @@ class FederatedRun:
     def _initial_state(self, grid: Grid) -> ServerState:
         torch.manual_seed(self.s.seed)
         model = build_model(self.model_config)
-        if self.s.kws_corpus:
-            _progress(self.run_dir, f"pretraining the KWS head on {self.s.kws_corpus}")
-            pretrain_kws_head(model, self.s.kws_corpus, self.spec, epochs=self.s.kws_pretrain_epochs)
-            self.strategy.kws_head_version = 1
+        public = ([PublicCorpus(self.s.kws_corpus, ("kws",), "kws-corpus")] if self.s.kws_corpus else []) + \
+            ([PublicCorpus(self.s.public_corpus)] if self.s.public_corpus else [])
+        if public:
+            _progress(self.run_dir, "pretraining on public speech: " + ", ".join(c.path for c in public))
+            reports = pretrain(model, public, self.spec, epochs=self.s.kws_pretrain_epochs, seed=self.s.seed)
+            _progress(self.run_dir, "pretrained " + "; ".join(
+                f"{t}: validation accuracy {r['accuracy']:.3f}" if r else f"{t}: too few public speakers to validate"
+                for t, r in reports.items()))
+            if "kws" in reports:
+                self.strategy.kws_head_version = 1
         total = self.s.total_clients or max(self.s.min_clients, len(list(grid.get_node_ids())))
         per_round = max(1, min(total, math.ceil(self.s.fraction_train * total)))
         accountant = UserLevelAccountant(self.s.noise_multiplier if self.s.noise_mode != "none" else 0.0,
@@ -178,6 +184,7 @@ class FederatedRun:
         meta = {"mode": "federated", "model_version": self.strategy.model_version,
                 "kws_head_version": self.strategy.kws_head_version, "privacy": privacy,
                 "rounds": len(rows), "corpus": {"description": "device data (never seen by the server)",
-                                                "kws_pretraining": self.s.kws_corpus or None}}
+                                                "kws_pretraining": self.s.kws_corpus or None,
+                                                "public_pretraining": self.s.public_corpus or None}}
         labels = {t: list(HEAD_CLASSES[t]) for t in ("emotion", "kws")}
         save_bundle(Bundle.from_model(model, self.model_config, self.spec, labels, meta), self.run_dir)

@@ -1,6 +1,6 @@
 """``fedser-server``: run the aggregation server (a SuperLink plus the fedser ServerApp run).
 
-    fedser-server start --run-dir DIR [--rounds R] [--min-clients K] [--kws-corpus PATH]
+    fedser-server start --run-dir DIR [--rounds R] [--min-clients K] [--kws-corpus PATH] [--public-corpus PATH]
                         [--eval-data PATH] [--insecure] [--resume] [--supernode-auth --register KEY.pub ...]
     fedser-server start --superlink HOST:PORT --root-cert CA.pem --run-dir DIR [...]
 
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", required=True, help="checkpoints, metrics, plots and the final model go here")
     s.add_argument("--rounds", type=int, default=None, help="number of rounds (default 3)")
     s.add_argument("--min-clients", type=int, default=None, help="devices needed before a round starts (default 2)")
-    s.add_argument("--kws-corpus", default=None, help="public command corpus to pretrain the KWS head on")
+    s.add_argument("--kws-corpus", default=None, help="public command corpus to pretrain the encoder + KWS head on")
+    s.add_argument("--public-corpus", default=None,
+                   help="public speech (commands and/or emotions) to pretrain the encoder + heads on")
     s.add_argument("--eval-data", default=None, help="corpus for server-side evaluation each round")
     s.add_argument("--resume", action="store_true", help="continue after the last complete round in RUN_DIR")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
@@ -85,14 +87,15 @@ def run_config_from_args(args) -> dict:
     defaults = run_config_defaults()
     cfg: dict[str, object] = {"run-dir": str(Path(args.run_dir).resolve())}
     for key, val in (("num-server-rounds", args.rounds), ("min-clients", args.min_clients),
-                     ("kws-corpus", args.kws_corpus), ("eval-data", args.eval_data)):
+                     ("kws-corpus", args.kws_corpus), ("public-corpus", args.public_corpus),
+                     ("eval-data", args.eval_data)):
         if val is not None:
-            cfg[key] = str(Path(val).resolve()) if key in ("kws-corpus", "eval-data") else val
+            cfg[key] = str(Path(val).resolve()) if key in ("kws-corpus", "public-corpus", "eval-data") else val
     if args.resume:
         cfg["resume"] = True
     for k, v in args.config:
         cfg[k] = _typed(k, v, defaults)
-    for key in ("kws-corpus", "eval-data"):
+    for key in ("kws-corpus", "public-corpus", "eval-data"):
         if cfg.get(key) and not Path(str(cfg[key])).exists():
             raise ConfigError(f"--{key} {cfg[key]}: no such file or folder")
     return cfg

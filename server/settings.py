@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from fedser.common.commands.partition import parse_tiers
 from fedser.common.errors import ConfigError
+from fedser.common.keys import TRAIN_SCOPES
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -52,9 +53,10 @@ class RunSettings:
     dp: bool = True                   # sample-level DP-SGD on devices
     dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it
     dp_max_grad_norm: float = 1.0
-    train_scope: str = "all"          # "heads": devices fine-tune only the heads (see kws_corpus)
-    kws_corpus: str = ""              # public command corpus to pretrain the KWS head on
-    kws_pretrain_epochs: int = 5
+    train_scope: str = "all"          # "norms" / "heads": devices fine-tune part of a pretrained model
+    kws_corpus: str = ""              # public command corpus to pretrain the encoder + KWS head on
+    public_corpus: str = ""           # public speech to pretrain the encoder + every head it has labels for
+    kws_pretrain_epochs: int = 60     # epochs of that pretraining (early stopping on public speakers)
     eval_data: str = ""               # corpus for server-side evaluation each round
     resume: bool = False
     round_timeout: float = 600.0
@@ -96,11 +98,11 @@ class RunSettings:
             p.append(f"min-clients must be >= 1, got {self.min_clients}")
         if not 0 < self.fraction_train <= 1:
             p.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.train_scope not in ("all", "heads"):
-            p.append(f"train-scope must be all or heads, got {self.train_scope!r}")
-        elif self.train_scope == "heads" and not self.kws_corpus:
-            p.append("train-scope=heads needs kws-corpus: without public pretraining the fixed encoder would "
-                     "stay at its random initialisation")
+        if self.train_scope not in TRAIN_SCOPES:
+            p.append(f"train-scope must be one of {', '.join(TRAIN_SCOPES)}, got {self.train_scope!r}")
+        elif self.train_scope != "all" and not (self.kws_corpus or self.public_corpus):
+            p.append(f"train-scope={self.train_scope} needs kws-corpus or public-corpus: without public "
+                     "pretraining the fixed encoder weights would stay at their random initialisation")
         if self.noise_mode not in ("local", "distributed", "none"):
             p.append(f"noise-mode must be local, distributed or none, got {self.noise_mode!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):

@@ -55,7 +55,7 @@ def build_run_config(partitions: Path, run_dir: Path, rounds: int, overrides: li
         if k in ("run-dir", "partitions-dir", "num-server-rounds"):
             raise ConfigError(f"--config {k}: set it with --out, --partitions or --rounds")
         cfg[k] = _typed(k, v, defaults)
-    for key in ("kws-corpus", "eval-data"):
+    for key in ("kws-corpus", "public-corpus", "eval-data"):
         if cfg.get(key):
             path = Path(str(cfg[key])).resolve()
             if not path.exists():

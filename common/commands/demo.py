@@ -18,7 +18,7 @@ from .. import launch
 from ..certs import generate_ca_and_server_cert
 from ..errors import ConfigError, FedserError
 from .args import default_cache_dir, load_data
-from .partition import partition_corpus
+from .partition import PUBLIC_MANIFEST, partition_corpus
 
 HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
 
@@ -38,6 +38,11 @@ def add_arguments(p) -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--max-epsilon", type=float, default=8.0, help="each device's sample-level budget")
     p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the server's test")
+    p.add_argument("--public", type=float, default=0.2, metavar="SHARE",
+                   help="share of speakers set apart as public speech: the server pretrains on it and the "
+                        "devices fine-tune under DP (0: no public speech, devices train from scratch)")
+    p.add_argument("--train-scope", default=None, choices=("all", "norms", "heads"),
+                   help="what devices train (default: norms with public speech, else all)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads per device (default: this machine's cores shared among the devices)")
     p.add_argument("--seed", type=int, default=0)
@@ -60,10 +65,11 @@ def _tiers(text: str) -> list[float]:
     return tiers
 
 
-def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int):
+def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int, public: float = 0.0):
     """Partition by speaker (``fedser partition``) into ``out/devices``; returns the device manifests,
     the server's test manifest (None without held-out speakers) and the utterances of each."""
-    result = partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data)
+    result = partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data,
+                              public=public)
     return result.devices, result.test, result.parts, result.test_utterances
 
 
@@ -75,6 +81,17 @@ def _tail(path: Path, seen: int, quiet: bool) -> int:
         for line in lines[seen:]:
             print(f"  {line}", flush=True)
     return len(lines)
+
+
+def _pretraining_rows(out: Path) -> list[str]:
+    """Report rows on public pretraining, from the run's settings (none when it had none)."""
+    path = out / "run_settings.json"
+    settings = json.loads(path.read_text()) if path.exists() else {}
+    public = [p for p in (settings.get("public_corpus"), settings.get("kws_corpus")) if p]
+    if not public:
+        return []
+    return [f"| server pretraining on public speech | {', '.join(public)} |",
+            f"| what devices trained (train-scope) | {settings.get('train_scope', 'all')} |"]
 
 
 def report(out: Path, audit: Path | None = None) -> str:
@@ -98,6 +115,7 @@ def report(out: Path, audit: Path | None = None) -> str:
               f"| bytes sent / received | {sent:,} / {recv:,} |",
               f"| time per round (mean) | {sum(secs) / max(len(secs), 1):.1f} s |",
               f"| updates rejected | {summary.get('rejections', 0)} |",
+              *_pretraining_rows(out),
               "", f"{summary.get('user-note', '')}", "",
               "Plots: accuracy.png, privacy_and_traffic.png. Per-round figures: metrics.csv / metrics.json.",
               "Evaluate the final model on any corpus: `fedser evaluate RUN_DIR --data PATH --task kws --json`."]
@@ -124,6 +142,8 @@ def run(args) -> int:
     tiers = _tiers(args.tiers)
     if args.clients < 1 or args.rounds < 1:
         raise ConfigError("--clients and --rounds must be >= 1")
+    if args.train_scope not in (None, "all") and not args.public > 0:
+        raise ConfigError(f"--train-scope {args.train_scope} needs public speech to pretrain on (--public SHARE)")
     if args.threads < 0:
         raise ConfigError(f"--threads {args.threads}: expected a positive count (or 0 for the default)")
     if args.no_dp and args.user_noise > 0:
@@ -138,10 +158,12 @@ def run(args) -> int:
             synth.synthesize_corpus(corpus_dir, seed=args.seed, progress=not args.quiet, overwrite=True)
         data = [str(corpus_dir / "commands"), str(corpus_dir / "emotion")]
     out.mkdir(parents=True, exist_ok=True)
-    devices, test_csv, parts, test_u = prepare_devices(data, out, args.clients, args.test, args.seed)
+    devices, test_csv, parts, test_u = prepare_devices(data, out, args.clients, args.test, args.seed, args.public)
+    public_csv = out / "devices" / PUBLIC_MANIFEST if args.public > 0 else None
+    scope = args.train_scope or ("norms" if public_csv else "all")
     print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "
-          f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers",
-          flush=True)
+          f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
+          + (f"; public speech for the server's pretraining: {public_csv}" if public_csv else ""), flush=True)
     certs = generate_ca_and_server_cert(out / "certs")
     port = launch.free_port()
     cache = default_cache_dir() / "features"
@@ -150,6 +172,9 @@ def run(args) -> int:
                    "--rounds", str(args.rounds), "--config", f"local-epochs={args.local_epochs}"]
     if test_csv is not None:
         server_argv += ["--eval-data", str(test_csv)]
+    if public_csv is not None:
+        server_argv += ["--public-corpus", str(public_csv)]
+    server_argv += ["--config", f"train-scope={scope}"]
     if args.no_dp:
         server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
     elif args.user_noise > 0:

@@ -13,6 +13,7 @@ virtual clients of Flower's Simulation Engine (client ``partition-id`` i reads
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -29,6 +30,7 @@ HELP = "partition corpora by speaker into N device manifests plus a held-out tes
 
 PARTITIONS_FILE = "partitions.json"
 TEST_MANIFEST = "test.csv"
+PUBLIC_MANIFEST = "public.csv"
 
 
 TIERS = (1.0, 0.5, 0.25)
@@ -63,6 +65,8 @@ class Partition:
     test: Path | None                    # test.csv (None when no speaker is held out)
     parts: list[list[Utterance]]         # per device, the utterances of its manifest
     test_utterances: list[Utterance]
+    public: Path | None = None           # public.csv (None unless a public share was asked for)
+    public_utterances: list[Utterance] = dataclasses.field(default_factory=list)
 
     def device_rows(self) -> list[dict]:
         """Per device: speakers, utterances and label counts per task."""
@@ -78,8 +82,13 @@ def _describe(i: int, part: Sequence[Utterance]) -> dict:
 
 
 def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: float = 0.2, seed: int = 0,
-                     dirichlet_alpha: float | None = None, sources: Sequence[str] = ()) -> Partition:
+                     dirichlet_alpha: float | None = None, sources: Sequence[str] = (),
+                     public: float = 0.0) -> Partition:
     """Hold out ``test`` of the speakers, share the rest among ``n_clients`` devices, write manifests.
+
+    ``public`` > 0 sets about that share of all speakers apart as ``public.csv``: speech the
+    server may use (``public-corpus``), standing in for a public corpus. The test speakers are
+    the same with or without it.
 
     Raises ``ConfigError`` when there are fewer training speakers than devices (a speaker is
     never split), for a bad ``test`` share, or when ``out`` already holds a different
@@ -93,7 +102,13 @@ def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: f
     if stale:
         raise ConfigError(f"{out} already holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from "
                           "a partition into more devices; use an empty --out folder")
+    if not (isinstance(public, (int, float)) and 0 <= public < 1 and public + test < 1):
+        raise ConfigError(f"--public {public!r}: expected a share in [0, 1) that leaves speakers for devices "
+                          f"besides --test {test}")
     train_pool, _, test_u = speaker_split(corpus.utterances, val=0.0, test=test, seed=seed)
+    public_u: list[Utterance] = []
+    if public > 0:
+        train_pool, _, public_u = speaker_split(train_pool, val=0.0, test=public / (1.0 - test), seed=seed)
     n_speakers = len({u.speaker for u in train_pool})
     if n_clients > n_speakers:
         raise ConfigError(f"--clients {n_clients}: only {n_speakers} training speakers to share out "
@@ -104,11 +119,16 @@ def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: f
     test_csv = write_manifest(test_u, out / TEST_MANIFEST) if test_u else None
     if test_csv is None and (out / TEST_MANIFEST).exists():
         (out / TEST_MANIFEST).unlink()   # a test split from an earlier partition would mislead
-    result = Partition(out, devices, test_csv, parts, test_u)
+    public_csv = write_manifest(public_u, out / PUBLIC_MANIFEST) if public_u else None
+    if public_csv is None and (out / PUBLIC_MANIFEST).exists():
+        (out / PUBLIC_MANIFEST).unlink()
+    result = Partition(out, devices, test_csv, parts, test_u, public_csv, public_u)
     meta = {"num-partitions": n_clients, "seed": seed, "test": test, "dirichlet-alpha": dirichlet_alpha,
             "sources": [str(s) for s in sources], "corpus": corpus.name,
             "test-manifest": TEST_MANIFEST if test_csv else None,
             "test-speakers": len({u.speaker for u in test_u}), "test-utterances": len(test_u),
+            "public-manifest": PUBLIC_MANIFEST if public_csv else None,
+            "public-speakers": len({u.speaker for u in public_u}), "public-utterances": len(public_u),
             "devices": result.device_rows()}
     tmp = out / (PARTITIONS_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -171,14 +191,20 @@ def add_arguments(p) -> None:
     p.add_argument("--dirichlet-alpha", type=float, default=None, metavar="A",
                    help="label skew across devices (small A: few labels per device); default: speakers dealt "
                         "round-robin")
+    p.add_argument("--public", type=float, default=0.0, metavar="SHARE",
+                   help="share of speakers set apart as public.csv, the server's public corpus (default 0)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
     corpus = load_data(args.data)
     result = partition_corpus(corpus, args.out, args.clients, test=args.test, seed=args.seed,
-                              dirichlet_alpha=args.dirichlet_alpha, sources=args.data)
+                              dirichlet_alpha=args.dirichlet_alpha, sources=args.data, public=args.public)
     print(summary_table(result))
     print(f"\nwrote {len(result.devices)} device manifests under {Path(args.out)}/device-<i>/data.csv"
           + (f" and {result.test}" if result.test else " (no test split: --test 0)"))
+    if result.public:
+        print(f"public speech for the server (--public-corpus): {result.public}, "
+              f"{len(result.public_utterances)} utterances of {len({u.speaker for u in result.public_utterances})} "
+              "speakers")
     return 0

@@ -33,7 +33,7 @@ from fedser.client.ledger import PrivacyLedger, plan_spend
 from fedser.common import keys
 from fedser.common.corpora import load_corpora, write_manifest
 from fedser.common.features import FeatureSpec
-from fedser.common.models import ModelConfig, build_model, head_of
+from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope, head_of
 from fedser.common.params import state_to_arrays
 from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of
 from fedser.common.records import arrays_to_record, record_to_arrays
@@ -205,23 +205,26 @@ def test_train_reply_holds_only_the_tiers_model_slice_and_scalar_metrics(tier, p
     assert (s.outcome.used, s.outcome.rejected, s.outcome.failed) == (1, [], [])
 
 
-def test_heads_scope_update_leaves_the_encoder_exactly_as_broadcast(person, feature_cache, tmp_path):
-    # Prepare: the server asks for head-only training, with distributed user-level noise on.
+@pytest.mark.parametrize("scope", ["heads", "norms"])
+def test_a_partial_scope_update_leaves_the_rest_of_the_encoder_exactly_as_broadcast(scope, person, feature_cache,
+                                                                                     tmp_path):
+    # Prepare: the server asks for partial training, with distributed user-level noise on.
     ctx = device(person, tmp_path, feature_cache)
     s, instruction = train_instruction(ctx)
     cfg = dict(instruction.content[keys.CONFIG])
     assert cfg[keys.TRAIN_SCOPE] == "all"  # the default
-    heads_only = with_content(instruction, config={**cfg, keys.TRAIN_SCOPE: "heads"})
+    partial = with_content(instruction, config={**cfg, keys.TRAIN_SCOPE: scope})
+    trained = encoder_params_in_scope(build_model(MODEL), scope)
 
     # Execute
-    reply = app(heads_only, ctx)
+    reply = app(partial, ctx)
 
-    # Assert: no change and no noise on any encoder array; the heads moved; DP spend recorded.
+    # Assert: no change and no noise outside the scope; the heads and the scope moved; DP spend recorded.
     assert not reply.has_error(), reply.error.reason if reply.has_error() else None
     update = record_to_arrays(reply.content[keys.ARRAYS])
-    encoder = [k for k in update if head_of(k) is None]
-    assert encoder and all(not np.any(update[k]) for k in encoder)
-    assert all(np.any(update[k]) for k in update if head_of(k) is not None)
+    fixed = [k for k in update if head_of(k) is None and k not in trained]
+    assert fixed and all(not np.any(update[k]) for k in fixed)
+    assert all(np.any(update[k]) for k in update if head_of(k) is not None or k in trained)
     assert scalar_metrics(reply.content[keys.METRICS], TRAIN_METRICS)[keys.EPSILON] > 0
     s.aggregate_train(1, [reply])
     assert (s.outcome.used, s.outcome.rejected) == (1, [])

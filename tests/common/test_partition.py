@@ -122,3 +122,27 @@ def test_parse_tiers(text, expected):
 def test_parse_tiers_rejects(text):
     with pytest.raises(ConfigError):
         parse_tiers(text)
+
+
+def test_a_public_share_is_set_apart_without_changing_the_test_speakers(tmp_path):
+    corpus = _corpus(20)
+    plain = partition_corpus(corpus, tmp_path / "plain", 4, test=0.2, seed=0)
+    result = partition_corpus(corpus, tmp_path / "public", 4, test=0.2, seed=0, public=0.2)
+    def speakers(utts):
+        return {u.speaker for u in utts}
+
+    public, test = speakers(result.public_utterances), speakers(result.test_utterances)
+    devices = set().union(*(speakers(p) for p in result.parts))
+    assert result.public == tmp_path / "public" / "public.csv" and result.public.stat().st_size > 0
+    assert test == speakers(plain.test_utterances)
+    assert public and not public & test and not public & devices
+    assert len(public | test | devices) == 20
+    meta = read_partitions(tmp_path / "public")
+    assert meta["public-manifest"] == "public.csv" and meta["public-speakers"] == len(public)
+    assert plain.public is None and not (tmp_path / "plain" / "public.csv").exists()
+
+
+@pytest.mark.parametrize("share", [-0.1, 0.8, 1.0])
+def test_a_public_share_that_leaves_no_device_speakers_is_refused(tmp_path, share):
+    with pytest.raises(ConfigError, match="--public"):
+        partition_corpus(_corpus(20), tmp_path, 4, test=0.2, public=share)

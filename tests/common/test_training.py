@@ -5,7 +5,7 @@ import torch
 from fedser.common.data import TaskData
 from fedser.common.errors import ConfigError
 from fedser.common.features import FeatureSpec
-from fedser.common.models import ModelConfig, build_model
+from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope
 from fedser.common.privacy import SpendRecord, epsilon_of
 from fedser.common.training import TrainConfig, class_weights, evaluate_task, predict, train_task
 
@@ -40,20 +40,33 @@ def test_learns_a_separable_task_and_keeps_the_other_head_untouched():
     assert all(p.requires_grad for p in model.parameters())  # restored after training
 
 
+@pytest.mark.parametrize("scope", ["heads", "norms"])
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
-def test_a_frozen_encoder_stays_put_while_the_head_learns(dp):
+def test_only_the_head_and_the_scopes_encoder_weights_move(dp, scope):
     torch.manual_seed(0)
     model = build_model(ModelConfig())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(epochs=6, batch_size=32, lr=1e-2, train_encoder=False, dp=dp,
-                      noise_multiplier=0.5 if dp else None)
+    in_scope = encoder_params_in_scope(model, scope)
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=1e-2, scope=scope, dp=dp, noise_multiplier=0.5 if dp else None)
     result = train_task(model, "kws", separable(), None, cfg, SPEC, progress=False)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("heads.kws.") for k in changed)
-    assert {k for k in before if k.startswith("heads.kws.")} == changed
+    assert changed == {k for k in before if k.startswith("heads.kws.")} | in_scope
     assert all(p.requires_grad for p in model.parameters())
     assert (result.steps > 0) and (len(result.spend) == (6 if dp else 0))
+
+
+def test_train_scopes_name_the_encoder_weights_a_device_trains():
+    model = build_model(ModelConfig())
+    encoder = {n for n, _ in model.named_parameters() if n.startswith("encoder.")}
+    norms = encoder_params_in_scope(model, "norms")
+    assert encoder_params_in_scope(model, "all") == encoder
+    assert encoder_params_in_scope(model, "heads") == set()
+    assert norms and norms < encoder
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.GroupNorm) for n in norms)
+    with pytest.raises(ConfigError, match="train scope 'encoder'"):
+        encoder_params_in_scope(model, "encoder")
 
 
 def test_dp_training_reports_the_accountants_epsilon_over_prior_spend():

@@ -1,6 +1,6 @@
 """Fixtures for end-to-end runs of the real federation (SuperLink + SuperNodes over TLS).
 
-* ``federation_corpus``: a very small espeak-ng corpus (4 speakers; 3 emotions, 5 command words),
+* ``federation_corpus``: a very small espeak-ng corpus (5 speakers; 3 emotions, 5 command words),
   synthesized once per session.
 * ``device_manifests``: the corpus split by speaker into three device manifests and the
   server's held-out test manifest, exactly as ``fedser demo`` splits it.
@@ -27,11 +27,15 @@ TAG_VAR = "FEDSER_E2E_TAG"
 
 @pytest.fixture(scope="session")
 def federation_corpus(tmp_path_factory) -> Path:
-    """``<root>/commands`` (Speech Commands layout, 20 clips) and ``<root>/emotion`` (RAVDESS, 12)."""
+    """``<root>/commands`` (Speech Commands layout, 25 clips) and ``<root>/emotion`` (RAVDESS, 15).
+
+    Five speakers: ``fedser demo`` holds one out for its test and sets one apart as public speech,
+    and three devices need one each.
+    """
     from fedser.common.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("tiny corpus")
-    synthesize_corpus(root, n_speakers=4, emotions=("neutral", "angry", "sad"), statements=1, repetitions=1,
+    synthesize_corpus(root, n_speakers=5, emotions=("neutral", "angry", "sad"), statements=1, repetitions=1,
                       command_words=("yes", "no", "up", "down"), command_repetitions=1,
                       unknown_words=("bed",), unknown_repetitions=1, noise_seconds=0.0,
                       workers=2, overwrite=True, progress=False)

@@ -1,4 +1,5 @@
-"""A whole federation on this machine: ``fedser demo`` with three devices over TLS, two rounds.
+"""A whole federation on this machine: ``fedser demo`` with three devices over TLS, two rounds,
+with its defaults: public pretraining on a share of the speakers, DP fine-tuning on the devices.
 
 ``fedser demo`` runs as a subprocess and starts the real parts as separate processes:
 ``fedser-server start`` (flower-superlink + the ServerApp run) and one ``fedser-client start``
@@ -132,6 +133,11 @@ def test_demo_finishes_and_writes_a_complete_run_directory(demo_run):
     assert set(bundle.tasks) == {"emotion", "kws"}
     report = (out / "report.md").read_text()
     assert f"{ROUNDS} rounds" in report and "user-level epsilon" in report
+    # By default the server pretrains on the public share of the speakers; the devices fine-tune
+    # the heads and normalisation layers.
+    assert (out / "devices" / "public.csv").stat().st_size > 0
+    assert f"| server pretraining on public speech | {out / 'devices' / 'public.csv'} |" in report
+    assert "| what devices trained (train-scope) | norms |" in report
     assert "run complete" in (out / "progress.log").read_text()
 
 
@@ -150,7 +156,7 @@ def test_evaluate_cli_scores_the_federated_model_as_one_json_object(demo_run, co
     report = json.loads(done.stdout)   # exactly one JSON document on stdout
     assert isinstance(report, dict)
     assert report["task"] == "kws"
-    assert report["n"] == 20
+    assert report["n"] == 25
     assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["uar"] <= 1.0
 
 

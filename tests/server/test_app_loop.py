@@ -393,3 +393,46 @@ def test_no_user_level_noise_is_reported_as_an_infinite_epsilon(tmp_path, identi
     summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     assert summary["user-epsilon"] == "inf" and "no user-level" in summary["user-note"]
     assert row["emotion-accuracy"] == 0.5 and row["emotion-n"] == 8
+
+
+# ---------------------------------------------------------------- public pretraining, head-only rounds
+
+
+def test_public_pretraining_then_head_only_rounds_never_move_the_encoder(tmp_path):
+    # Prepare: the server has public speech with both labels; devices train the heads alone under DP,
+    # with distributed user-level noise on.
+    emotion, kws = _make_corpora(tmp_path / "data")
+    public_emotion, public_kws = _make_corpora(tmp_path / "public")
+    nodes = {
+        EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "ledger-11.json"),
+                       "cache": "none", "holdout": 0.25, "max-epsilon": 1000.0},
+        KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "ledger-22.json"),
+                   "cache": "none", "holdout": 0.25, "max-epsilon": 1000.0},
+    }
+    run_config = {"run-dir": str(tmp_path / "run"), "num-server-rounds": 1, "min-clients": 2, "batch-size": 64,
+                  "local-epochs": 1, "dp": True, "dp-noise-multiplier": 1.0, "noise-mode": "distributed",
+                  "public-corpus": str(public_emotion), "kws-corpus": str(public_kws), "kws-pretrain-epochs": 2,
+                  "train-scope": "heads", "seed": 0}
+    torch.manual_seed(0)
+    untrained = state_to_arrays(build_model(FederatedRun(RunSettings.from_run_config(run_config)).model_config))
+
+    # Execute: one round, then resume for a second.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskIdentity, "_run_id", 1)
+        mp.setattr(TaskIdentity, "_node_id", 0)
+        mp.setattr(TaskIdentity, "_task_id", 1)
+        FederatedRun(RunSettings.from_run_config(run_config)).execute(InProcessGrid(nodes, run_config))
+        after_one = load_checkpoint(tmp_path / "run").arrays
+        resumed = {**run_config, "num-server-rounds": 2, "resume": True}
+        FederatedRun(RunSettings.from_run_config(resumed)).execute(InProcessGrid(nodes, resumed))
+    after_two = load_checkpoint(tmp_path / "run").arrays
+
+    # Assert: pretraining moved the encoder; the rounds moved the heads and never the encoder.
+    encoder = [k for k in after_two if not k.startswith("heads.")]
+    heads = [k for k in after_two if k.startswith("heads.")]
+    assert any(not np.array_equal(after_one[k], untrained[k]) for k in encoder)
+    assert all(np.array_equal(after_two[k], after_one[k]) for k in encoder)
+    assert any(not np.array_equal(after_two[k], after_one[k]) for k in heads)
+    progress = (tmp_path / "run" / "progress.log").read_text()
+    assert "pretraining on public speech" in progress and "emotion: validation accuracy" in progress
+    assert load_bundle(tmp_path / "run").meta["corpus"]["public_pretraining"] == str(public_emotion)

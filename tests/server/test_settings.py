@@ -123,8 +123,9 @@ def test_range_problems_are_collected_together():
 
 
 def test_head_only_training_needs_a_pretrained_encoder():
-    with pytest.raises(ConfigError, match="train-scope=heads needs kws-corpus"):
-        RunSettings.from_run_config({"run-dir": "r", "train-scope": "heads"})
+    for scope in ("heads", "norms"):
+        with pytest.raises(ConfigError, match=f"train-scope={scope} needs kws-corpus or public-corpus"):
+            RunSettings.from_run_config({"run-dir": "r", "train-scope": scope})
     RunSettings.from_run_config({"run-dir": "r", "train-scope": "heads", "kws-corpus": "/data/public"}).validate()
 
 
