@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public-scope", default="norms", choices=("heads", "norms", "all"),
                    help="what devices train in the dp-public row (run setting train-scope)")
     p.add_argument("--public-local-epochs", type=int, default=2, help="local epochs of the dp-public row")
+    p.add_argument("--public-lr", type=float, default=0.01,
+                   help="devices' learning rate in the dp-public row (DP fine-tuning, as `fedser train --dp`)")
     p.add_argument("--public-batch", type=int, default=64,
                    help="devices' batch size in the dp-public row (DP-SGD's noise on the mean gradient is z*C/B)")
     p.add_argument("--only", nargs="+", default=None,
@@ -265,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     fed_parts, public_csv = public_split(parts, args.clients, k, work)
     runs_spec["dp-public"] = (
         f"federated on {args.clients - k} devices, sample-level DP (eps 8/device), `train-scope {args.public_scope}` "
-        f"({args.public_local_epochs} local epoch(s), batch {args.public_batch}); encoder and heads pretrained on "
+        f"({args.public_local_epochs} local epoch(s), batch {args.public_batch}, lr {args.public_lr:g}); encoder and "
+        f"heads pretrained on "
         f"the speech of {k} other devices' speakers (public, `public-corpus`)",
         {**base, "dp": True, "noise-mode": "none", "partition-tiers": "1.0", "public-corpus": str(public_csv),
          "kws-pretrain-epochs": args.pretrain_epochs, "train-scope": args.public_scope,
-         "local-epochs": args.public_local_epochs, "batch-size": args.public_batch})
+         "local-epochs": args.public_local_epochs, "batch-size": args.public_batch, "learning-rate": args.public_lr})
     results, demo = {}, None
     for key, (label, cfg) in runs_spec.items():
         if key == "dp":   # the 5-SuperNode row before the long DP rows

@@ -57,10 +57,13 @@ def pretrain(model: MultiTaskNet, corpora: list[PublicCorpus], spec: FeatureSpec
     data = {}
     for task in tasks:
         utts = by_task[task]
+        train_u, val_u = utts, []
         if len({u.speaker for u in utts}) >= 3:
             train_u, val_u, _ = speaker_split(utts, val=0.15, test=0.0, seed=seed)
-        else:
-            train_u, val_u = utts, []
+            if len({u.label for u in val_u}) < 2:
+                # A validation speaker with one label (a slice of background noise, say) would stop
+                # training on a meaningless score: train on everyone, all epochs, instead.
+                train_u, val_u = utts, []
         data[task] = (build_task_data(train_u, spec, task, keep_waves=True, progress=False),
                       build_task_data(val_u, spec, task, progress=False) if val_u else None)
     cfg = TrainConfig(epochs=epochs, patience=PATIENCE, seed=seed)

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="corpus folder or manifest (default: synthesize the demo corpus)")
     p.add_argument("--clients", type=int, default=4, help="number of devices (speakers are split among them)")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR")
     p.add_argument("--tiers", default="1.0,0.5,0.25", help="width tiers, assigned to devices in turn")
     p.add_argument("--no-dp", action="store_true", help="no sample-level DP-SGD and no user-level noise")
@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
                    help="share of speakers set apart as public speech: the server pretrains on it and the "
                         "devices fine-tune under DP (0: no public speech, devices train from scratch)")
     p.add_argument("--train-scope", default=None, choices=("all", "norms", "heads"),
-                   help="what devices train (default: norms with public speech, else all)")
+                   help="what devices train (default: norms with public speech and DP, else all)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads per device (default: this machine's cores shared among the devices)")
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +160,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     devices, test_csv, parts, test_u = prepare_devices(data, out, args.clients, args.test, args.seed, args.public)
     public_csv = out / "devices" / PUBLIC_MANIFEST if args.public > 0 else None
-    scope = args.train_scope or ("norms" if public_csv else "all")
+    # Under DP the devices fine-tune a small part of the pretrained model; without DP, all of it.
+    scope = args.train_scope or ("norms" if public_csv and not args.no_dp else "all")
     print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "
           f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
           + (f"; public speech for the server's pretraining: {public_csv}" if public_csv else ""), flush=True)

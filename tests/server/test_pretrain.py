@@ -34,3 +34,22 @@ def test_a_kws_corpus_without_commands_is_refused_by_its_setting_name(tiny_corpu
     model = build_model(ModelConfig(n_features=SPEC.n_features()))
     with pytest.raises(ConfigError, match=r"kws-corpus .*emotion.*: no keyword utterances"):
         pretrain(model, [PublicCorpus(str(tiny_corpus / "emotion"), ("kws",), "kws-corpus")], SPEC, epochs=1)
+
+
+def test_validation_speakers_with_a_single_label_are_not_used_to_stop_training(tiny_corpus, monkeypatch):
+    # Prepare: whatever the split, the held-out speakers say only one word.
+    import fedser.server.pretrain as pretrain_module
+
+    def one_label_split(utts, val, test, seed):
+        word = utts[0].label
+        return [u for u in utts if u.label != word], [u for u in utts if u.label == word], []
+
+    monkeypatch.setattr(pretrain_module, "speaker_split", one_label_split)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_features=SPEC.n_features()))
+
+    # Execute
+    reports = pretrain(model, [PublicCorpus(str(tiny_corpus / "commands"), ("kws",), "kws-corpus")], SPEC, epochs=2)
+
+    # Assert: trained on every speaker, without a validation score to report
+    assert reports == {"kws": {}}
