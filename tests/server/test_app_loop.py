@@ -434,5 +434,5 @@ def test_public_pretraining_then_head_only_rounds_never_move_the_encoder(tmp_pat
     assert all(np.array_equal(after_two[k], after_one[k]) for k in encoder)
     assert any(not np.array_equal(after_two[k], after_one[k]) for k in heads)
     progress = (tmp_path / "run" / "progress.log").read_text()
-    assert "pretraining on public speech" in progress and "emotion: validation accuracy" in progress
+    assert "pretraining on public speech" in progress and "pretrained emotion: " in progress and "; kws: " in progress
     assert load_bundle(tmp_path / "run").meta["corpus"]["public_pretraining"] == str(public_emotion)
