@@ -14,11 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from .. import launch
+from .. import keys, launch
 from ..certs import generate_ca_and_server_cert
 from ..errors import ConfigError, FedserError
 from .args import default_cache_dir, load_data
-from .partition import PUBLIC_MANIFEST, partition_corpus
+from .partition import Partition, partition_corpus
 
 HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
 
@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--public", type=float, default=0.2, metavar="SHARE",
                    help="share of speakers set apart as public speech: the server pretrains on it and the "
                         "devices fine-tune under DP (0: no public speech, devices train from scratch)")
-    p.add_argument("--train-scope", default=None, choices=("all", "norms", "heads"),
+    p.add_argument("--train-scope", default=None, choices=keys.TRAIN_SCOPES,
                    help="what devices train (default: norms with public speech and DP, else all)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads per device (default: this machine's cores shared among the devices)")
@@ -65,12 +65,12 @@ def _tiers(text: str) -> list[float]:
     return tiers
 
 
-def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int, public: float = 0.0):
-    """Partition by speaker (``fedser partition``) into ``out/devices``; returns the device manifests,
-    the server's test manifest (None without held-out speakers) and the utterances of each."""
-    result = partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data,
-                              public=public)
-    return result.devices, result.test, result.parts, result.test_utterances
+def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, seed: int,
+                    public: float = 0.0) -> Partition:
+    """Partition by speaker (``fedser partition``) into ``out/devices``: the device manifests, the
+    server's test manifest and public speech (each None when no speaker went there)."""
+    return partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data,
+                            public=public)
 
 
 def _tail(path: Path, seen: int, quiet: bool) -> int:
@@ -142,6 +142,9 @@ def run(args) -> int:
     tiers = _tiers(args.tiers)
     if args.clients < 1 or args.rounds < 1:
         raise ConfigError("--clients and --rounds must be >= 1")
+    if not 0 <= args.public < 1 or not args.public + args.test < 1:
+        raise ConfigError(f"--public {args.public}: expected a share in [0, 1) that leaves speakers for devices "
+                          f"besides --test {args.test}")
     if args.train_scope not in (None, "all") and not args.public > 0:
         raise ConfigError(f"--train-scope {args.train_scope} needs public speech to pretrain on (--public SHARE)")
     if args.threads < 0:
@@ -158,8 +161,9 @@ def run(args) -> int:
             synth.synthesize_corpus(corpus_dir, seed=args.seed, progress=not args.quiet, overwrite=True)
         data = [str(corpus_dir / "commands"), str(corpus_dir / "emotion")]
     out.mkdir(parents=True, exist_ok=True)
-    devices, test_csv, parts, test_u = prepare_devices(data, out, args.clients, args.test, args.seed, args.public)
-    public_csv = out / "devices" / PUBLIC_MANIFEST if args.public > 0 else None
+    split = prepare_devices(data, out, args.clients, args.test, args.seed, args.public)
+    devices, test_csv, parts, test_u, public_csv = split.devices, split.test, split.parts, split.test_utterances, \
+        split.public
     # Under DP the devices fine-tune a small part of the pretrained model; without DP, all of it.
     scope = args.train_scope or ("norms" if public_csv and not args.no_dp else "all")
     print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "

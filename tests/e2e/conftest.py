@@ -59,8 +59,8 @@ def device_manifests(tmp_path_factory, corpus_parts) -> Devices:
     from fedser.common.commands.demo import prepare_devices
 
     out = tmp_path_factory.mktemp("devices")
-    manifests, test_csv, _, _ = prepare_devices(corpus_parts, out, n_clients=3, test=0.2, seed=0)
-    return Devices([Path(m) for m in manifests], Path(test_csv))
+    split = prepare_devices(corpus_parts, out, n_clients=3, test=0.2, seed=0)
+    return Devices([Path(m) for m in split.devices], Path(split.test))
 
 
 @pytest.fixture(scope="session")
