@@ -115,9 +115,8 @@ def train(msg: Message, context: Context) -> Message:
         if width != settings.tier:
             raise ConfigError(f"server sent the {width} slice but this device runs tier {settings.tier}")
         scope = str(cfg.get(keys.TRAIN_SCOPE, "all"))
-        if scope not in keys.TRAIN_SCOPES:
-            raise ConfigError(f"train scope {scope!r} is not one of {', '.join(keys.TRAIN_SCOPES)}")
         model = build_model(model_config.scaled(width))
+        trained = encoder_params_in_scope(model, scope)   # ConfigError for an unknown scope
         global_sub = record_to_arrays(msg.content[keys.ARRAYS])
         arrays_to_state(global_sub, model)
     except (ConfigError, KeyError, ValueError) as exc:
@@ -158,7 +157,6 @@ def train(msg: Message, context: Context) -> Message:
     local = state_to_arrays(model)
     delta = {k: (local[k] - global_sub[k]).astype(np.float32) for k in global_sub}
     rng = np.random.default_rng()
-    trained = encoder_params_in_scope(model, scope)
     frozen = [k for k in delta if head_of(k) is None and k not in trained]
     noised, stats = privatize_update(delta, clip_norm=float(cfg[keys.CLIP_NORM]),
                                      noise_multiplier=float(cfg[keys.NOISE_MULTIPLIER]),

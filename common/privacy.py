@@ -453,9 +453,10 @@ def privatize_update(
            if not np.issubdtype(a.dtype, np.floating)]
     bad += [f"{k}: {int(np.size(a) - np.isfinite(a).sum())} non-finite values" for k, a in arrays.items()
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
-    unknown = sorted(set(frozen) - set(arrays))
+    frozen = set(frozen)
+    unknown = sorted(frozen - set(arrays))
     bad += [f"{k}: named frozen but not in the update" for k in unknown]
-    bad += [f"{k}: named frozen but changed (norm {float(np.linalg.norm(arrays[k])):.3g})" for k in frozen
+    bad += [f"{k}: named frozen but changed (norm {float(np.linalg.norm(arrays[k])):.3g})" for k in sorted(frozen)
             if k in arrays and np.issubdtype(arrays[k].dtype, np.floating) and np.any(arrays[k])]
     if bad:
         raise UpdateRejected(bad)

@@ -24,6 +24,7 @@ from fedser.common.errors import ConfigError, FedserError
 
 from .checkpoint import CHECKPOINT_FILE
 from .flower_app import run_config_defaults, write_app_dir
+from .settings import CORPUS_SETTINGS
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -90,12 +91,12 @@ def run_config_from_args(args) -> dict:
                      ("kws-corpus", args.kws_corpus), ("public-corpus", args.public_corpus),
                      ("eval-data", args.eval_data)):
         if val is not None:
-            cfg[key] = str(Path(val).resolve()) if key in ("kws-corpus", "public-corpus", "eval-data") else val
+            cfg[key] = str(Path(val).resolve()) if key in CORPUS_SETTINGS else val
     if args.resume:
         cfg["resume"] = True
     for k, v in args.config:
         cfg[k] = _typed(k, v, defaults)
-    for key in ("kws-corpus", "public-corpus", "eval-data"):
+    for key in CORPUS_SETTINGS:
         if cfg.get(key) and not Path(str(cfg[key])).exists():
             raise ConfigError(f"--{key} {cfg[key]}: no such file or folder")
     return cfg

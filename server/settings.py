@@ -34,6 +34,10 @@ def _convert(raw: object, typ: str) -> object:
     return str(raw)
 
 
+# Run settings that name a corpus folder or manifest (resolved and checked where a run is started).
+CORPUS_SETTINGS = ("kws-corpus", "public-corpus", "eval-data")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     run_dir: str

@@ -32,7 +32,7 @@ from fedser.common.errors import ConfigError, FedserError
 
 from .cli import _print_progress, _typed
 from .flower_app import run_config_defaults, write_app_dir
-from .settings import RunSettings
+from .settings import CORPUS_SETTINGS, RunSettings
 
 CONNECTION = "fedser-sim"
 
@@ -55,7 +55,7 @@ def build_run_config(partitions: Path, run_dir: Path, rounds: int, overrides: li
         if k in ("run-dir", "partitions-dir", "num-server-rounds"):
             raise ConfigError(f"--config {k}: set it with --out, --partitions or --rounds")
         cfg[k] = _typed(k, v, defaults)
-    for key in ("kws-corpus", "public-corpus", "eval-data"):
+    for key in CORPUS_SETTINGS:
         if cfg.get(key):
             path = Path(str(cfg[key])).resolve()
             if not path.exists():

@@ -18,7 +18,7 @@ from .. import keys, launch
 from ..certs import generate_ca_and_server_cert
 from ..errors import ConfigError, FedserError
 from .args import default_cache_dir, load_data
-from .partition import Partition, partition_corpus
+from .partition import Partition, check_public_share, partition_corpus
 
 HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
 
@@ -142,9 +142,7 @@ def run(args) -> int:
     tiers = _tiers(args.tiers)
     if args.clients < 1 or args.rounds < 1:
         raise ConfigError("--clients and --rounds must be >= 1")
-    if not 0 <= args.public < 1 or not args.public + args.test < 1:
-        raise ConfigError(f"--public {args.public}: expected a share in [0, 1) that leaves speakers for devices "
-                          f"besides --test {args.test}")
+    check_public_share(args.public, args.test)   # before the corpus is synthesized
     if args.train_scope not in (None, "all") and not args.public > 0:
         raise ConfigError(f"--train-scope {args.train_scope} needs public speech to pretrain on (--public SHARE)")
     if args.threads < 0:

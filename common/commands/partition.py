@@ -81,6 +81,13 @@ def _describe(i: int, part: Sequence[Utterance]) -> dict:
             "labels": {t: dict(sorted(c.items())) for t, c in sorted(labels.items())}}
 
 
+def check_public_share(public: float, test: float) -> None:
+    """``ConfigError`` unless ``public`` is a share in [0, 1) that, with ``test``, leaves device speakers."""
+    if not (isinstance(public, (int, float)) and 0 <= public < 1 and public + test < 1):
+        raise ConfigError(f"--public {public!r}: expected a share in [0, 1) that leaves speakers for devices "
+                          f"besides --test {test}")
+
+
 def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: float = 0.2, seed: int = 0,
                      dirichlet_alpha: float | None = None, sources: Sequence[str] = (),
                      public: float = 0.0) -> Partition:
@@ -102,9 +109,7 @@ def partition_corpus(corpus: Corpus, out: str | Path, n_clients: int, *, test: f
     if stale:
         raise ConfigError(f"{out} already holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from "
                           "a partition into more devices; use an empty --out folder")
-    if not (isinstance(public, (int, float)) and 0 <= public < 1 and public + test < 1):
-        raise ConfigError(f"--public {public!r}: expected a share in [0, 1) that leaves speakers for devices "
-                          f"besides --test {test}")
+    check_public_share(public, test)
     train_pool, _, test_u = speaker_split(corpus.utterances, val=0.0, test=test, seed=seed)
     public_u: list[Utterance] = []
     if public > 0:
