@@ -11,10 +11,14 @@
   Metric: UAR over target clients (chance 0.5).
 * :func:`loss_attack` / :func:`calibrated_attack`: membership inference on a model. The loss
   attack scores an example by its negative loss; the calibrated attack (difficulty calibration,
-  Watson et al., ICLR 2022) subtracts the loss the example has under reference models that did
-  not train on it, so an example that is merely easy no longer looks like a member.
+  Watson et al., ICLR 2022, on LiRA's logit-scaled confidence, Carlini et al., S&P 2022)
+  subtracts the confidence the example has under reference models that did not train on it, so
+  an example that is merely easy no longer looks like a member. Logit scaling matters: a loss
+  saturates at 0 for every well-fitted example, member or not, while the log-odds keep growing
+  the more a model has memorised an example.
 * :func:`speaker_scores`: speaker-level membership, the mean score of a speaker's utterances.
 * :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels).
+* :func:`auc_chance_band`: the ROC AUC any score reaches by luck on the same labels.
 * :func:`roc_summary`: ROC AUC and TPR at 1 % FPR (chance: 0.5 and 0.01).
 """
 from __future__ import annotations
@@ -165,6 +169,26 @@ def chance_band(features: np.ndarray, labels: Sequence[int], clients: Sequence[s
     return float(np.quantile(uars, quantile))
 
 
+def auc_chance_band(n_pos: int, n_neg: int, *, permutations: int = 1000, seed: int = 0,
+                    quantile: float = 0.95) -> float:
+    """The ROC AUC a score with no signal reaches by luck on ``n_pos`` positives and ``n_neg``
+    negatives: its ``quantile`` over ``permutations`` random labellings of distinct scores.
+
+    With 18 member and 8 non-member speakers an AUC of 0.7 happens by chance about one time in
+    twenty; with a thousand utterances the band hugs 0.5.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if permutations < 1:
+        raise AuditInputError(f"permutations must be >= 1; got {permutations}")
+    if n_pos < 1 or n_neg < 1:
+        raise AuditInputError(f"a ROC needs both classes; got {n_pos} positive and {n_neg} negative examples")
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(n_pos, dtype=int), np.zeros(n_neg, dtype=int)]
+    s = np.arange(n_pos + n_neg, dtype=np.float64)
+    return float(np.quantile([roc_auc_score(rng.permutation(y), s) for _ in range(permutations)], quantile))
+
+
 # ----------------------------------------------------------------------------- membership inference
 
 
@@ -173,21 +197,24 @@ def loss_attack(losses: Sequence[float]) -> np.ndarray:
     return -np.asarray(losses, dtype=np.float64)
 
 
-def calibrated_attack(losses: Sequence[float], ref_losses: np.ndarray, ref_trained_on: np.ndarray) -> np.ndarray:
-    """Difficulty-calibrated score: mean loss under OUT reference models minus the target's loss.
+def calibrated_attack(confidences: Sequence[float], ref_confidences: np.ndarray,
+                      ref_trained_on: np.ndarray) -> np.ndarray:
+    """Difficulty-calibrated score: the target's confidence minus its mean under OUT reference models.
 
-    ``ref_losses`` and ``ref_trained_on`` are (K, N); an example with no OUT reference model falls
-    back on the mean over all K.
+    ``confidences`` (N,) and ``ref_confidences`` (K, N) are per-example statistics that grow with
+    fit, the logit-scaled confidence of ``protocol.example_confidences`` (a negated loss works too);
+    ``ref_trained_on`` (K, N) says which reference model trained on which example. An example with
+    no OUT reference model falls back on the mean over all K.
     """
-    loss = np.asarray(losses, dtype=np.float64)
-    ref = np.asarray(ref_losses, dtype=np.float64)
+    conf = np.asarray(confidences, dtype=np.float64)
+    ref = np.asarray(ref_confidences, dtype=np.float64)
     inside = np.asarray(ref_trained_on, dtype=bool)
-    if ref.ndim != 2 or ref.shape != inside.shape or ref.shape[1] != loss.shape[0]:
-        raise AuditInputError(f"reference losses {ref.shape} / masks {inside.shape} do not fit {loss.shape[0]} examples")
+    if ref.ndim != 2 or ref.shape != inside.shape or ref.shape[1] != conf.shape[0]:
+        raise AuditInputError(f"reference scores {ref.shape} / masks {inside.shape} do not fit {conf.shape[0]} examples")
     out = ~inside
     n_out = out.sum(axis=0)
     mean_out = np.where(n_out > 0, (ref * out).sum(axis=0) / np.maximum(n_out, 1), ref.mean(axis=0))
-    return mean_out - loss
+    return conf - mean_out
 
 
 def speaker_scores(scores: Sequence[float], speakers: Sequence[str]) -> dict[str, float]:

@@ -216,41 +216,74 @@ def update_features(update: Mapping[str, np.ndarray], first_layer: str | None = 
 @torch.no_grad()
 def example_losses(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
     """Per-example cross-entropy of ``model`` on ``data`` (eval mode), shape (N,)."""
+    return _per_example(model, data, batch_size)[0]
+
+
+@torch.no_grad()
+def example_confidences(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
+    """Per-example logit-scaled confidence log(p_y / (1 - p_y)) of ``model`` on ``data``, shape (N,).
+
+    Computed from the logits as z_y - logsumexp(z_j, j != y), so it stays exact where p_y rounds to 1.
+    """
+    return _per_example(model, data, batch_size)[1]
+
+
+def _per_example(model: torch.nn.Module, data: TaskData, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
-    out = []
+    losses, confs = [], []
     for i in range(0, len(data), batch_size):
         logits = model(data.feats[i:i + batch_size], data.task)
-        out.append(torch.nn.functional.cross_entropy(logits, data.y[i:i + batch_size], reduction="none").numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+        y = data.y[i:i + batch_size]
+        losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy())
+        others = logits.scatter(1, y[:, None], float("-inf"))
+        confs.append((logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(others, dim=1)).numpy())
+    if not losses:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(losses).astype(np.float64), np.concatenate(confs).astype(np.float64)
 
 
-def reference_losses(model_config: ModelConfig, spec: FeatureSpec, pool: TaskData, n_models: int, epochs: int,
-                     seed: int = 0, batch_size: int = 16, lr: float = 3e-3, augment: bool = True,
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Losses of ``n_models`` reference models, each trained (no DP) on a random half of ``pool``.
+def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: TaskData, n_models: int,
+                          epochs: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3, augment: bool = True,
+                          progress: bool = False, federation: Protocol | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Confidences (``example_confidences``) of ``n_models`` reference models, each trained (no DP)
+    on a random half of ``pool``.
 
     Calibration works best when the reference models train like the target: ``augment=False``
-    for a target trained without augmentation.
+    for a target trained without augmentation, and ``federation`` for a federated target: each
+    reference model is then a FedAvg federation (``simulate_federation``) under that protocol
+    without DP, one device per speaker of its half; ``epochs``, ``batch_size``, ``lr`` and
+    ``augment`` are ignored.
 
-    Returns ``(losses (K, N), trained_on (K, N) bool)``. An example's OUT models (``~trained_on``)
-    never saw it: their loss is the example's difficulty for the calibrated attack.
+    Returns ``(confidences (K, N), trained_on (K, N) bool)``. An example's OUT models
+    (``~trained_on``) never saw it: their confidence is the example's difficulty for the
+    calibrated attack.
     """
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
     n = len(pool)
-    losses = np.zeros((n_models, n))
+    confs = np.zeros((n_models, n))
     inside = np.zeros((n_models, n), dtype=bool)
     for k in tqdm(range(n_models), desc="reference models", disable=not progress, unit="model"):
         idx = rng.permutation(n)[: n // 2]
         inside[k, idx] = True
         torch.manual_seed(seed * 1000 + k)
         model = build_model(model_config)
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed * 1000 + k)
-        train_task(model, pool.task, subset(pool, sorted(idx)), None, cfg, spec,
-                   Augmenter(spec, seed=k) if augment else None, progress=False)
-        losses[k] = example_losses(model, pool)
-    return losses, inside
+        if federation is not None:
+            by_speaker: dict[str, list[int]] = {}
+            for i in sorted(idx.tolist()):
+                by_speaker.setdefault(pool.speakers[i], []).append(i)
+            clients = [subset(pool, v) for _, v in sorted(by_speaker.items())]
+            protocol = dataclasses.replace(federation.variant("no DP"), expected_clients=len(clients),
+                                           total_clients=len(clients))
+            arrays_to_state(simulate_federation(model_config, spec, clients, protocol, seed=seed * 1000 + k,
+                                                init=state_to_arrays(model)), model)
+        else:
+            cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed * 1000 + k)
+            train_task(model, pool.task, subset(pool, sorted(idx)), None, cfg, spec,
+                       Augmenter(spec, seed=k) if augment else None, progress=False)
+        confs[k] = example_confidences(model, pool)
+    return confs, inside
 
 
 def fedavg(global_arrays: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]],

@@ -56,7 +56,9 @@ def render(title: str, run_line: str, rows: Sequence[Row], checks: Sequence[tupl
     lines = [f"# {title}", "", run_line, "",
              "## Attacks", "",
              "Each row is one attack on one privacy setting. *Chance* is what an attacker who "
-             "guesses achieves: an attack near chance learns nothing; one clearly above it leaks.", "",
+             "guesses achieves; where a band was measured, what guessing reaches by luck 95 % of the time "
+             "on as many clients or examples. An attack at or below chance learns nothing; one clearly "
+             "above it leaks.", "",
              "| attack | setting | metric | value | chance |", "|---|---|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.attack} | {r.setting} | {r.metric} | {r.value:.3f} | {r.chance:.2f} |"

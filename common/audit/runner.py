@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from ..data import TaskData, build_task_data
 from ..features import FeatureSpec
 from ..models import ModelConfig
-from .attacks import attribute_inference, calibrated_attack, chance_band, loss_attack, roc_summary, speaker_scores
+from .attacks import (attribute_inference, auc_chance_band, calibrated_attack, chance_band, loss_attack, roc_summary,
+                      speaker_scores)
 from .dpchecks import CheckResult, check_clipping, check_ledger, check_noise
 from .inputs import MALE, AuditInputError, RunInfo, load_gender_csv, load_run, speaker_genders
 from .protocol import SETTINGS, Protocol, device_update, example_losses, first_layer_name, subset, update_features
@@ -125,7 +126,7 @@ def membership_audit(model, model_config: ModelConfig, spec: FeatureSpec, member
     speakers of ``members`` (or of ``speaker_members`` when given: held-out utterances of training
     speakers), non-member speakers those of ``non_members``.
     """
-    from .protocol import concat, reference_losses
+    from .protocol import concat, example_confidences, reference_confidences
 
     pool = concat([members, non_members] + ([speaker_members] if speaker_members is not None else []))
     n_m, n_n = len(members), len(non_members)
@@ -133,9 +134,9 @@ def membership_audit(model, model_config: ModelConfig, spec: FeatureSpec, member
     losses = example_losses(model, pool)
     scores = {"loss": loss_attack(losses)}
     if reference_models > 0:
-        ref, inside = reference_losses(model_config, spec, pool, reference_models, reference_epochs, seed=seed,
-                                       progress=progress)
-        scores["calibrated"] = calibrated_attack(losses, ref, inside)
+        ref, inside = reference_confidences(model_config, spec, pool, reference_models, reference_epochs,
+                                            seed=seed, progress=progress)
+        scores["calibrated"] = calibrated_attack(example_confidences(model, pool), ref, inside)
     out = {}
     for name, s in scores.items():
         out[f"sample/{name}"] = roc_summary(labels, s[: n_m + n_n])
@@ -255,9 +256,10 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                                 reference_epochs=opt.reference_epochs, seed=opt.seed, progress=opt.progress)
         for name, roc in rocs.items():
             level, attack = name.split("/")
-            what = "loss threshold" if attack == "loss" else "difficulty-calibrated loss"
+            what = "loss threshold" if attack == "loss" else "difficulty-calibrated confidence"
             res.rows.append(Row(f"membership ({level} level, {task}), {what}", protocol.setting + " (run)",
-                                f"ROC AUC ({roc.n_pos} members / {roc.n_neg} non-members)", roc.auc, 0.5))
+                                f"ROC AUC ({roc.n_pos} members / {roc.n_neg} non-members)", roc.auc,
+                                auc_chance_band(roc.n_pos, roc.n_neg, seed=opt.seed)))
             res.rows.append(Row(f"membership ({level} level, {task}), {what}", protocol.setting + " (run)",
                                 "TPR at 1% FPR", roc.tpr_at_low_fpr, 0.01))
         res.images.append(str(roc_png([(k, v) for k, v in rocs.items()], out / f"roc_membership_{task}.png",
@@ -268,7 +270,10 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                          "share back for evaluation, so a few 'members' were never trained on: AUC is a slight "
                          "underestimate); non-members are the held-out speakers' utterances, so sample-level "
                          "non-members are also unseen speakers. Reference models for calibration: "
-                         f"{opt.reference_models}, each trained without DP on a random half of the candidates.")
+                         f"{opt.reference_models}, each trained without DP on a random half of the candidates. The chance "
+                         "column of a membership AUC is the 95th percentile of the AUC of a score without signal "
+                         "on as many members and non-members (1000 random labellings): with few speakers, luck "
+                         "alone reaches well above 0.5.")
     else:
         res.notes.append("Membership inference skipped: the run directory has no device manifests and held-out "
                          "test manifest (pass --members and --non-members).")

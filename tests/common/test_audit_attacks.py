@@ -1,8 +1,11 @@
 """Attacks of the privacy audit on planted signals: each finds a leak that is there and none that is not."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from fedser.common.audit import AuditInputError
 from fedser.common.audit.attacks import (
@@ -13,7 +16,8 @@ from fedser.common.audit.attacks import (
     roc_summary,
     speaker_scores,
 )
-from fedser.common.audit.protocol import first_layer_name, update_features
+from fedser.common.audit.protocol import example_confidences, example_losses, first_layer_name, update_features
+from fedser.common.data import TaskData
 
 
 def _updates(planted: float, seed: int, n_clients: int = 32, per_client: int = 4, dim: int = 300):
@@ -90,7 +94,7 @@ def _losses(effect: float, seed: int, n: int = 600, k: int = 4):
 def test_membership_attacks_find_planted_membership_and_calibration_helps():
     labels, target, ref, inside = _losses(effect=0.3, seed=0)
     loss_auc = roc_summary(labels, loss_attack(target)).auc
-    cal = roc_summary(labels, calibrated_attack(target, ref, inside))
+    cal = roc_summary(labels, calibrated_attack(-target, -ref, inside))
     assert loss_auc > 0.55
     assert cal.auc >= 0.95 and cal.auc > loss_auc + 0.2
     assert cal.tpr_at_low_fpr > 0.3
@@ -99,7 +103,7 @@ def test_membership_attacks_find_planted_membership_and_calibration_helps():
 def test_membership_attacks_find_nothing_without_membership_signal():
     labels, target, ref, inside = _losses(effect=0.0, seed=1)
     assert abs(roc_summary(labels, loss_attack(target)).auc - 0.5) < 0.07
-    cal = roc_summary(labels, calibrated_attack(target, ref, inside))
+    cal = roc_summary(labels, calibrated_attack(-target, -ref, inside))
     assert abs(cal.auc - 0.5) < 0.07
     assert cal.tpr_at_low_fpr < 0.1
 
@@ -123,3 +127,72 @@ def test_update_features_start_with_the_first_layer():
     # 60 first-layer values, 5 per-row sums, 5 per-row magnitudes, 3 statistics per array
     assert f.shape == (60 + 5 + 5 + 9,)
     assert np.allclose(f[60:65], 12.0) and np.allclose(f[65:70], 1.0)
+
+
+class _FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+
+    def forward(self, x, task):
+        return self.logits[x[:, 0, 0].long()]
+
+
+def test_example_confidences_are_the_true_class_log_odds_even_when_p_rounds_to_one():
+    logits = [[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [60.0, 0.0, 0.0]]
+    data = TaskData("emotion", torch.arange(3, dtype=torch.float32).reshape(3, 1, 1), torch.tensor([0, 2, 0]),
+                    ["a", "b", "c"])
+    conf = example_confidences(_FixedLogits(logits), data)
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=1)
+    assert conf[:2] == pytest.approx([float(torch.log(p[0, 0] / (1 - p[0, 0]))), float(np.log(0.5))], rel=1e-5)
+    # p_y is 1.0 in float32 here, so log(p / (1 - p)) would be inf; the logits give 60 - log 2.
+    assert conf[2] == pytest.approx(60.0 - np.log(2.0), rel=1e-5)
+    losses = example_losses(_FixedLogits(logits), data)
+    assert losses[1] == pytest.approx(np.log(3.0), rel=1e-5)
+
+
+def _tiny_pool(n_speakers: int = 4, per_speaker: int = 6, seed: int = 0):
+    from fedser.common.features import FeatureSpec
+    from fedser.common.models import ModelConfig
+
+    spec = FeatureSpec()
+    g = torch.Generator().manual_seed(seed)
+    n = n_speakers * per_speaker
+    data = TaskData("emotion", torch.randn(n, spec.n_features(), 20, generator=g),
+                    torch.arange(n) % 4, [f"s{i // per_speaker}" for i in range(n)])
+    return spec, ModelConfig(n_features=spec.n_features(), width=0.25), data
+
+
+def test_federated_reference_models_are_fedavg_over_the_speakers_of_their_half():
+    from fedser.common.audit.protocol import Protocol, reference_confidences, simulate_federation, subset
+    from fedser.common.models import build_model
+    from fedser.common.params import arrays_to_state, state_to_arrays
+
+    spec, mc, pool = _tiny_pool()
+    fed = Protocol(rounds=2, local_epochs=1, batch_size=4, dp=True, noise_multiplier=1.0)
+    confs, inside = reference_confidences(mc, spec, pool, 2, epochs=1, seed=3, federation=fed)
+    assert confs.shape == inside.shape == (2, len(pool))
+    assert (inside.sum(axis=1) == len(pool) // 2).all() and np.isfinite(confs).all()
+
+    # Reference 0 by hand: its half, one device per speaker, FedAvg without DP from its own init.
+    half = sorted(np.flatnonzero(inside[0]).tolist())
+    speakers = sorted({pool.speakers[i] for i in half})
+    clients = [subset(pool, [i for i in half if pool.speakers[i] == s]) for s in speakers]
+    torch.manual_seed(3000)
+    model = build_model(mc)
+    protocol = dataclasses.replace(fed.variant("no DP"), expected_clients=len(clients), total_clients=len(clients))
+    arrays_to_state(simulate_federation(mc, spec, clients, protocol, seed=3000, init=state_to_arrays(model)), model)
+    assert confs[0] == pytest.approx(example_confidences(model, pool), rel=1e-4, abs=1e-4)
+
+
+def test_auc_chance_band_is_wide_for_few_speakers_and_narrow_for_many_utterances():
+    from fedser.common.audit.attacks import auc_chance_band
+
+    few = auc_chance_band(18, 8, permutations=400)
+    many = auc_chance_band(700, 300, permutations=400)
+    assert 0.6 < few < 0.8
+    assert 0.5 < many < 0.55
+    # The band of a no-signal score: a planted perfect score lies far above it.
+    assert roc_summary([1] * 18 + [0] * 8, np.r_[np.ones(18), np.zeros(8)]).auc > few
+    with pytest.raises(AuditInputError, match="both classes"):
+        auc_chance_band(2, 0)
