@@ -17,6 +17,10 @@
   saturates at 0 for every well-fitted example, member or not, while the log-odds keep growing
   the more a model has memorised an example.
 * :func:`speaker_scores`: speaker-level membership, the mean score of a speaker's utterances.
+* :func:`gradient_alignment`: membership from one update (the curious server's view): an
+  update is the sum of the steps a device took down its own examples' loss gradients, so it
+  points along the negative gradient of an example it trained on more than along that of one it
+  did not (white-box attack on updates, Nasr et al., S&P 2019).
 * :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels).
 * :func:`auc_chance_band`: the ROC AUC any score reaches by luck on the same labels.
 * :func:`roc_summary`: ROC AUC and TPR at 1 % FPR (chance: 0.5 and 0.01).
@@ -215,6 +219,19 @@ def calibrated_attack(confidences: Sequence[float], ref_confidences: np.ndarray,
     n_out = out.sum(axis=0)
     mean_out = np.where(n_out > 0, (ref * out).sum(axis=0) / np.maximum(n_out, 1), ref.mean(axis=0))
     return conf - mean_out
+
+
+def gradient_alignment(update: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Membership scores of examples for one update: the cosine between the update (flattened,
+    shape (P,)) and each example's negative loss gradient at the model the update started from
+    (rows of ``gradients``, shape (N, P)). Higher = more likely the update trained on the example.
+    """
+    u = np.asarray(update, dtype=np.float64).ravel()
+    g = np.asarray(gradients, dtype=np.float64)
+    if g.ndim != 2 or g.shape[1] != u.shape[0]:
+        raise AuditInputError(f"gradients {g.shape} do not fit an update of {u.shape[0]} values")
+    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(u)
+    return -(g @ u) / np.where(norms > 0, norms, 1.0)
 
 
 def speaker_scores(scores: Sequence[float], speakers: Sequence[str]) -> dict[str, float]:

@@ -242,6 +242,25 @@ def _per_example(model: torch.nn.Module, data: TaskData, batch_size: int) -> tup
     return np.concatenate(losses).astype(np.float64), np.concatenate(confs).astype(np.float64)
 
 
+def example_gradients(model: torch.nn.Module, data: TaskData, names: Sequence[str]) -> np.ndarray:
+    """Per-example gradients of the cross-entropy with respect to the parameters ``names`` at the
+    model's current weights (eval mode: no dropout), each flattened and concatenated in that
+    order: shape (N, P). ``names`` are ``state_to_arrays`` keys, the layout of an update."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise AuditInputError(f"the model has no parameters {missing[:3]}")
+    model.eval()
+    out = np.zeros((len(data), sum(params[n].numel() for n in names)), dtype=np.float32)
+    for i in range(len(data)):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(data.feats[i:i + 1], data.task), data.y[i:i + 1])
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        out[i] = torch.cat([(g if g is not None else torch.zeros_like(params[n])).reshape(-1)
+                            for n, g in zip(names, grads)]).numpy()
+    return out
+
+
 def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: TaskData, n_models: int,
                           epochs: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3, augment: bool = True,
                           progress: bool = False, federation: Protocol | None = None) -> tuple[np.ndarray, np.ndarray]:

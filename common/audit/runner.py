@@ -12,12 +12,14 @@ from tqdm.auto import tqdm
 
 from ..data import TaskData, build_task_data
 from ..features import FeatureSpec
-from ..models import ModelConfig
-from .attacks import (attribute_inference, auc_chance_band, calibrated_attack, chance_band, loss_attack, roc_summary,
-                      speaker_scores)
+from ..models import ModelConfig, build_model
+from ..params import arrays_to_state
+from .attacks import (attribute_inference, auc_chance_band, calibrated_attack, chance_band, gradient_alignment,
+                      loss_attack, roc_summary, speaker_scores)
 from .dpchecks import CheckResult, check_clipping, check_ledger, check_noise
 from .inputs import MALE, AuditInputError, RunInfo, load_gender_csv, load_run, speaker_genders
-from .protocol import SETTINGS, Protocol, device_update, example_losses, first_layer_name, subset, update_features
+from .protocol import (SETTINGS, Protocol, device_update, example_gradients, example_losses, first_layer_name, subset,
+                       update_features)
 from .report import REPORT_FILE, Row, render, roc_png
 
 MIN_SPEAKERS_PER_GENDER = 2
@@ -67,9 +69,13 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
                     genders: dict[str, str], protocol: Protocol, *, updates_per_speaker: int = 4,
                     subset_share: float = 0.5, seed: int = 0, progress: bool = False,
                     populations: dict[str, str] | None = None, chance_permutations: int = 0):
-    """Updates of every speaker under ``protocol`` -> (AttributeResult, kept (local, sent) pairs).
+    """Updates of every speaker under ``protocol`` -> (AttributeResult, kept (local, sent) pairs,
+    RocSummary of membership from updates or None).
 
-    Each of a speaker's updates trains on a different random share of its utterances.
+    Each of a speaker's updates trains on a different random share of its utterances. The same
+    updates also serve membership from updates: each update scores every utterance of its
+    speaker by ``gradient_alignment``; members are the utterances it trained on, non-members the
+    speaker's others (None when ``subset_share`` leaves none out).
     ``populations`` maps a speaker to its corpus (default: the prefix of a merged id, ``emodb:03``).
     ``chance_permutations`` > 0 also measures the chance band (``chance_band``) on these updates.
     """
@@ -77,7 +83,12 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     # swamps the update would all give the same (lucky or unlucky) figure.
     rng = np.random.default_rng([seed, zlib.crc32(repr(protocol).encode())])
     first = first_layer_name(global_arrays)
+    names = list(global_arrays)
+    at_global = build_model(model_config)
+    arrays_to_state(global_arrays, at_global)
     feats, labels, clients, pairs = [], [], [], []
+    mi_scores, mi_labels = [], []
+    grads, grads_of = None, None
     jobs = [(s, k) for s in speakers for k in range(updates_per_speaker)]
     for j, (spk, k) in enumerate(tqdm(jobs, desc=f"updates ({protocol.setting})", disable=not progress,
                                       unit="update", leave=False)):
@@ -91,13 +102,19 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         clients.append(spk)
         if len(pairs) < PAIRS_KEPT:
             pairs.append((up.local_delta, up.sent))
+        if len(idx) < len(data):
+            if grads_of != spk:   # jobs run speaker by speaker: one speaker's gradients at a time
+                grads, grads_of = example_gradients(at_global, data, names), spk
+            mi_scores.append(gradient_alignment(np.concatenate([np.ravel(up.sent[name]) for name in names]), grads))
+            mi_labels.append(np.isin(np.arange(len(data)), idx).astype(int))
     pops = populations or {s: population_of(s) for s in speakers}
     X, pop_list = np.stack(feats), [pops[c] for c in clients]
     result = attribute_inference(X, labels, clients, populations=pop_list, seed=seed)
     if chance_permutations > 0:
         result.chance_uar = chance_band(X, labels, clients, populations=pop_list, permutations=chance_permutations,
                                         seed=seed)
-    return result, pairs
+    update_mi = roc_summary(np.concatenate(mi_labels), np.concatenate(mi_scores)) if mi_scores else None
+    return result, pairs, update_mi
 
 
 def population_of(speaker: str) -> str:
@@ -210,16 +227,20 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
         for setting in opt.settings:
             p = protocol.variant(setting)
             label = setting + (" (run)" if setting == protocol.setting else "")
-            result, pairs = attribute_audit(global_arrays, mc, spec, speakers, genders, p,
-                                            updates_per_speaker=opt.updates_per_speaker,
-                                            subset_share=opt.subset_share, seed=opt.seed, progress=opt.progress,
-                                            populations=populations,
-                                            chance_permutations=opt.chance_permutations)
+            result, pairs, update_mi = attribute_audit(global_arrays, mc, spec, speakers, genders, p,
+                                                       updates_per_speaker=opt.updates_per_speaker,
+                                                       subset_share=opt.subset_share, seed=opt.seed,
+                                                       progress=opt.progress, populations=populations,
+                                                       chance_permutations=opt.chance_permutations)
             res.rows.append(Row("attribute inference (gender) from updates", label,
                                 f"UAR over {result.n_clients} target clients", result.uar,
                                 0.5 if result.chance_uar is None else result.chance_uar))
             res.rows.append(Row("attribute inference (gender) from updates", label,
                                 f"UAR per update ({result.n_updates})", result.uar_per_update, 0.5))
+            if update_mi is not None:
+                res.rows.append(Row("membership (sample level, emotion) from updates, gradient alignment", label,
+                                    f"ROC AUC ({update_mi.n_pos} trained on / {update_mi.n_neg} held back)",
+                                    update_mi.auc, auc_chance_band(update_mi.n_pos, update_mi.n_neg, seed=opt.seed)))
             res.epsilons[setting] = p.epsilons(max(1, n_typical))
             res.checks.append((label, check_clipping(pairs, p.clip_norm, p.noise_multiplier, p.noise_mode,
                                                      p.expected_clients)))
@@ -234,6 +255,9 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                          "per-array statistics, centred per corpus on the shadow updates' mean; logistic "
                          "regression (balanced classes); "
                          "grouped cross-validation so no speaker is shadow and target at once; soft vote per client. "
+                         "Membership from updates scores each of the speaker's utterances by the cosine between "
+                         "the update and the utterance's negative loss gradient at the global model; members are "
+                         "the utterances the update trained on, non-members the speaker's others. "
                          "Epsilons are for a device with the median speaker's data."
                          + (f" The chance column of the client UAR rows is the 95th percentile of the attack's UAR "
                             f"over {opt.chance_permutations} runs with the speakers' genders shuffled: with few "

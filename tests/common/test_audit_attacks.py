@@ -196,3 +196,38 @@ def test_auc_chance_band_is_wide_for_few_speakers_and_narrow_for_many_utterances
     assert roc_summary([1] * 18 + [0] * 8, np.r_[np.ones(18), np.zeros(8)]).auc > few
     with pytest.raises(AuditInputError, match="both classes"):
         auc_chance_band(2, 0)
+
+
+def test_gradient_alignment_finds_the_examples_an_update_descended_on():
+    from fedser.common.audit.attacks import gradient_alignment
+
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(200, 500))
+    member = np.zeros(200, dtype=int)
+    member[rng.choice(200, 100, replace=False)] = 1
+    update = -0.01 * grads[member == 1].sum(axis=0) + rng.normal(0, 0.05, 500)   # steps down the members' loss
+    assert roc_summary(member, gradient_alignment(update, grads)).auc > 0.9
+    unrelated = rng.normal(size=500)
+    assert abs(roc_summary(member, gradient_alignment(unrelated, grads)).auc - 0.5) < 0.1
+    with pytest.raises(AuditInputError, match="do not fit"):
+        gradient_alignment(np.zeros(3), np.zeros((2, 4)))
+
+
+def test_example_gradients_are_each_examples_own_loss_gradient():
+    from fedser.common.audit.protocol import example_gradients
+    from fedser.common.models import build_model
+
+    spec, mc, pool = _tiny_pool()
+    torch.manual_seed(0)
+    model = build_model(mc)
+    names = ["encoder.stem.conv.weight", "heads.emotion.weight"]
+    grads = example_gradients(model, pool, names)
+    params = dict(model.named_parameters())
+    assert grads.shape == (len(pool), sum(params[n].numel() for n in names))
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(pool.feats[5:6], "emotion"), pool.y[5:6]).backward()
+    expected = torch.cat([params[n].grad.reshape(-1) for n in names]).numpy()
+    assert grads[5] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert not np.allclose(grads[5], grads[6])
+    with pytest.raises(AuditInputError, match="no parameters"):
+        example_gradients(model, pool, ["not.a.weight"])

@@ -87,6 +87,7 @@ def test_fedser_audit_writes_the_report(audit_out):
     assert "| attribute inference (gender) from updates | both | UAR" in text
     assert "membership (sample level, emotion), loss threshold" in text
     assert "difficulty-calibrated confidence" in text
+    assert "| membership (sample level, emotion) from updates, gradient alignment | no DP | ROC AUC (" in text
     assert "TPR at 1% FPR" in text
     assert "**FAIL**" not in text
     assert text.count("| ledger epsilon |") == 2 and "| ledger epsilon = reported | run | pass |" in text
