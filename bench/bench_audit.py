@@ -21,8 +21,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DEFAULT_DATA, RESULTS_DIR, Report, data_or_skip, load_average, load_note,  # noqa: E402
-                     machine_line, md_table)
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    RESULTS_DIR,
+    Report,
+    data_or_skip,
+    load_average,
+    load_note,
+    machine_line,
+    md_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +50,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-
-    from fedser.common.audit.attacks import (auc_chance_band, calibrated_attack, loss_attack, roc_summary,
-                                             speaker_scores)
+    from fedser.common.audit.attacks import (
+        auc_chance_band,
+        calibrated_attack,
+        loss_attack,
+        roc_summary,
+        speaker_scores,
+    )
     from fedser.common.audit.inputs import speaker_genders
-    from fedser.common.audit.protocol import (Protocol, concat, example_confidences, example_losses,
-                                              reference_confidences, simulate_federation, subset)
+    from fedser.common.audit.protocol import (
+        Protocol,
+        concat,
+        example_scores,
+        reference_confidences,
+        simulate_federation,
+        subset,
+    )
     from fedser.common.audit.report import roc_png
     from fedser.common.audit.runner import _speaker_data, attribute_audit
     from fedser.common.cache import FeatureCache
@@ -148,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     def membership(arrays, refs):
         model = build_model(mc)
         arrays_to_state(arrays, model)
-        losses, conf = example_losses(model, pool), example_confidences(model, pool)
+        losses, conf = example_scores(model, pool)
         out = {}
         for att, s in (("loss", loss_attack(losses)), ("calibrated", calibrated_attack(conf, *refs))):
             out[f"sample/{att}"] = roc_summary(sample_labels, s[:n_m + n_h])

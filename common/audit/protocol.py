@@ -214,21 +214,13 @@ def update_features(update: Mapping[str, np.ndarray], first_layer: str | None = 
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
-    """Per-example cross-entropy of ``model`` on ``data`` (eval mode), shape (N,)."""
-    return _per_example(model, data, batch_size)[0]
+def example_scores(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example cross-entropy and logit-scaled confidence of ``model`` on ``data`` (eval mode),
+    each shape (N,), from one pass.
 
-
-@torch.no_grad()
-def example_confidences(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
-    """Per-example logit-scaled confidence log(p_y / (1 - p_y)) of ``model`` on ``data``, shape (N,).
-
-    Computed from the logits as z_y - logsumexp(z_j, j != y), so it stays exact where p_y rounds to 1.
+    The confidence is log(p_y / (1 - p_y)), computed from the logits as
+    z_y - logsumexp(z_j, j != y), so it stays exact where p_y rounds to 1.
     """
-    return _per_example(model, data, batch_size)[1]
-
-
-def _per_example(model: torch.nn.Module, data: TaskData, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     losses, confs = [], []
     for i in range(0, len(data), batch_size):
@@ -240,6 +232,16 @@ def _per_example(model: torch.nn.Module, data: TaskData, batch_size: int) -> tup
     if not losses:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(losses).astype(np.float64), np.concatenate(confs).astype(np.float64)
+
+
+def example_losses(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
+    """Per-example cross-entropy of ``model`` on ``data`` (eval mode), shape (N,)."""
+    return example_scores(model, data, batch_size)[0]
+
+
+def example_confidences(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> np.ndarray:
+    """Per-example logit-scaled confidence (``example_scores``) of ``model`` on ``data``, shape (N,)."""
+    return example_scores(model, data, batch_size)[1]
 
 
 def example_gradients(model: torch.nn.Module, data: TaskData, names: Sequence[str]) -> np.ndarray:

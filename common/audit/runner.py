@@ -14,12 +14,34 @@ from ..data import TaskData, build_task_data
 from ..features import FeatureSpec
 from ..models import ModelConfig, build_model
 from ..params import arrays_to_state
-from .attacks import (attribute_inference, auc_chance_band, calibrated_attack, chance_band, gradient_alignment,
-                      loss_attack, roc_summary, speaker_scores)
+from .attacks import (
+    attribute_inference,
+    auc_chance_band,
+    calibrated_attack,
+    chance_band,
+    gradient_alignment,
+    loss_attack,
+    roc_summary,
+    speaker_scores,
+)
 from .dpchecks import CheckResult, check_clipping, check_ledger, check_noise
-from .inputs import MALE, AuditInputError, RunInfo, load_gender_csv, load_run, speaker_genders
-from .protocol import (SETTINGS, Protocol, device_update, example_gradients, example_losses, first_layer_name, subset,
-                       update_features)
+from .inputs import (
+    MALE,
+    AuditInputError,
+    RunInfo,
+    load_gender_csv,
+    load_run,
+    speaker_genders,
+)
+from .protocol import (
+    SETTINGS,
+    Protocol,
+    device_update,
+    example_gradients,
+    first_layer_name,
+    subset,
+    update_features,
+)
 from .report import REPORT_FILE, Row, render, roc_png
 
 MIN_SPEAKERS_PER_GENDER = 2
@@ -143,17 +165,17 @@ def membership_audit(model, model_config: ModelConfig, spec: FeatureSpec, member
     speakers of ``members`` (or of ``speaker_members`` when given: held-out utterances of training
     speakers), non-member speakers those of ``non_members``.
     """
-    from .protocol import concat, example_confidences, reference_confidences
+    from .protocol import concat, example_scores, reference_confidences
 
     pool = concat([members, non_members] + ([speaker_members] if speaker_members is not None else []))
     n_m, n_n = len(members), len(non_members)
     labels = np.r_[np.ones(n_m), np.zeros(n_n)]
-    losses = example_losses(model, pool)
+    losses, confidences = example_scores(model, pool)
     scores = {"loss": loss_attack(losses)}
     if reference_models > 0:
         ref, inside = reference_confidences(model_config, spec, pool, reference_models, reference_epochs,
                                             seed=seed, progress=progress)
-        scores["calibrated"] = calibrated_attack(example_confidences(model, pool), ref, inside)
+        scores["calibrated"] = calibrated_attack(confidences, ref, inside)
     out = {}
     for name, s in scores.items():
         out[f"sample/{name}"] = roc_summary(labels, s[: n_m + n_n])

@@ -57,7 +57,9 @@ def demo_run(module_processes, corpus_parts, device_manifests) -> DemoRun:
     stranger_ca = generate_ca_and_server_cert(processes.root / "stranger-ca").ca_cert
     argv = [launch.executable("fedser"), "demo", *[a for p in corpus_parts for a in ("--data", p)],
             "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--local-epochs", "1",
-            "--max-epsilon", str(MAX_EPSILON), "--user-noise", str(USER_NOISE), "--out", str(out)]
+            "--max-epsilon", str(MAX_EPSILON), "--user-noise", str(USER_NOISE), "--out", str(out),
+            # A few pretraining epochs show the path; the default 60 only cost the suite time.
+            "--config", "kws-pretrain-epochs=5"]
     t0 = time.monotonic()
     demo = processes.start("demo", argv, stdout=subprocess.PIPE)
     lines: list[str] = []
