@@ -64,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         example_scores,
         reference_confidences,
         simulate_federation,
+        speaker_parts,
         subset,
     )
     from fedser.common.audit.report import roc_png
-    from fedser.common.audit.runner import _speaker_data, attribute_audit
+    from fedser.common.audit.runner import attribute_audit
     from fedser.common.cache import FeatureCache
     from fedser.common.commands.args import default_cache_dir
     from fedser.common.corpora import load_corpora
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     utts = [u for u in corpus.utterances if u.task == "emotion"]
     genders = speaker_genders(utts)
     data = build_task_data(utts, spec, "emotion", FeatureCache(default_cache_dir() / "features"), progress=False)
-    speakers = _speaker_data(data)
+    speakers = speaker_parts(data)
     rng = np.random.default_rng(args.seed)
     names = sorted(speakers)
     rng.shuffle(names)

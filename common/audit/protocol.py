@@ -177,6 +177,14 @@ def subset(data: TaskData, idx: Sequence[int]) -> TaskData:
                     data.waves[idx_t] if data.waves is not None else None)
 
 
+def speaker_parts(data: TaskData) -> dict[str, TaskData]:
+    """``data`` split by speaker: speaker -> that speaker's examples, in order, speakers sorted."""
+    by: dict[str, list[int]] = {}
+    for i, spk in enumerate(data.speakers):
+        by.setdefault(spk, []).append(i)
+    return {spk: subset(data, idx) for spk, idx in sorted(by.items())}
+
+
 def concat(parts: Sequence[TaskData]) -> TaskData:
     parts = [p for p in parts if len(p)]
     return TaskData(parts[0].task, torch.cat([p.feats for p in parts]), torch.cat([p.y for p in parts]),
@@ -291,10 +299,7 @@ def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: Ta
         torch.manual_seed(seed * 1000 + k)
         model = build_model(model_config)
         if federation is not None:
-            by_speaker: dict[str, list[int]] = {}
-            for i in sorted(idx.tolist()):
-                by_speaker.setdefault(pool.speakers[i], []).append(i)
-            clients = [subset(pool, v) for _, v in sorted(by_speaker.items())]
+            clients = list(speaker_parts(subset(pool, sorted(idx.tolist()))).values())
             protocol = dataclasses.replace(federation.variant("no DP"), expected_clients=len(clients),
                                            total_clients=len(clients))
             arrays_to_state(simulate_federation(model_config, spec, clients, protocol, seed=seed * 1000 + k,

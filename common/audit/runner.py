@@ -39,6 +39,7 @@ from .protocol import (
     device_update,
     example_gradients,
     first_layer_name,
+    speaker_parts,
     subset,
     update_features,
 )
@@ -78,13 +79,6 @@ class AuditResult:
     @property
     def checks_passed(self) -> bool:
         return all(c.passed for _, c in self.checks)
-
-
-def _speaker_data(data: TaskData) -> dict[str, TaskData]:
-    by: dict[str, list[int]] = {}
-    for i, s in enumerate(data.speakers):
-        by.setdefault(s, []).append(i)
-    return {s: subset(data, idx) for s, idx in sorted(by.items())}
 
 
 def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec, speakers: dict[str, TaskData],
@@ -238,7 +232,7 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
         known = [u for u in utts if u.speaker in genders]
         populations = {u.speaker: u.corpus or population_of(u.speaker) for u in known}
         all_data = build_task_data(known, spec, "emotion", cache, progress=opt.progress, desc="features (audit)")
-        speakers = {s: d for s, d in _speaker_data(all_data).items() if len(d) >= MIN_UTTERANCES}
+        speakers = {s: d for s, d in speaker_parts(all_data).items() if len(d) >= MIN_UTTERANCES}
         counts = {g: sum(1 for s in speakers if genders[s] == g) for g in ("m", "f")}
         if min(counts.values()) < MIN_SPEAKERS_PER_GENDER:
             raise AuditInputError(
