@@ -1,14 +1,16 @@
 """``fedser-client``: the device agent.
 
     fedser-client enroll --server-ca CA.pem [--out DIR] [--name NAME] [--force]
-    fedser-client start --server HOST:PORT --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
+    fedser-client start --server HOST[:PORT] --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
                         [--root-cert CA] [--auth-key KEY] [--insecure]
     fedser-client status [--data DIR | --ledger PATH]
     fedser-client listen --model BUNDLE (--input FILE | --mic) [--json]
 
 ``enroll`` prepares a device once: it stores the server's CA, makes the device's key pair and
-prints the public key line to register on the server. ``start`` runs a Flower SuperNode whose node config tells the ClientApp where the data,
-the privacy ledger and the feature cache live. The agent restarts the SuperNode after a
+prints the public key line to register on the server. ``start`` runs a Flower SuperNode whose node
+config tells the ClientApp where the data, the privacy ledger and the feature cache live; it connects
+to the server's Fleet API over gRPC (port 9092 unless ``--server`` names another), after a first
+look that the port speaks gRPC with these TLS settings (:mod:`fedser.client.preflight`). The agent restarts the SuperNode after a
 lost connection (with back-off), so a device rejoins by itself. Options of ``start`` that a
 service manager or a container sets default to environment variables (``FEDSER_SERVER``,
 ``FEDSER_DATA``, ``FEDSER_TIER``, ``FEDSER_MAX_EPSILON``, ``FEDSER_ROOT_CERT``, ``FEDSER_AUTH_KEY``);
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ from fedser.common.errors import ConfigError, FedserError
 
 from . import listen
 from .device import DeviceSettings, default_state_dir
+from .preflight import probe_fleet_api
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -46,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--name", default="device", help="key file name (default device: DIR/device, DIR/device.pub)")
     en.add_argument("--force", action="store_true", help="replace an existing key pair (it must be registered again)")
     s = sub.add_parser("start", help="join a federation (runs a SuperNode)")
-    s.add_argument("--server", default=_env("FEDSER_SERVER"), metavar="HOST:PORT",
-                   help="the aggregation server's SuperLink (env FEDSER_SERVER)")
+    s.add_argument("--server", default=_env("FEDSER_SERVER"), metavar="HOST[:PORT]",
+                   help=f"the aggregation server's Fleet API, gRPC (port {launch.FLEET_PORT} unless given) "
+                        "(env FEDSER_SERVER)")
     s.add_argument("--data", default=_env("FEDSER_DATA"),
                    help="this device's corpus folder or manifest CSV (env FEDSER_DATA)")
     s.add_argument("--tier", default=_env("FEDSER_TIER", "1.0"),
@@ -103,9 +108,19 @@ def enroll(args) -> int:
     print("\nRegister this public key on the server (fedser-server start --supernode-auth --register FILE):\n")
     print(identity.public_key_line)
     print("\nThen start the agent:\n")
-    print(f"fedser-client start --server HOST:{launch.SUPERLINK_PORT} --data DIR --root-cert {identity.ca} "
+    print(f"fedser-client start --server HOST:{launch.FLEET_PORT} --data DIR --root-cert {identity.ca} "
           f"--auth-key {identity.private_key}")
     return 0
+
+
+def fleet_address(server: str) -> str:
+    """``--server`` as ``HOST:PORT``; a bare host gets the Fleet API's default port."""
+    text = server.strip()
+    bare_v6 = text.count(":") > 1 and not text.startswith("[")
+    if bare_v6 or ":" not in text:
+        text = launch.join_host_port(text.strip("[]"), launch.FLEET_PORT)
+    launch.split_host_port(text, "--server")  # a clear error for a malformed one
+    return text
 
 
 def start(args) -> int:
@@ -117,47 +132,54 @@ def start(args) -> int:
         raise ConfigError(f"--data {args.data}: no such file or folder")
     if not args.insecure and not args.root_cert:
         raise ConfigError("TLS needs --root-cert CA.pem (the server's ca.pem), or --insecure for plain text")
+    if args.root_cert and not Path(args.root_cert).is_file():
+        raise ConfigError(f"--root-cert {args.root_cert}: no such file")
     if args.threads < 0:
         raise ConfigError(f"--threads {args.threads}: expected 0 (all cores) or a positive count")
+    server = fleet_address(args.server)
     node_config = node_config_from_args(args)
     env = launch.flower_env()
     if args.threads:
         # Inherited by the ClientApp processes the SuperNode starts; torch sizes its pool from it.
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    argv = launch.supernode_command(args.server, node_config, root_cert=args.root_cert, insecure=args.insecure,
+    argv = launch.supernode_command(server, node_config, root_cert=args.root_cert, insecure=args.insecure,
                                     auth_key=args.auth_key, runtime_port=args.port)
     log_path = Path(args.log) if args.log else None
-    print(f"device agent: tier {node_config['tier']}, budget epsilon {args.max_epsilon}, ledger {node_config['ledger']}",
-          flush=True)
+    print(f"device agent: server {server} (gRPC, {'INSECURE plain text' if args.insecure else 'TLS'}), tier "
+          f"{node_config['tier']}, budget epsilon {args.max_epsilon}, ledger {node_config['ledger']}", flush=True)
     restarts, backoff = 0, 2.0
-    stopping = False
 
-    def _stop(signum, frame):  # forward SIGTERM/SIGINT to the SuperNode and stop restarting
-        nonlocal stopping
-        stopping = True
+    def _stop(signum, frame):  # unwind: the SuperNode is stopped on the way out
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    while True:
-        if log_path:
-            proc = launch.start_process(argv, log_path, env=env)
-        else:
-            import subprocess
-            proc = subprocess.Popen(argv, env=env, start_new_session=True)
-        try:
+    proc = None
+    try:
+        while True:
+            # Wrong port or TLS settings end the agent here, with the fix; a server that is not up yet
+            # is left to the SuperNode's own retries.
+            seen = probe_fleet_api(server, root_cert=args.root_cert, insecure=args.insecure)
+            if not seen.reachable:
+                print(f"server not reachable yet ({seen.detail}); the SuperNode keeps trying", flush=True)
+            if log_path:
+                proc = launch.start_process(argv, log_path, env=env)
+            else:
+                proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=launch.die_with_parent())
             code = proc.wait()
-        except KeyboardInterrupt:
+            proc = None
+            restarts += 1
+            if args.max_restarts >= 0 and restarts > args.max_restarts:
+                print(f"SuperNode exited with {code}; giving up after {restarts - 1} restart(s)", file=sys.stderr)
+                return 1
+            print(f"SuperNode exited with {code}; reconnecting in {backoff:.0f}s", file=sys.stderr, flush=True)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc is not None:
+            launch.ignore_interrupts()
             launch.stop_process(proc)
-            return 0
-        if stopping:
-            return 0
-        restarts += 1
-        if args.max_restarts >= 0 and restarts > args.max_restarts:
-            print(f"SuperNode exited with {code}; giving up after {restarts - 1} restart(s)", file=sys.stderr)
-            return 1
-        print(f"SuperNode exited with {code}; reconnecting in {backoff:.0f}s", file=sys.stderr, flush=True)
-        time.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
 
 
 def status(args) -> int:

@@ -5,6 +5,12 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 
+# The version of what travels between the two sides (these keys, their meaning, the model and
+# feature configs). A device and a server of different protocol versions do not work together:
+# the device declines every instruction with a reason that says which side to update.
+PROTOCOL = "fedser-protocol"
+PROTOCOL_VERSION = 1
+
 # Config sent by the server with every train / evaluate instruction.
 SERVER_ROUND = "server-round"
 MODEL_VERSION = "model-version"

@@ -1,30 +1,33 @@
 """Start, watch and stop the Flower Deployment Engine processes.
 
 Used by ``fedser-server start``, ``fedser-client start`` and ``fedser demo``.
-Flower 1.41 topology (one HTTPS port per SuperLink, everything else local)::
+Flower 1.39 topology (the pinned line: its Fleet API is gRPC)::
 
-    flower-superlink --host H --port 8000        Fleet API (SuperNodes), Control API
-      └─ flower-superexec (own session)          (flwr CLI) and Runtime API (ServerApp)
-           └─ flwr-serverapp  (per run)          all on H:8000, TLS unless --insecure
-    flower-supernode --superlink H:8000 --port 9094
-      └─ flower-superexec                        Runtime API for the ClientApp on
-           └─ flwr-clientapp (per message)       127.0.0.1:9094, plain HTTP, loopback only
-    flwr run <app> <connection>                  submits a run through the Control API;
-    flwr ls / flwr log / flwr supernode register its connection lives in $FLWR_HOME/config.toml
+    flower-superlink --fleet-api-address H:9092    Fleet API: gRPC (grpc-rere), TLS unless --insecure;
+      |               --host 127.0.0.1 --port 8000  the only port devices reach
+      |                                             Control API (flwr CLI) and Runtime API (SuperExec,
+      |                                             ServerApp): HTTP(S) on 127.0.0.1:8000
+      └─ flower-superexec (own session)
+           └─ flwr-serverapp  (per run)
+    flower-supernode --superlink H:9092 --port 9094
+      └─ flower-superexec                           Runtime API for the ClientApp on
+           └─ flwr-clientapp (per message)          127.0.0.1:9094, plain HTTP, loopback only
+    flwr run <app> <connection>                     submits a run through the Control API;
+    flwr ls / flwr log / flwr supernode register    its connection lives in $FLWR_HOME/config.toml
 
 Ports and defaults:
 
-* ``SUPERLINK_PORT`` (8000): the SuperLink's only port. Flower binds 127.0.0.1 by
-  default; a server that devices reach binds ``host="0.0.0.0"``. The SuperLink
-  reaches its own Runtime API on 127.0.0.1, so its certificate must name
-  127.0.0.1 (``fedser.common.certs`` always adds it).
+* ``FLEET_PORT`` (9092): the SuperLink's Fleet API, gRPC over TLS; SuperNodes (devices)
+  connect here and nowhere else. A server that devices reach binds it on ``0.0.0.0``.
+* ``SUPERLINK_PORT`` (8000): the SuperLink's Control and Runtime APIs (HTTP(S)). The
+  Control API authenticates no one in Flower's open-source SuperLink: whoever reaches
+  it can submit runs or register SuperNode keys. ``fedser-server start`` binds it on
+  127.0.0.1 only; where a ServerApp runs in another container (the compose test bed),
+  only that container's network reaches it, never the devices' side. The SuperLink
+  reaches its own Runtime API on 127.0.0.1, so its certificate must name 127.0.0.1
+  (``fedser.common.certs`` always adds it).
 * ``SUPERNODE_RUNTIME_PORT`` (9094): each SuperNode's local Runtime API. Two
   SuperNodes on one machine need two different ports.
-
-The Control API shares the SuperLink's port and, in Flower's open-source
-SuperLink, authenticates no one: whoever reaches the port and trusts its
-certificate can submit runs or register SuperNode keys. Restrict who reaches it
-(firewall, VPN, a reverse proxy that only passes ``/v1/fleet/`` to devices).
 
 Flower finds ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
 through ``PATH``; :func:`flower_env` puts this interpreter's ``bin`` folder first
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -51,12 +55,9 @@ from typing import Callable, Mapping
 from .certs import CertPaths
 from .errors import ConfigError, FedserError
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
-# Flower's own defaults (flwr.supercore.constant); a test keeps them in step.
+# Flower's own defaults (flwr.common.constant, flwr.supercore.constant); a test keeps them in step.
+FLEET_PORT = 9092
 SUPERLINK_PORT = 8000
 SUPERNODE_RUNTIME_PORT = 9094
 DEFAULT_CONNECTION = "fedser"
@@ -219,26 +220,41 @@ def superlink_command(
     *,
     host: str = "127.0.0.1",
     port: int = SUPERLINK_PORT,
+    fleet_host: str | None = None,
+    fleet_port: int = FLEET_PORT,
     certs: CertPaths | None = None,
     insecure: bool = False,
     enable_supernode_auth: bool = False,
     database: str | Path | None = None,
+    isolation: str | None = None,
 ) -> list[str]:
     """argv for ``flower-superlink``.
 
-    TLS needs ``certs``; ``insecure=True`` is the explicit plain-text opt-out.
-    ``database`` keeps the SuperLink's state (runs, registered nodes) in a SQLite
-    file instead of memory. Runtime dependency installation (``uv sync`` of the
-    app's dependencies into a fresh environment per run) is always disabled: the
-    app's code and dependencies are installed with fedser.
+    ``host:port`` is where the Control and Runtime APIs (HTTP(S)) listen; ``fleet_host``
+    (default ``host``) and ``fleet_port`` where the Fleet API (gRPC, grpc-rere) listens for
+    SuperNodes. TLS needs ``certs`` and covers both; ``insecure=True`` is the explicit
+    plain-text opt-out. ``database`` keeps the SuperLink's state (runs, registered nodes,
+    messages) in a SQLite file instead of memory. ``isolation="process"`` leaves the
+    ServerApp to a SuperExec started elsewhere (:func:`superexec_command`). Runtime
+    dependency installation (``uv sync`` of the app's dependencies into a fresh environment
+    per run) is always disabled: the app's code and dependencies are installed with fedser.
     """
     _check_port(port)
+    _check_port(fleet_port)
+    if port == fleet_port:
+        raise ConfigError(f"superlink: the Fleet API and the Control API need two ports, got {port} twice")
     if insecure == (certs is not None):
         raise ConfigError("superlink: pass certs for TLS, or insecure=True without certs")
     if enable_supernode_auth and insecure:
         raise ConfigError("superlink: SuperNode authentication requires TLS (certs)")
+    if isolation not in (None, "subprocess", "process"):
+        raise ConfigError(f"superlink: isolation {isolation!r}: expected 'subprocess' or 'process'")
+    fleet = fleet_host if fleet_host is not None else host
     argv = [executable("flower-superlink"), "--host", host, "--port", str(port),
+            "--fleet-api-type", "grpc-rere", "--fleet-api-address", join_host_port(fleet, fleet_port),
             "--disable-runtime-dependency-installation"]
+    if isolation is not None:
+        argv += ["--isolation", isolation]
     if certs is not None:
         argv += [
             "--ssl-ca-certfile", str(Path(certs.ca_cert).resolve()),
@@ -252,6 +268,20 @@ def superlink_command(
     if database is not None:
         argv += ["--database", str(Path(database).resolve())]
     return argv
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``"h:p"``, with an IPv6 address in brackets (``"[::1]:9092"``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def split_host_port(text: str, what: str = "address") -> tuple[str, int]:
+    """``"h:p"`` or ``"[v6]:p"`` -> ``(host, port)``; a clear ``ConfigError`` otherwise."""
+    host, sep, port = str(text).strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. server.example.org:{FLEET_PORT}")
+    return host, int(port)
 
 
 def supernode_command(
@@ -547,7 +577,8 @@ def start_process(
     """Start ``argv`` in its own process group, stdout and stderr appended to ``log_path``.
 
     The own group lets :func:`stop_process` stop the SuperNode's helpers
-    (SuperExec, ClientApp processes) together with it.
+    (SuperExec, ClientApp processes) together with it. Started from the main thread,
+    the child is also told to end when this process ends (:func:`die_with_parent`).
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -555,10 +586,39 @@ def start_process(
         proc = LoggedProcess(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else flower_env(), cwd=cwd,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent(),
         )
     proc.log_path = log_path
     return proc
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when this process dies.
+
+    Children run in sessions of their own (so a terminal's Ctrl-C reaches only the
+    launcher, which stops them in order); without this, a launcher killed by SIGKILL or
+    a crash would leave them running, and an agent would keep restarting its SuperNode
+    for a parent that is gone. Linux only (``prctl(PR_SET_PDEATHSIG)``), and only from
+    the main thread: the kernel ties the signal to the thread that forks, and a worker
+    thread's end would otherwise stop the child.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # pragma: no cover - no usable libc
+        return None
+    parent = os.getpid()
+
+    def _preexec() -> None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return _preexec
 
 
 def wait_for_port(
@@ -607,25 +667,48 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+def ignore_interrupts() -> None:
+    """Ignore SIGINT and SIGTERM from here on (main thread only): for the ``finally`` that stops children.
+
+    A second Ctrl-C or SIGTERM while children are being stopped would otherwise unwind out of
+    the stopping and leave some of them running.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     """SIGTERM the process group of ``proc``, SIGKILL it after ``timeout``; returns the exit code.
 
     ``proc`` must lead its own group (as :func:`start_process` makes it).
     """
-    pgid = proc.pid
-    if proc.poll() is None:
-        _signal_group(pgid, signal.SIGTERM)
+    return stop_processes([proc], timeout)[0]
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int]:
+    """Stop several process groups at once: SIGTERM to all, one shared ``timeout``, then SIGKILL.
+
+    Stopping them one after another would cost up to ``timeout`` each; twenty devices
+    that ignore SIGTERM would keep a Ctrl-C waiting for minutes. Returns the exit codes.
+    """
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+    for proc in procs:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
-    # Helpers that outlive the leader (a ClientApp still writing) get a moment, then go.
-    deadline = time.monotonic() + min(timeout, 2.0)
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    # Helpers that outlive their leader (a ClientApp still writing) get a moment, then go.
+    grace = time.monotonic() + min(timeout, 2.0)
+    while any(_group_alive(p.pid) for p in procs) and time.monotonic() < grace:
         time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
-    return proc.returncode
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGKILL)
+    return [proc.returncode for proc in procs]
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -7,6 +7,10 @@
 TLS is on unless ``--insecure``: a CA and server certificate are generated into
 ``--certs`` (default ``RUN_DIR/certs``) when missing; devices need ``ca.pem`` from there.
 
+Devices connect to the SuperLink's Fleet API: gRPC on ``--host``:``--port`` (default
+0.0.0.0:9092). Its Control and Runtime APIs (HTTP(S), used by the ``flwr`` CLI and the
+ServerApp) listen on 127.0.0.1:``--control-port`` (default 8000) only.
+
 With ``--superlink`` the SuperLink runs elsewhere (another container or host, started with
 ``flower-superlink --isolation process``): this process starts the SuperExec that runs the
 ServerApp here, beside the run directory, registers device keys and submits the run.
@@ -52,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "starting one")
     s.add_argument("--root-cert", default=None, metavar="CA.pem",
                    help="with --superlink: the CA that signed the SuperLink's certificate")
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
-    s.add_argument("--port", type=int, default=None, help=f"SuperLink port (default {launch.SUPERLINK_PORT})")
+    s.add_argument("--host", default="0.0.0.0",
+                   help="address the Fleet API (gRPC, the devices' port) listens on (default all interfaces)")
+    s.add_argument("--port", type=int, default=None,
+                   help=f"Fleet API port, where devices connect over gRPC (default {launch.FLEET_PORT})")
+    s.add_argument("--control-port", type=int, default=None,
+                   help=f"Control and Runtime API port, on 127.0.0.1 only (default {launch.SUPERLINK_PORT})")
     s.add_argument("--hostname", action="append", default=[], help="extra DNS name/IP for the certificate")
     s.add_argument("--certs", default=None, help="certificate folder (default RUN_DIR/certs)")
     s.add_argument("--supernode-auth", action="store_true", help="only registered device keys may connect")
@@ -114,7 +122,8 @@ def _print_progress(path: Path, seen: int) -> int:
 def _superlink_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"--superlink {text!r}: expected HOST:PORT, e.g. superlink:{launch.SUPERLINK_PORT}")
+        raise ConfigError(f"--superlink {text!r}: expected HOST:PORT of the SuperLink's Runtime API, "
+                          f"e.g. superlink:{launch.SUPERLINK_PORT}")
     return host.strip("[]"), int(port)
 
 
@@ -127,7 +136,8 @@ def _check_attach_args(args) -> None:
         except ConfigError as exc:
             problems.append(str(exc))
         clashes = [name for name, given in (("--certs", args.certs), ("--hostname", args.hostname),
-                                            ("--supernode-auth", args.supernode_auth), ("--port", args.port))
+                                            ("--supernode-auth", args.supernode_auth), ("--port", args.port),
+                                            ("--control-port", args.control_port))
                    if given]
         if args.host != "0.0.0.0":
             clashes.append("--host")
@@ -196,7 +206,8 @@ def start(args) -> int:
 
 def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | None) -> int:
     """Start the SuperLink (or, with ``attach``, a SuperExec for a remote one), submit the run, follow it."""
-    port = args.port or launch.SUPERLINK_PORT
+    fleet_port = args.port or launch.FLEET_PORT
+    control_port = args.control_port or launch.SUPERLINK_PORT
     certs: CertPaths | None = None
     if not args.insecure and attach is None:
         cert_dir = Path(args.certs) if args.certs else run_dir / "certs"
@@ -209,20 +220,27 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
     flwr_home = run_dir / ".flwr"
     env = launch.flower_env(flwr_home)
     launch.interrupt_on_sigterm()  # so that `finally` stops the SuperLink, which has its own session
-    if attach is None:
-        link_host, address, root_cert = "127.0.0.1", f"127.0.0.1:{port}", str(certs.ca_cert) if certs else None
-        helper = launch.start_process(
-            launch.superlink_command(host=args.host, port=port, certs=certs, insecure=args.insecure,
-                                     enable_supernode_auth=args.supernode_auth, database=run_dir / "superlink.db"),
-            run_dir / "logs" / "superlink.log", env=env)
-    else:
-        (link_host, port), address, root_cert = attach, args.superlink, args.root_cert
-        helper = launch.start_process(
-            launch.superexec_command(address, root_cert=root_cert, insecure=args.insecure),
-            run_dir / "logs" / "superexec.log", env=env)
+    helper = None
     try:
+        if attach is None:
+            link_host, port = "127.0.0.1", control_port
+            address, root_cert = f"127.0.0.1:{control_port}", str(certs.ca_cert) if certs else None
+            helper = launch.start_process(
+                launch.superlink_command(host="127.0.0.1", port=control_port, fleet_host=args.host,
+                                         fleet_port=fleet_port, certs=certs, insecure=args.insecure,
+                                         enable_supernode_auth=args.supernode_auth,
+                                         database=run_dir / "superlink.db"),
+                run_dir / "logs" / "superlink.log", env=env)
+        else:
+            (link_host, port), address, root_cert = attach, args.superlink, args.root_cert
+            helper = launch.start_process(
+                launch.superexec_command(address, root_cert=root_cert, insecure=args.insecure),
+                run_dir / "logs" / "superexec.log", env=env)
         # A SuperLink in another container may come up after this one: wait longer for it.
         launch.wait_for_port(link_host, port, timeout=60 if attach is None else 300, process=helper)
+        if attach is None:
+            launch.wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, fleet_port,
+                                 timeout=60, process=helper)
         conn = launch.SuperLinkConnection(address, root_cert=root_cert, insecure=args.insecure)
         launch.write_connection(flwr_home, conn)
         register_keys(args.register, flwr_home / "keys", env)
@@ -230,9 +248,11 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         progress = run_dir / "progress.log"
         seen = len(progress.read_text().splitlines()) if progress.exists() else 0
         run_id = launch.submit_run(app_dir, run_config=run_config, env=env)
-        where = f"listening on {args.host}:{port}" if attach is None else f"at {address}"
-        print(f"SuperLink {where} ({'INSECURE plain text' if args.insecure else 'TLS'}); "
-              f"run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} device(s)", flush=True)
+        security = "INSECURE plain text" if args.insecure else "TLS"
+        where = (f"Fleet API (gRPC, {security}) listening on {launch.join_host_port(args.host, fleet_port)} "
+                 f"for devices; Control API on {address}" if attach is None else f"at {address} ({security})")
+        print(f"SuperLink {where}; run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} "
+              "device(s)", flush=True)
 
         def on_poll(_status) -> None:
             nonlocal seen
@@ -249,7 +269,9 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
               f"(delta {summary.get('user-delta')}); model bundle {run_dir / 'model.fedser'}")
         return 0
     finally:
-        launch.stop_process(helper)
+        if helper is not None:
+            launch.ignore_interrupts()
+            launch.stop_process(helper)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedser.common import keys
 from fedser.common.features import FeatureSpec
@@ -33,6 +32,7 @@ from fedser.common.records import arrays_to_record, model_to_config, record_to_a
 from fedser.common.slicing import slice_index, slice_state
 
 from .aggregation import ClientUpdate, aggregate
+from .sampling import sample_nodes
 from .user_privacy import Contribution, round_noise_multiplier
 from .validation import expected_shapes, validate_update
 

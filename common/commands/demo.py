@@ -168,10 +168,11 @@ def run(args) -> int:
           f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
           + (f"; public speech for the server's pretraining: {public_csv}" if public_csv else ""), flush=True)
     certs = generate_ca_and_server_cert(out / "certs")
-    port = launch.free_port()
+    port, control_port = launch.free_port(), launch.free_port()
     cache = default_cache_dir() / "features"
     server_argv = [launch.executable("fedser-server"), "start", "--run-dir", str(out), "--host", "127.0.0.1",
-                   "--port", str(port), "--certs", str(out / "certs"), "--min-clients", str(args.clients),
+                   "--port", str(port), "--control-port", str(control_port), "--certs", str(out / "certs"),
+                   "--min-clients", str(args.clients),
                    "--rounds", str(args.rounds), "--config", f"local-epochs={args.local_epochs}"]
     if test_csv is not None:
         server_argv += ["--eval-data", str(test_csv)]
@@ -205,7 +206,7 @@ def run(args) -> int:
                     "--cache", str(cache), "--port", str(launch.free_port()), "--threads", str(threads),
                     "--log", str(out / "logs" / f"device-{i}.log")]
             procs.append(launch.start_process(argv, out / "logs" / f"device-{i}.out"))
-        print(f"SuperLink on 127.0.0.1:{port} (TLS), {len(devices)} SuperNodes; tiers "
+        print(f"SuperLink: Fleet API (gRPC, TLS) on 127.0.0.1:{port}, {len(devices)} SuperNodes; tiers "
               f"{[tiers[i % len(tiers)] for i in range(len(devices))]}; DP {'off' if args.no_dp else 'on'}",
               flush=True)
         seen = 0
@@ -216,8 +217,8 @@ def run(args) -> int:
         if server.returncode != 0:
             raise FedserError(f"the server failed (exit {server.returncode}); its log:\n{server.log_tail(40)}")
     finally:
-        for p in reversed(procs):
-            launch.stop_process(p)
+        launch.ignore_interrupts()   # a second Ctrl-C must not cut the stopping short
+        launch.stop_processes(list(reversed(procs)))
     audit = None
     if args.audit:
         print("running the privacy audit ...", flush=True)

@@ -442,8 +442,22 @@ def _unknown_train_scope(msg, cfg):
     return with_content(msg, config={**cfg, keys.TRAIN_SCOPE: "encoder"})
 
 
+def _newer_server_protocol(msg, cfg):
+    return with_content(msg, config={**cfg, keys.PROTOCOL: keys.PROTOCOL_VERSION + 1})
+
+
+def _older_server_without_protocol(msg, cfg):
+    return with_content(msg, config={k: v for k, v in cfg.items() if k != keys.PROTOCOL})
+
+
+def _newer_feature_setting(msg, cfg):
+    spec = json.loads(cfg[keys.FEATURE_SPEC])
+    return with_content(msg, config={**cfg, keys.FEATURE_SPEC: json.dumps({**spec, "setting-of-a-later-fedser": 1})})
+
+
 @pytest.mark.parametrize("spoil", [_wrong_tier, _no_model_config, _garbled_model_config, _unknown_encoder,
-                                   _bad_feature_spec, _wrong_shapes, _no_arrays, _no_config, _unknown_train_scope],
+                                   _bad_feature_spec, _wrong_shapes, _no_arrays, _no_config, _unknown_train_scope,
+                                   _newer_server_protocol, _older_server_without_protocol, _newer_feature_setting],
                          ids=lambda f: f.__name__.strip("_").replace("_", " "))
 def test_device_declines_an_instruction_it_cannot_use(spoil, person, feature_cache, tmp_path):
     # Prepare: a device of tier 0.25; the instruction meant for it, spoilt one way.

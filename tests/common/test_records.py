@@ -120,3 +120,22 @@ def test_model_from_config_rejects_an_invalid_model_config():
     # Execute / Assert
     with pytest.raises(ConfigError, match="width"):
         model_from_config(config)
+
+
+@pytest.mark.parametrize("theirs, says", [
+    (keys.PROTOCOL_VERSION + 1, "the server runs the newer fedser"),
+    (keys.PROTOCOL_VERSION - 1, "the device runs the newer fedser"),
+    (None, "update the server"),
+    ("one", "expected an integer"),
+])
+def test_an_instruction_from_another_protocol_version_is_refused_with_who_to_update(theirs, says):
+    # Prepare
+    config = model_to_config(ModelConfig(), FeatureSpec())
+    if theirs is None:
+        del config[keys.PROTOCOL]
+    else:
+        config[keys.PROTOCOL] = theirs
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=says):
+        model_from_config(config)

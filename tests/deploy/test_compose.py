@@ -306,6 +306,7 @@ def test_dockerfiles_are_multi_stage_pinned_unprivileged_and_install_one_extra(r
     assert any(ln.upper().startswith("COPY --FROM=") for ln in runtime)
     assert f".[{extra}]" in text and f"[{other}" not in text and "[dev" not in text
     assert "download.pytorch.org/whl/cpu" in text and "torch==2.11.0" in text
+    assert "-c constraints.txt" in text and "constraints.txt" in text.split("COPY pyproject.toml", 1)[1].split("\n")[0]
     assert "pip install" not in "\n".join(runtime), "the runtime stage installs nothing itself"
 
 

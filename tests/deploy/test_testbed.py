@@ -7,9 +7,10 @@ because a federation costs minutes on a small machine:
 
 1. round 1 runs over TLS with every device; the run volume fills (checkpoint, metrics);
 2. devices without a trusted certificate or a registered key are refused, and never get the model;
-3. during round 2, client-3's link is cut (the cable pulled): the round completes with the other
-   two once the SuperLink declares the node gone; the link comes back and client-3 rejoins in
-   round 3, its ledger intact;
+3. during round 2, client-3's link is cut (the cable pulled): the round completes once the
+   SuperLink declares the node gone, whether or not client-3's late reply still makes it in
+   (it is counted exactly once, as used or as failed); the link comes back and client-3 rejoins
+   in round 3, its ledger intact;
 4. during round 3 the server app is killed (every process of it) and started again: it resumes
    after round 2 and finishes; no device's spend is lost or counted twice, and the run volume
    holds the whole run (3 rounds over TLS, the final model, the report).
@@ -170,7 +171,7 @@ def test_devices_without_trust_or_a_registered_key_are_refused(bed, tmp_path):
     ca = "/run/secrets/ca.pem"
 
     def base(port: int) -> list[str]:   # beside client-1's own SuperNode, so another local port
-        return ["flower-supernode", "--superlink", "superlink:8000", "--max-wait-time", "10", "--port", str(port)]
+        return ["flower-supernode", "--superlink", "superlink:9092", "--max-wait-time", "10", "--port", str(port)]
 
     attempts = {
         "wrong CA": base(9201) + ["--root-certificates", str(stranger), "--auth-supernode-private-key",
@@ -218,9 +219,15 @@ def test_client_cut_mid_round_is_dropped_then_rejoins_with_its_ledger_intact(bed
     bed.wait(lambda: bed.log("client-3").count("Receiving: train message") >= 3, 180,
              "client-3 to rejoin with its round-3 instruction")
 
-    # Assert: round 2 completed with the other two, and client-3 is back for round 3.
+    # Assert: round 2 completed without waiting for client-3. Its reply, trained before the cut and
+    # sent once the link was back, may or may not beat the round's end: every device is counted
+    # exactly once (the two others used; client-3 used or failed, never both), and client-3 is
+    # back for round 3.
     rows = json.loads((bed.run_dir / "metrics.json").read_text())["rounds"]
-    assert rows[1]["round"] == 2 and rows[1]["clients-used"] == 2 and rows[1]["clients-failed"] == 1, rows[1]
+    row = rows[1]
+    assert row["round"] == 2 and row["clients-sampled"] == 3, row
+    assert row["clients-used"] + row["clients-failed"] + row["clients-rejected"] == 3, row
+    assert row["clients-used"] >= 2 and row["clients-rejected"] == 0, row
     ledger = bed.ledger("client-3")
     # Spend is on disk before the update leaves: the round whose reply was lost is still counted
     # (one entry per task the device trained, the same number each round).

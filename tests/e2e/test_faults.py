@@ -36,7 +36,8 @@ ROUNDS = 2
 
 def _server_argv(run_dir: Path, port: int, rounds: int, min_clients: int, *extra: str) -> list[str]:
     return [launch.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST,
-            "--port", str(port), "--certs", str(run_dir / "certs"), "--rounds", str(rounds),
+            "--port", str(port), "--control-port", str(launch.free_port(HOST)), "--certs", str(run_dir / "certs"),
+            "--rounds", str(rounds),
             "--min-clients", str(min_clients), "--config", "local-epochs=1", *extra]
 
 

@@ -37,7 +37,8 @@ class Deployment:
     root: Path
     certs: CertPaths
     env: dict
-    port: int = 0
+    port: int = 0          # Control and Runtime APIs (HTTP(S)): the flwr CLI
+    fleet_port: int = 0    # Fleet API (gRPC): the SuperNodes
     link: launch.LoggedProcess | None = None
     nodes: list = field(default_factory=list)
     startup_s: float = 0.0   # until the SuperLink's port accepted connections
@@ -46,18 +47,24 @@ class Deployment:
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
+    @property
+    def fleet_address(self) -> str:
+        return f"{HOST}:{self.fleet_port}"
+
     def start_link(self, **kwargs) -> None:
-        self.port = launch.free_port(HOST)
-        argv = launch.superlink_command(host=HOST, port=self.port, certs=self.certs, **kwargs)
+        self.port, self.fleet_port = launch.free_port(HOST), launch.free_port(HOST)
+        argv = launch.superlink_command(host=HOST, port=self.port, fleet_port=self.fleet_port, certs=self.certs,
+                                        **kwargs)
         self.link = launch.start_process(argv, self.root / "superlink.log", env=self.env)
         self.startup_s = launch.wait_for_port(HOST, self.port, timeout=30, process=self.link)
+        launch.wait_for_port(HOST, self.fleet_port, timeout=30, process=self.link)
         launch.write_connection(
             self.root / "flwr", launch.SuperLinkConnection(self.address, root_cert=str(self.certs.ca_cert))
         )
 
     def start_node(self, name: str, node_config=None, root_cert=None, auth_key=None) -> launch.LoggedProcess:
         argv = launch.supernode_command(
-            self.address, node_config, root_cert=root_cert or self.certs.ca_cert, auth_key=auth_key,
+            self.fleet_address, node_config, root_cert=root_cert or self.certs.ca_cert, auth_key=auth_key,
             runtime_port=launch.free_port(HOST), max_wait_time=20,
         )
         proc = launch.start_process(argv, self.root / f"{name}.log", env=self.env)
@@ -140,6 +147,86 @@ def test_two_supernodes_finish_two_rounds_over_tls(tls_link, tmp_path):
         launch.stop_process(proc)
         assert not launch._group_alive(proc.pid)
     print(f"\nSuperLink up in {dep.startup_s:.1f} s; run {run_id} finished: {status}")
+
+
+def _tcp_peers(pid: int) -> set[tuple[str, int]]:
+    """Remote (address, port) of every established TCP connection that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            remote, state, inode = cols[2], cols[3], cols[9]
+            if state == "01" and inode in inodes:   # 01: ESTABLISHED
+                addr, port = remote.split(":")
+                peers.add((addr, int(port, 16)))
+    return peers
+
+
+@pytest.mark.slow
+def test_supernode_traffic_is_grpc_over_tls_on_the_fleet_port(tls_link):
+    # Prepare
+    import socket
+    import ssl
+
+    import grpc
+    from flwr.proto.fleet_pb2_grpc import FleetStub
+    from flwr.proto.run_pb2 import GetRunRequest
+
+    from fedser.client.preflight import FleetEndpointError, probe_fleet_api
+
+    dep = tls_link
+    node = dep.start_node("wire")
+    assert len(dep.wait_online(1)) >= 1, node.log_tail()
+    ca = Path(dep.certs.ca_cert).read_bytes()
+
+    def handshake(port: int, context: ssl.SSLContext) -> str | None:
+        with socket.create_connection((HOST, port), timeout=5) as sock, \
+                context.wrap_socket(sock, server_hostname=HOST) as tls:
+            return tls.selected_alpn_protocol()
+
+    def get_run(channel) -> grpc.StatusCode:
+        try:
+            FleetStub(channel).GetRun(GetRunRequest(run_id=0), timeout=5)
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    trusting = ssl.create_default_context(cafile=str(dep.certs.ca_cert))
+    trusting.set_alpn_protocols(["h2", "http/1.1"])
+
+    # Execute
+    peer_ports = {port for addr, port in _tcp_peers(node.pid)} & {dep.port, dep.fleet_port}
+    fleet_alpn = handshake(dep.fleet_port, trusting)
+    control_alpn = handshake(dep.port, trusting)
+    with grpc.secure_channel(dep.fleet_address, grpc.ssl_channel_credentials(ca)) as channel:
+        over_tls = get_run(channel)
+    with grpc.insecure_channel(dep.fleet_address) as channel:
+        plain = get_run(channel)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(dep.fleet_port, ssl.create_default_context())   # the system trust store does not know the CA
+    with pytest.raises(FleetEndpointError, match="expects TLS"):
+        probe_fleet_api(dep.fleet_address, insecure=True)
+
+    # Assert: the SuperNode talks to the SuperLink on the Fleet port alone; that port is TLS carrying
+    # HTTP/2 (gRPC) and its Fleet service answers a gRPC call there, while plain text gets no service.
+    assert peer_ports == {dep.fleet_port}, _tcp_peers(node.pid)
+    assert fleet_alpn == "h2"
+    assert over_tls not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED), over_tls
+    assert plain == grpc.StatusCode.UNAVAILABLE
+    # The Control API is a different port and speaks HTTP/1.1, not gRPC.
+    assert control_alpn != "h2"
+    assert probe_fleet_api(dep.fleet_address, root_cert=dep.certs.ca_cert).reachable
+    print(f"\nFleet API {dep.fleet_address}: ALPN {fleet_alpn}, GetRun over TLS -> {over_tls.name}, "
+          f"plain text -> {plain.name}; Control API ALPN {control_alpn}")
+    launch.stop_process(node)
 
 
 @pytest.mark.slow
@@ -353,7 +440,10 @@ def test_default_ports_match_flowers_own():
     from flwr.supercore import constant
 
     # Assert
+    from flwr.common.constant import FLEETAPI_GRPC_RERE_PORT
+
     assert launch.SUPERLINK_PORT == constant.SUPERLINK_UVICORN_DEFAULT_PORT
+    assert launch.FLEET_PORT == int(FLEETAPI_GRPC_RERE_PORT)
     assert launch.SUPERNODE_RUNTIME_PORT == constant.SUPERNODE_UVICORN_DEFAULT_PORT
 
 

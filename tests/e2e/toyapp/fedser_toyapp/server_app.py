@@ -37,7 +37,10 @@ def main(grid: Grid, context: Context) -> None:
                     group_id=str(server_round))
             for node in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=60))
+        started = time.monotonic()
+        replies = list(grid.send_and_receive(messages, timeout=float(context.run_config["round-timeout"])))
+        report.setdefault("round_seconds", []).append(time.monotonic() - started)
+        report.setdefault("sent", []).append(len(messages))
         entries = []
         for reply in replies:
             if reply.has_error():

@@ -1,0 +1,175 @@
+"""The agent's first look at ``--server``: a gRPC Fleet API with matching TLS settings, or a clear error.
+
+Real servers on loopback: gRPC (grpcio, as Flower's SuperLink serves its Fleet API) with and
+without TLS, and HTTP/1.1 (the standard library's server, as on the SuperLink's Control API
+port) with and without TLS.
+"""
+from __future__ import annotations
+
+import http.server
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedser.client.cli import fleet_address
+from fedser.client.preflight import FleetEndpointError, probe_fleet_api
+from fedser.common import launch
+from fedser.common.certs import generate_ca_and_server_cert
+from fedser.common.errors import ConfigError
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return generate_ca_and_server_cert(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def stranger_ca(tmp_path_factory):
+    return generate_ca_and_server_cert(tmp_path_factory.mktemp("stranger")).ca_cert
+
+
+def _grpc_server(certs=None) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    if certs is None:
+        port = server.add_insecure_port(f"{HOST}:0")
+    else:
+        creds = grpc.ssl_server_credentials([(Path(certs.server_key).read_bytes(),
+                                              Path(certs.server_cert).read_bytes())])
+        port = server.add_secure_port(f"{HOST}:0", creds)
+    server.start()
+    return server, f"{HOST}:{port}"
+
+
+@pytest.fixture(scope="module")
+def grpc_tls(certs):
+    server, address = _grpc_server(certs)
+    yield address
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def grpc_plain():
+    server, address = _grpc_server()
+    yield address
+    server.stop(0)
+
+
+def _http_server(certs=None) -> tuple[http.server.HTTPServer, str]:
+    server = http.server.ThreadingHTTPServer((HOST, 0), http.server.BaseHTTPRequestHandler)
+    if certs is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.server_cert, certs.server_key)
+        context.set_alpn_protocols(["http/1.1"])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"{HOST}:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def https(certs):
+    server, address = _http_server(certs)
+    yield address
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http_plain():
+    server, address = _http_server()
+    yield address
+    server.shutdown()
+
+
+def test_a_grpc_fleet_api_with_matching_settings_passes(grpc_tls, grpc_plain, certs):
+    # Execute
+    tls = probe_fleet_api(grpc_tls, root_cert=certs.ca_cert)
+    plain = probe_fleet_api(grpc_plain, insecure=True)
+
+    # Assert
+    assert tls.reachable and "gRPC over TLS" in tls.detail
+    assert plain.reachable and "plain text" in plain.detail
+
+
+def test_a_certificate_the_root_cert_does_not_trust_names_the_fix(grpc_tls, stranger_ca):
+    # Execute / Assert
+    with pytest.raises(FleetEndpointError, match=r"does not trust .*pass the server's own ca\.pem as --root-cert"):
+        probe_fleet_api(grpc_tls, root_cert=stranger_ca)
+
+
+def test_plain_text_to_a_tls_server_says_to_use_tls(grpc_tls):
+    # Execute / Assert
+    with pytest.raises(FleetEndpointError, match=r"expects TLS: drop --insecure"):
+        probe_fleet_api(grpc_tls, insecure=True)
+
+
+def test_tls_to_a_plain_text_server_says_to_match_its_insecure(grpc_plain, certs):
+    # Execute / Assert
+    with pytest.raises(FleetEndpointError, match=r"does not speak TLS.*--insecure"):
+        probe_fleet_api(grpc_plain, root_cert=certs.ca_cert)
+
+
+def test_the_control_api_port_is_named_as_the_wrong_port(https, http_plain, certs):
+    # Execute
+    with pytest.raises(FleetEndpointError) as tls:
+        probe_fleet_api(https, root_cert=certs.ca_cert)
+    with pytest.raises(FleetEndpointError) as plain:
+        probe_fleet_api(http_plain, insecure=True)
+
+    # Assert: both name the Fleet API's port as the fix.
+    for err in (tls, plain):
+        assert f"Fleet API port ({launch.FLEET_PORT} by default)" in str(err.value)
+    assert "answers TLS but not gRPC" in str(tls.value)
+    assert "answers, but not as gRPC" in str(plain.value)
+
+
+def test_a_port_nobody_listens_on_is_left_to_the_supernodes_retries(certs):
+    # Execute
+    seen = probe_fleet_api(f"{HOST}:{launch.free_port(HOST)}", root_cert=certs.ca_cert, timeout=2)
+
+    # Assert
+    assert not seen.reachable and "refused" in seen.detail.lower()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("server.example.org", f"server.example.org:{launch.FLEET_PORT}"),
+    ("10.0.0.5:7000", "10.0.0.5:7000"),
+    ("::1", f"[::1]:{launch.FLEET_PORT}"),
+    ("[::1]:7000", "[::1]:7000"),
+])
+def test_server_address_gets_the_fleet_port_when_none_is_given(text, expected):
+    assert fleet_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["host:", "host:port", "host:70000", ":9092"])
+def test_malformed_server_addresses_are_refused(text):
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        fleet_address(text)
+
+
+def test_agent_pointed_at_the_control_port_exits_at_once_with_the_fix(https, certs, tmp_path):
+    # Prepare
+    data = tmp_path / "data.csv"
+    data.write_text("path,label,speaker\n")
+    env = {**os.environ, "FEDSER_HOME": str(tmp_path / "home")}
+    started = time.monotonic()
+
+    # Execute
+    done = subprocess.run([sys.executable, "-m", "fedser.client.cli", "start", "--server", https, "--data",
+                           str(data), "--root-cert", str(certs.ca_cert), "--ledger", str(tmp_path / "ledger.json"),
+                           "--port", str(launch.free_port(HOST))],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+    # Assert: refused before any SuperNode started, saying which port to use.
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Fleet API port ({launch.FLEET_PORT} by default)" in done.stderr
+    assert "SuperNode" not in done.stdout
+    print(f"\nrefused in {time.monotonic() - started:.1f} s: {done.stderr.strip()}")
