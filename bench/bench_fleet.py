@@ -7,12 +7,16 @@ end-to-end tests (``tests/e2e/toyapp``: the server sends an array to every node,
 one and replies) runs ``--rounds`` rounds with every node in every round. It is the wire and
 the SuperLink's state store that are under test here, not training, so the app does no work.
 
+``--stock`` first runs the same with Flower's own ``flower-superlink`` (the baseline: a 5 s
+SQLite busy timeout) and then with ``fedser-superlink`` (what fedser starts: the same SuperLink,
+its writers given time to queue; see ``fedser.server.superlink``).
+
 Figures per N: seconds until every node was online, and per round: messages sent, replies
 received, replies that came back as errors (Flower's reason), replies lost (sent - received),
 round time; and the lines of the SuperLink's and SuperNodes' logs that report a database or
 transport error. Every reply counted means ``lost = 0`` and ``errors = 0``.
 
-    python bench/bench_fleet.py [--nodes 20 50] [--rounds 3] [--round-timeout 300]
+    python bench/bench_fleet.py [--nodes 20 50] [--rounds 3] [--round-timeout 240] [--stock]
 """
 from __future__ import annotations
 
@@ -38,15 +42,16 @@ TROUBLE = re.compile(r"database is locked|OperationalError|Failed to push|Failed
                      r"Traceback|push session may have expired", re.IGNORECASE)
 
 
-def run_fleet(n_nodes: int, rounds: int, round_timeout: float, work: Path) -> dict:
+def run_fleet(n_nodes: int, rounds: int, round_timeout: float, work: Path, stock: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     certs = generate_ca_and_server_cert(work / "certs")
     env = launch.flower_env(work / "flwr")
     control, fleet = launch.free_port(HOST), launch.free_port(HOST)
-    link = launch.start_process(
-        launch.superlink_command(host=HOST, port=control, fleet_port=fleet, certs=certs,
-                                 database=work / "superlink.db"),
-        work / "logs" / "superlink.log", env=env)
+    argv = launch.superlink_command(host=HOST, port=control, fleet_port=fleet, certs=certs,
+                                    database=work / "superlink.db")
+    if stock:
+        argv[0] = launch.executable("flower-superlink")
+    link = launch.start_process(argv, work / "logs" / "superlink.log", env=env)
     nodes: list[launch.LoggedProcess] = []
     try:
         launch.wait_for_port(HOST, control, timeout=60, process=link)
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[20, 50])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--round-timeout", type=float, default=240.0)
+    p.add_argument("--stock", action="store_true", help="also run Flower's own flower-superlink first (baseline)")
     p.add_argument("--work", default=None, help="folder for logs and state (default: a temporary one)")
     p.add_argument("--out", default="bench_fleet", help="results file name under bench/results/")
     args = p.parse_args(argv)
@@ -110,30 +116,32 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fedser-fleet-"))
     try:
-        for n in args.nodes:
-            print(f"{n} SuperNodes, {args.rounds} rounds ...", flush=True)
-            res = run_fleet(n, args.rounds, args.round_timeout, root / f"n{n}")
+        plan = [(n, True) for n in args.nodes if args.stock] + [(n, False) for n in args.nodes]
+        for n, stock in plan:
+            link = "flower-superlink" if stock else "fedser-superlink"
+            print(f"{link}: {n} SuperNodes, {args.rounds} rounds ...", flush=True)
+            res = run_fleet(n, args.rounds, args.round_timeout, root / f"{link}-{n}", stock=stock)
             for r in res["rounds"]:
-                rows.append([n, r["round"], r["sent"], r["received"], r["errors"], r["lost"], f"{r['seconds']:.1f}",
+                rows.append([link, n, r["round"], r["sent"], r["received"], r["errors"], r["lost"], f"{r['seconds']:.1f}",
                              f"{res['online_s']:.0f}" if r["round"] == 1 else ""])
                 if r["error_reasons"]:
-                    notes.append(f"N={n} round {r['round']}: errors {r['error_reasons']}")
+                    notes.append(f"{link} N={n} round {r['round']}: errors {r['error_reasons']}")
             if len(res["rounds"]) < args.rounds:
-                notes.append(f"N={n}: the run ended {res['status']} after {len(res['rounds'])} round(s)")
-            notes.append(f"N={n}: run {res['status']} in {res['run_s']:.0f} s; {len(res['trouble'])} log line(s) "
+                notes.append(f"{link} N={n}: the run ended {res['status']} after {len(res['rounds'])} round(s)")
+            notes.append(f"{link} N={n}: run {res['status']} in {res['run_s']:.0f} s; {len(res['trouble'])} log line(s) "
                          "with a database or transport error" + (": " + "; ".join(res["trouble"][:5])
                                                                   if res["trouble"] else ""))
     finally:
         if not args.work:
             shutil.rmtree(root, ignore_errors=True)
     load_end = load_average()
-    rep.add(md_table(["SuperNodes", "round", "sent", "received", "errors", "lost", "round s", "online after s"],
+    rep.add(md_table(["SuperLink", "SuperNodes", "round", "sent", "received", "errors", "lost", "round s", "online after s"],
                      rows))
     for note in notes:
         rep.add("- " + note)
     rep.add(load_note(load_start, load_end) + ".")
     rep.save()
-    uncounted = sum(int(r[4]) + int(r[5]) for r in rows)   # errors + lost
+    uncounted = sum(int(r[5]) + int(r[6]) for r in rows if r[0] == "fedser-superlink")   # errors + lost
     return 0 if uncounted == 0 and rows else 1
 
 

@@ -3,7 +3,7 @@
 Used by ``fedser-server start``, ``fedser-client start`` and ``fedser demo``.
 Flower 1.39 topology (the pinned line: its Fleet API is gRPC)::
 
-    flower-superlink --fleet-api-address H:9092    Fleet API: gRPC (grpc-rere), TLS unless --insecure;
+    fedser-superlink --fleet-api-address H:9092    Fleet API: gRPC (grpc-rere), TLS unless --insecure;
       |               --host 127.0.0.1 --port 8000  the only port devices reach
       |                                             Control API (flwr CLI) and Runtime API (SuperExec,
       |                                             ServerApp): HTTP(S) on 127.0.0.1:8000
@@ -228,7 +228,8 @@ def superlink_command(
     database: str | Path | None = None,
     isolation: str | None = None,
 ) -> list[str]:
-    """argv for ``flower-superlink``.
+    """argv for ``fedser-superlink`` (Flower's ``flower-superlink`` with its SQLite state made safe
+    for concurrent devices: :mod:`fedser.server.superlink`).
 
     ``host:port`` is where the Control and Runtime APIs (HTTP(S)) listen; ``fleet_host``
     (default ``host``) and ``fleet_port`` where the Fleet API (gRPC, grpc-rere) listens for
@@ -250,7 +251,7 @@ def superlink_command(
     if isolation not in (None, "subprocess", "process"):
         raise ConfigError(f"superlink: isolation {isolation!r}: expected 'subprocess' or 'process'")
     fleet = fleet_host if fleet_host is not None else host
-    argv = [executable("flower-superlink"), "--host", host, "--port", str(port),
+    argv = [executable("fedser-superlink"), "--host", host, "--port", str(port),
             "--fleet-api-type", "grpc-rere", "--fleet-api-address", join_host_port(fleet, fleet_port),
             "--disable-runtime-dependency-installation"]
     if isolation is not None:

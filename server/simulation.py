@@ -5,7 +5,7 @@ implementation of a round: the run is the one ``fedser-server start`` submits, o
 SuperLink started in simulation mode, where each ClientApp call is made in a Ray actor
 for a virtual SuperNode instead of on a device::
 
-    flower-superlink --simulation --insecure (127.0.0.1, a free port; RUN_DIR/superlink.db)
+    fedser-superlink --simulation --insecure (127.0.0.1, a free port; RUN_DIR/superlink.db)
       └─ flower-superexec ─ flwr-simulation (per run): ServerApp + Ray backend
     flwr run RUN_DIR/.app fedser-sim --run-config ... --federation-config num-supernodes=N ...
 
@@ -175,7 +175,7 @@ def simulate(args) -> int:
     env = launch.flower_env(run_dir / ".flwr")
     env.setdefault("RAY_DEDUP_LOGS", "0")
     port = launch.free_port()
-    argv = [launch.executable("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
+    argv = [launch.executable("fedser-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
             "--port", str(port), "--disable-runtime-dependency-installation",
             "--database", str(run_dir / "superlink.db")]
     t0 = time.perf_counter()

@@ -26,10 +26,12 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from .. import launch
 from ..certs import generate_ca_and_server_cert, generate_node_keypair
 from ..corpora import write_manifest
 from ..errors import ConfigError, FedserError
@@ -268,7 +270,7 @@ def up(args) -> int:
         argv = [sys.executable, str(compose_dir / "netns_runner.py"), "up",
                 *sum((["-f", str(f)] for f in files), []), "--workdir", str(testbed / "netns")]
     print(" ".join(argv), flush=True)
-    code = subprocess.call(argv, env=env)
+    code = _run_until_done(argv, env)
     run_dir = testbed / "run"
     if code != 0 or not (run_dir / "metrics.json").is_file():
         raise FedserError(f"the test bed run failed (exit {code}); logs: "
@@ -279,6 +281,29 @@ def up(args) -> int:
     (run_dir / "report.md").write_text(text + "\n")
     print("\n" + text + f"\n\nrun directory {run_dir}")
     return 0
+
+
+def _run_until_done(argv: list[str], env: dict[str, str]) -> int:
+    """Run the compose engine (or the namespace runner) to its end; Ctrl-C or SIGTERM stops it first.
+
+    Both take SIGINT as "stop every service and clean up" (docker compose's graceful stop, the
+    runner's ``down``), so a SIGTERM to this command is passed on as SIGINT and waited for; the
+    engine also ends if this process is killed outright (``launch.die_with_parent``).
+    """
+    launch.interrupt_on_sigterm()
+    proc = subprocess.Popen(argv, env=env, preexec_fn=launch.die_with_parent())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        launch.ignore_interrupts()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def run(args) -> int:

@@ -36,7 +36,7 @@ from fedser.server.checkpoint import load_checkpoint
 
 BASE = Path(__file__).resolve().parents[2] / "deploy" / "docker-compose.yml"
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 ROUNDS = 3
 CLIENTS = ("client-1", "client-2", "client-3")

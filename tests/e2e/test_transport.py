@@ -363,7 +363,7 @@ def test_superlink_command_requires_tls_or_explicit_insecure(tmp_path):
     plain = launch.superlink_command(insecure=True)
 
     # Assert
-    assert Path(secure[0]).name == "flower-superlink" and Path(secure[0]).is_file()
+    assert Path(secure[0]).name == "fedser-superlink" and Path(secure[0]).is_file()
     assert secure[secure.index("--ssl-ca-certfile") + 1] == str(certs.ca_cert.resolve())
     assert secure[secure.index("--ssl-certfile") + 1] == str(certs.server_cert.resolve())
     assert secure[secure.index("--ssl-keyfile") + 1] == str(certs.server_key.resolve())
