@@ -10,8 +10,8 @@
 prints the public key line to register on the server. ``start`` runs a Flower SuperNode whose node
 config tells the ClientApp where the data, the privacy ledger and the feature cache live; it connects
 to the server's Fleet API over gRPC (port 9092 unless ``--server`` names another), after a first
-look that the port speaks gRPC with these TLS settings (:mod:`fedser.client.preflight`). The agent restarts the SuperNode after a
-lost connection (with back-off), so a device rejoins by itself. Options of ``start`` that a
+look that the port speaks gRPC with these TLS settings (:mod:`fedser.client.preflight`). The agent
+restarts the SuperNode after a lost connection (with back-off), so a device rejoins by itself. Options of ``start`` that a
 service manager or a container sets default to environment variables (``FEDSER_SERVER``,
 ``FEDSER_DATA``, ``FEDSER_TIER``, ``FEDSER_MAX_EPSILON``, ``FEDSER_ROOT_CERT``, ``FEDSER_AUTH_KEY``);
 an option on the command line wins.

@@ -373,6 +373,17 @@ def test_superlink_command_requires_tls_or_explicit_insecure(tmp_path):
     assert secure[secure.index("--database") + 1] == str((tmp_path / "state.db").resolve())
     assert "--insecure" in plain and "--ssl-certfile" not in plain
     assert plain[plain.index("--port") + 1] == str(launch.SUPERLINK_PORT)
+    # The Fleet API is gRPC, on its own port, on the Control API's host unless told otherwise.
+    assert secure[secure.index("--fleet-api-type") + 1] == "grpc-rere"
+    assert secure[secure.index("--fleet-api-address") + 1] == f"0.0.0.0:{launch.FLEET_PORT}"
+    split = launch.superlink_command(port=9100, fleet_host="::", fleet_port=9200, insecure=True,
+                                     isolation="process")
+    assert split[split.index("--fleet-api-address") + 1] == "[::]:9200"
+    assert split[split.index("--host") + 1] == "127.0.0.1" and split[split.index("--isolation") + 1] == "process"
+    with pytest.raises(ConfigError, match="two ports"):
+        launch.superlink_command(insecure=True, port=9100, fleet_port=9100)
+    with pytest.raises(ConfigError, match="isolation"):
+        launch.superlink_command(insecure=True, isolation="thread")
     with pytest.raises(ConfigError):
         launch.superlink_command()
     with pytest.raises(ConfigError):
@@ -433,6 +444,61 @@ def test_flower_env_finds_flower_scripts_without_an_activated_venv(tmp_path):
     assert (first / "flower-superexec").is_file() and (first / "flwr-clientapp").is_file()
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_stopping_several_groups_shares_one_deadline(tmp_path):
+    # Prepare: three process groups that ignore SIGTERM (as a stuck SuperNode may).
+    import os
+    import sys
+
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                      "print('ready', flush=True); time.sleep(60)"]
+    procs = [launch.start_process(stubborn, tmp_path / f"p{i}.log", env=dict(os.environ))
+             for i in range(3)]
+    deadline = time.monotonic() + 20
+    while not all("ready" in p.log_path.read_text() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # Execute
+    started = time.monotonic()
+    codes = launch.stop_processes(procs, timeout=1.0)
+    took = time.monotonic() - started
+
+    # Assert: one timeout for all, not one each; every group is gone.
+    assert codes == [-9, -9, -9]
+    assert took < 1.0 + 2.0 + 1.5, took
+    assert not any(launch._group_alive(p.pid) for p in procs)
+
+
+def test_a_started_process_ends_when_its_launcher_is_killed(tmp_path):
+    # Prepare: a launcher that starts a long sleeper through start_process, then waits.
+    import os
+    import signal
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from fedser.common import launch; "
+        f"p = launch.start_process([sys.executable, '-c', 'import time; time.sleep(60)'], {str(tmp_path / 'c.log')!r}); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+
+    # Execute: the launcher dies without a chance to clean up.
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+
+    # Assert: its child (in a session of its own) is told and ends.
+    deadline = time.monotonic() + 10
+    while launch._group_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not launch._group_alive(child)
+    try:
+        os.waitpid(child, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def test_default_ports_match_flowers_own():
