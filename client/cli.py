@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=_env("FEDSER_THREADS", "0"),
                    help="CPU threads for training (OMP_NUM_THREADS of the ClientApp processes); 0 = torch's "
                         "default, all cores. Set it when several agents share one machine (env FEDSER_THREADS)")
+    s.add_argument("--task-poll", type=float, default=_env("FEDSER_TASK_POLL"), metavar="SECONDS",
+                   help="how often the SuperNode looks for new instructions (Flower's default 1 s); longer "
+                        "spreads the start of many agents sharing one machine (env FEDSER_TASK_POLL)")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
     s.add_argument("--port", type=int, default=launch.SUPERNODE_RUNTIME_PORT,
                    help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
@@ -136,12 +139,17 @@ def start(args) -> int:
         raise ConfigError(f"--root-cert {args.root_cert}: no such file")
     if args.threads < 0:
         raise ConfigError(f"--threads {args.threads}: expected 0 (all cores) or a positive count")
+    low, high = launch.TASK_POLL_RANGE
+    if args.task_poll is not None and not low <= float(args.task_poll) <= high:
+        raise ConfigError(f"--task-poll {args.task_poll}: expected seconds between {low} and {high:.0f}")
     server = fleet_address(args.server)
     node_config = node_config_from_args(args)
     env = launch.flower_env()
     if args.threads:
         # Inherited by the ClientApp processes the SuperNode starts; torch sizes its pool from it.
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    if args.task_poll is not None:
+        env[launch.TASK_POLL_ENV] = str(float(args.task_poll))   # read by the SuperNode's SuperExec
     argv = launch.supernode_command(server, node_config, root_cert=args.root_cert, insecure=args.insecure,
                                     auth_key=args.auth_key, runtime_port=args.port)
     log_path = Path(args.log) if args.log else None

@@ -739,6 +739,31 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+# Flower's SuperNode hands each message to a fresh ClientApp process and gives that process 30 s
+# (flwr's HEARTBEAT_DEFAULT_INTERVAL) from the task's claim to check in, or the claim lapses and the
+# task is launched again. Each SuperNode's SuperExec looks for tasks every
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (1 s by default, at most 60).
+TASK_CLAIM_WINDOW_S = 30.0
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+TASK_POLL_RANGE = (0.01, 60.0)
+
+
+def task_poll_interval(agents: int, cores: int, launch_cpu_s: float) -> float | None:
+    """A SuperExec poll interval for ``agents`` SuperNodes that share ``cores`` CPUs, or None (Flower's).
+
+    A round reaches every device at once. Devices on machines of their own start their ClientApps
+    in parallel; SuperNodes sharing one small machine (a demo, a test bed) start them all on its
+    few cores, each costing ``launch_cpu_s`` of Python start-up. When that burst would not fit
+    well inside the claim window, late starters lose their claim and are launched again, which
+    only adds load. Polling every P seconds, each SuperExec at its own phase, spreads the starts
+    over P: with P about the burst's length they run a few at a time and each starts quickly.
+    """
+    burst = agents * launch_cpu_s / max(1, cores)
+    if burst <= TASK_CLAIM_WINDOW_S * 2 / 3:
+        return None
+    return round(min(TASK_POLL_RANGE[1], max(1.0, burst)), 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (the OS picks it)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:

@@ -21,6 +21,9 @@ from .args import default_cache_dir, load_data
 from .partition import Partition, check_public_share, partition_corpus
 
 HELP = "run a whole federation (server + N devices over TLS gRPC) on this machine and report"
+# CPU seconds to start one fedser ClientApp process (Python, Flower, torch, the app), measured on
+# the 2-core development machine: 3.5-4 s.
+CLIENTAPP_LAUNCH_CPU_S = 4.0
 
 
 def add_arguments(p) -> None:
@@ -191,6 +194,8 @@ def run(args) -> int:
     # so torch's thread pools do not fight over them.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads or max(1, cores // args.clients)
+    # Every device starts a ClientApp process (torch and all) for each message, all on these cores.
+    poll = launch.task_poll_interval(args.clients, cores, CLIENTAPP_LAUNCH_CPU_S)
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
     launch.interrupt_on_sigterm()  # so that `finally` stops the server and devices (own sessions)
@@ -204,9 +209,12 @@ def run(args) -> int:
                     "--data", str(manifest), "--tier", str(tier), "--max-epsilon", str(args.max_epsilon),
                     "--root-cert", str(certs.ca_cert), "--ledger", str(manifest.parent / "ledger.json"),
                     "--cache", str(cache), "--port", str(launch.free_port()), "--threads", str(threads),
+                    *(["--task-poll", str(poll)] if poll else []),
                     "--log", str(out / "logs" / f"device-{i}.log")]
             procs.append(launch.start_process(argv, out / "logs" / f"device-{i}.out"))
-        print(f"SuperLink: Fleet API (gRPC, TLS) on 127.0.0.1:{port}, {len(devices)} SuperNodes; tiers "
+        print(f"SuperLink: Fleet API (gRPC, TLS) on 127.0.0.1:{port}, {len(devices)} SuperNodes"
+              + (f" (each looks for instructions every {poll:.0f} s, sharing {cores} cores)" if poll else "")
+              + "; tiers "
               f"{[tiers[i % len(tiers)] for i in range(len(devices))]}; DP {'off' if args.no_dp else 'on'}",
               flush=True)
         seen = 0

@@ -173,3 +173,35 @@ def test_agent_pointed_at_the_control_port_exits_at_once_with_the_fix(https, cer
     assert f"Fleet API port ({launch.FLEET_PORT} by default)" in done.stderr
     assert "SuperNode" not in done.stdout
     print(f"\nrefused in {time.monotonic() - started:.1f} s: {done.stderr.strip()}")
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--task-poll", "0"], "--task-poll 0.0: expected seconds between 0.01 and 60"),
+    (["--task-poll", "600"], "--task-poll 600.0: expected seconds between 0.01 and 60"),
+    (["--root-cert", "nowhere.pem"], "--root-cert nowhere.pem: no such file"),
+    (["--insecure", "--server", "host:port"], "--server 'host:port': expected HOST:PORT"),
+])
+def test_agent_refuses_bad_start_options_before_anything_runs(extra, says, certs, tmp_path, capsys):
+    # Prepare
+    from fedser.client import cli
+
+    data = tmp_path / "data.csv"
+    data.write_text("path,label,speaker\n")
+    argv = ["start", "--server", f"{HOST}:1", "--data", str(data), "--ledger", str(tmp_path / "l.json")]
+    if "--root-cert" not in extra and "--insecure" not in extra:
+        argv += ["--root-cert", str(certs.ca_cert)]
+
+    # Execute
+    code = cli.main(argv + extra)
+
+    # Assert
+    assert code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_many_agents_on_few_cores_poll_less_often_so_their_starts_spread():
+    # Execute / Assert: a few devices keep Flower's default; a crowd is spread over the burst's length.
+    assert launch.task_poll_interval(4, 2, 4.0) is None
+    assert launch.task_poll_interval(20, 2, 4.0) == 40.0
+    assert launch.task_poll_interval(20, 16, 4.0) is None
+    assert launch.task_poll_interval(500, 2, 4.0) == launch.TASK_POLL_RANGE[1]
