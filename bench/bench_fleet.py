@@ -75,6 +75,7 @@ def run_fleet(n_nodes: int, rounds: int, round_timeout: float, work: Path, stock
             argv = launch.supernode_command(f"{HOST}:{fleet}", {"partition-id": i}, root_cert=certs.ca_cert,
                                             runtime_port=launch.free_port(HOST))
             nodes.append(launch.start_process(argv, work / "logs" / f"node-{i}.log", env=node_env))
+            time.sleep(launch.start_spacing(n_nodes, poll))
         online = 0
         while online < n_nodes:
             if time.monotonic() - t0 > 600:

@@ -756,12 +756,22 @@ def task_poll_interval(agents: int, cores: int, launch_cpu_s: float) -> float | 
     few cores, each costing ``launch_cpu_s`` of Python start-up. When that burst would not fit
     well inside the claim window, late starters lose their claim and are launched again, which
     only adds load. Polling every P seconds, each SuperExec at its own phase, spreads the starts
-    over P: with P about the burst's length they run a few at a time and each starts quickly.
+    over P: with P about the burst's length they run a few at a time and each starts quickly
+    (start the agents :func:`start_spacing` apart, so that their phases differ).
     """
     burst = agents * launch_cpu_s / max(1, cores)
     if burst <= TASK_CLAIM_WINDOW_S * 2 / 3:
         return None
     return round(min(TASK_POLL_RANGE[1], max(1.0, burst)), 1)
+
+
+def start_spacing(agents: int, poll: float | None) -> float:
+    """Seconds between starting consecutive agents so that their SuperExecs poll at spread phases.
+
+    A SuperExec's phase is set by when it starts; agents started in one go would all poll together
+    and the spreading of :func:`task_poll_interval` would be lost.
+    """
+    return 0.0 if not poll or agents < 2 else poll / agents
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -212,6 +212,7 @@ def run(args) -> int:
                     *(["--task-poll", str(poll)] if poll else []),
                     "--log", str(out / "logs" / f"device-{i}.log")]
             procs.append(launch.start_process(argv, out / "logs" / f"device-{i}.out"))
+            time.sleep(launch.start_spacing(len(devices), poll))
         print(f"SuperLink: Fleet API (gRPC, TLS) on 127.0.0.1:{port}, {len(devices)} SuperNodes"
               + (f" (each looks for instructions every {poll:.0f} s, sharing {cores} cores)" if poll else "")
               + "; tiers "

@@ -65,7 +65,8 @@ def _train_message_seen(log: Path) -> bool:
     return log.exists() and "Receiving: train message" in log.read_text(errors="replace")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)],
+                         ids=["ctrl-c", "sigterm"])
 def test_demo_signalled_mid_round_leaves_nothing_running(sig, processes, corpus_parts, tmp_path):
     # Prepare: a demo of two devices waiting in round 1.
     out = tmp_path / "demo"
