@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,10 +168,7 @@ def start(args) -> int:
             seen = probe_fleet_api(server, root_cert=args.root_cert, insecure=args.insecure)
             if not seen.reachable:
                 print(f"server not reachable yet ({seen.detail}); the SuperNode keeps trying", flush=True)
-            if log_path:
-                proc = launch.start_process(argv, log_path, env=env)
-            else:
-                proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=launch.die_with_parent())
+            proc = launch.start_process(argv, log_path, env=env)
             code = proc.wait()
             proc = None
             restarts += 1

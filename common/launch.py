@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -61,6 +62,8 @@ FLEET_PORT = 9092
 SUPERLINK_PORT = 8000
 SUPERNODE_RUNTIME_PORT = 9094
 DEFAULT_CONNECTION = "fedser"
+# Environment variable that marks every process of a tree :func:`start_process` started.
+TREE_VAR = "FEDSER_PROCESS_TREE"
 
 # Flower's exit codes are logged ("Exit Code: 305"); the process itself exits 1.
 # 305: a SuperNode could not connect (untrusted certificate, unregistered key).
@@ -117,6 +120,7 @@ class LoggedProcess(subprocess.Popen):
     """A ``Popen`` that remembers the file its output goes to."""
 
     log_path: Path
+    tree_tag: str
 
     def flower_exit_code(self) -> int | None:
         """The exit code Flower logged (e.g. ``SUPERNODE_CONNECTION_ERROR``), if any.
@@ -571,25 +575,35 @@ def _flwr_json(argv: list[str], env: Mapping[str, str] | None, timeout: float) -
 
 def start_process(
     argv: list[str],
-    log_path: str | Path,
+    log_path: str | Path | None,
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
 ) -> LoggedProcess:
     """Start ``argv`` in its own process group, stdout and stderr appended to ``log_path``.
 
-    The own group lets :func:`stop_process` stop the SuperNode's helpers
-    (SuperExec, ClientApp processes) together with it. Started from the main thread,
-    the child is also told to end when this process ends (:func:`die_with_parent`).
+    ``log_path=None`` leaves the output on this process's terminal. The own group lets
+    :func:`stop_process` stop the SuperNode's helpers (SuperExec, ClientApp processes)
+    together with it. Flower starts some helpers in sessions of their own, out of the group;
+    every process of the tree therefore carries a tag in its environment (``TREE_VAR``), by
+    which :func:`stop_process` finds those too. Started from the main thread, the child is
+    also told to end when this process ends (:func:`die_with_parent`).
     """
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = LoggedProcess(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else flower_env(), cwd=cwd,
-            start_new_session=True, preexec_fn=die_with_parent(),
-        )
-    proc.log_path = log_path
+    env = dict(env) if env is not None else flower_env()
+    tag = uuid.uuid4().hex[:16]
+    env[TREE_VAR] = ":".join(filter(None, [env.get(TREE_VAR, ""), tag]))
+    if log_path is None:
+        proc = LoggedProcess(argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+                             preexec_fn=die_with_parent())
+    else:
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            proc = LoggedProcess(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                start_new_session=True, preexec_fn=die_with_parent(),
+            )
+    proc.log_path = Path(log_path) if log_path is not None else Path(os.devnull)
+    proc.tree_tag = tag
     return proc
 
 
@@ -688,11 +702,14 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int]:
-    """Stop several process groups at once: SIGTERM to all, one shared ``timeout``, then SIGKILL.
+    """Stop several process trees at once: SIGTERM to all, one shared ``timeout``, then SIGKILL.
 
-    Stopping them one after another would cost up to ``timeout`` each; twenty devices
-    that ignore SIGTERM would keep a Ctrl-C waiting for minutes. Returns the exit codes.
+    A tree is ``proc``'s process group plus every process carrying its tag (helpers that Flower
+    detached into sessions of their own: a ServerApp, a SuperExec). Stopping the trees one
+    after another would cost up to ``timeout`` each; twenty devices that ignore SIGTERM would
+    keep a Ctrl-C waiting for minutes. Returns the exit codes.
     """
+    tags = [getattr(p, "tree_tag", None) for p in procs]
     deadline = time.monotonic() + timeout
     for proc in procs:
         if proc.poll() is None:
@@ -703,13 +720,45 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> list
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
-    # Helpers that outlive their leader (a ClientApp still writing) get a moment, then go.
+    # Helpers that outlive their leader (a ClientApp still writing, a detached ServerApp) are told
+    # to stop too, get a moment, then go.
+    _signal_pids(tagged_pids(tags), signal.SIGTERM)
     grace = time.monotonic() + min(timeout, 2.0)
-    while any(_group_alive(p.pid) for p in procs) and time.monotonic() < grace:
+    while (any(_group_alive(p.pid) for p in procs) or tagged_pids(tags)) and time.monotonic() < grace:
         time.sleep(0.05)
     for proc in procs:
         _signal_group(proc.pid, signal.SIGKILL)
+    _signal_pids(tagged_pids(tags), signal.SIGKILL)
     return [proc.returncode for proc in procs]
+
+
+def tagged_pids(tags: list[str | None]) -> list[int]:
+    """Live processes whose ``TREE_VAR`` names one of ``tags`` (Linux; elsewhere none are found)."""
+    wanted = {t for t in tags if t}
+    found = []
+    if not wanted:
+        return found
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            pid = int(environ.parent.name)
+            for entry in environ.read_bytes().split(b"\0"):
+                if entry.startswith(TREE_VAR.encode() + b"="):
+                    if wanted & set(entry.split(b"=", 1)[1].decode(errors="replace").split(":")):
+                        stat = (environ.parent / "stat").read_text()
+                        if stat.rsplit(")", 1)[1].split()[0] != "Z" and pid != os.getpid():
+                            found.append(pid)
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _signal_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
