@@ -26,6 +26,7 @@ def _speakers(manifest: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy   # two minutes of Ray start-up and rounds: `make test-slow`
 def test_simulate_runs_virtual_clients_partitioned_by_speaker(tmp_path, corpus_parts, processes):
     # Prepare: six device folders of whole speakers and a held-out test split.
     parts = tmp_path / "parts"
