@@ -712,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netns_runner: {exc}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bed.down()
 
 

@@ -287,16 +287,24 @@ def _run_until_done(argv: list[str], env: dict[str, str]) -> int:
     """Run the compose engine (or the namespace runner) to its end; Ctrl-C or SIGTERM stops it first.
 
     Both take SIGINT as "stop every service and clean up" (docker compose's graceful stop, the
-    runner's ``down``), so a SIGTERM to this command is passed on as SIGINT and waited for; the
-    engine also ends if this process is killed outright (``launch.die_with_parent``).
+    runner's ``down``). A terminal's Ctrl-C reaches them directly (same process group); a SIGTERM
+    to this command alone is passed on as SIGINT. Either way this command waits for them, and
+    the engine also ends if this process is killed outright (``launch.die_with_parent``).
     """
-    launch.interrupt_on_sigterm()
+    terminated = False
+
+    def _on_sigterm(signum, frame):
+        nonlocal terminated
+        terminated = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     proc = subprocess.Popen(argv, env=env, preexec_fn=launch.die_with_parent())
     try:
         return proc.wait()
     except KeyboardInterrupt:
         launch.ignore_interrupts()
-        if proc.poll() is None:
+        if terminated and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=60)
