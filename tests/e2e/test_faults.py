@@ -25,8 +25,11 @@ from fedser.common.certs import generate_ca_and_server_cert
 from fedser.common.privacy import UserLevelAccountant
 from fedser.server.checkpoint import load_checkpoint
 
+# Heavy (`make test-slow`, CI's second step): one federation of several minutes; the compose test
+# bed's drills (also heavy) cut a device and kill the server as well, across hosts.
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.heavy,
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
