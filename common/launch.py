@@ -36,6 +36,7 @@ telemetry and update check, which would otherwise call out to the internet.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -280,12 +281,13 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def split_host_port(text: str, what: str = "address") -> tuple[str, int]:
+def split_host_port(text: str, what: str = "address",
+                    example: str = f"server.example.org:{FLEET_PORT}") -> tuple[str, int]:
     """``"h:p"`` or ``"[v6]:p"`` -> ``(host, port)``; a clear ``ConfigError`` otherwise."""
     host, sep, port = str(text).strip().rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. server.example.org:{FLEET_PORT}")
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT, e.g. {example}")
     return host, int(port)
 
 
@@ -591,18 +593,15 @@ def start_process(
     env = dict(env) if env is not None else flower_env()
     tag = uuid.uuid4().hex[:16]
     env[TREE_VAR] = ":".join(filter(None, [env.get(TREE_VAR, ""), tag]))
-    if log_path is None:
-        proc = LoggedProcess(argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
-                             preexec_fn=die_with_parent())
-    else:
-        log_path = Path(log_path)
+    log_path = Path(log_path) if log_path is not None else None
+    if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
-            proc = LoggedProcess(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                start_new_session=True, preexec_fn=die_with_parent(),
-            )
-    proc.log_path = Path(log_path) if log_path is not None else Path(os.devnull)
+    with log_path.open("ab") if log_path is not None else contextlib.nullcontext() as log:
+        proc = LoggedProcess(
+            argv, stdout=log, stderr=subprocess.STDOUT if log else None, stdin=subprocess.DEVNULL, env=env,
+            cwd=cwd, start_new_session=True, preexec_fn=die_with_parent(),
+        )
+    proc.log_path = log_path if log_path is not None else Path(os.devnull)
     proc.tree_tag = tag
     return proc
 

@@ -120,11 +120,8 @@ def _print_progress(path: Path, seen: int) -> int:
 
 
 def _superlink_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"--superlink {text!r}: expected HOST:PORT of the SuperLink's Runtime API, "
-                          f"e.g. superlink:{launch.SUPERLINK_PORT}")
-    return host.strip("[]"), int(port)
+    """The SuperLink's Runtime API address given to ``--superlink``."""
+    return launch.split_host_port(text, "--superlink", example=f"superlink:{launch.SUPERLINK_PORT}")
 
 
 def _check_attach_args(args) -> None:
