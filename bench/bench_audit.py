@@ -1,8 +1,8 @@
 """Privacy audit: attribute and membership inference under no DP, sample-level, user-level and both.
 
 Emotion federations of RAVDESS + EmoDB speakers (one device per speaker) are simulated in this
-process with the device's own round (``train_task`` DP-SGD, then ``privatize_update``) and plain
-FedAvg, once per privacy setting and user-level noise level, at the project's default privacy
+process with the device's own round (``fedser.client.update.train_round``: DP-SGD, then clip and
+noise) and the server's aggregation, once per privacy setting and user-level noise level, at the project's default privacy
 settings over 20 rounds x 5 local epochs (long enough for the no-DP model to learn). Each final
 model is attacked:
 
@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    from fedser.common.audit.attacks import (
+    from fedser.tools.audit.attacks import (
         auc_chance_band,
         calibrated_attack,
         loss_attack,
         roc_summary,
         speaker_scores,
     )
-    from fedser.common.audit.inputs import speaker_genders
-    from fedser.common.audit.protocol import (
+    from fedser.tools.audit.inputs import speaker_genders
+    from fedser.tools.audit.protocol import (
         Protocol,
         concat,
         example_scores,
@@ -67,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         speaker_parts,
         subset,
     )
-    from fedser.common.audit.report import roc_png
-    from fedser.common.audit.runner import attribute_audit
+    from fedser.tools.audit.report import roc_png
+    from fedser.tools.audit.runner import attribute_audit
     from fedser.common.cache import FeatureCache
-    from fedser.common.commands.args import default_cache_dir
+    from fedser.tools.commands.args import default_cache_dir
     from fedser.common.corpora import load_corpora
     from fedser.common.data import build_task_data
     from fedser.common.features import FeatureSpec
     from fedser.common.models import ModelConfig, build_model
     from fedser.common.params import arrays_to_state, state_to_arrays
-    from fedser.common.plots import curves_png
+    from fedser.server.plots import curves_png
     from fedser.common.training import TrainConfig, evaluate_task, train_task
 
     torch.set_num_threads(1)

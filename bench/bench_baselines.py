@@ -68,7 +68,7 @@ ROWS = [
 
 def fedser_exe() -> list[str]:
     exe = Path(sys.executable).parent / "fedser"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedser.common.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedser.tools.cli"]
 
 
 def run_cmd(cmd: list[str], log_path: Path, stdout_path: Path | None = None,

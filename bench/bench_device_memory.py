@@ -121,7 +121,7 @@ def _measure(kind: str, args, state: Path) -> dict:
 
 def _default_data(root: Path) -> Path:
     from fedser.common.corpora import load_corpora, write_manifest
-    from fedser.common.synth import synthesize_corpus
+    from fedser.tools.synth import synthesize_corpus
 
     synthesize_corpus(root / "corpus", n_speakers=1, noise_seconds=0.0, workers=2, overwrite=True, progress=False)
     corpus = load_corpora([str(root / "corpus" / "commands"), str(root / "corpus" / "emotion")])

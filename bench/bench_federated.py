@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = load_average()
 
     # ---- one split for everything
-    from fedser.common.commands.partition import read_partitions
+    from fedser.common.partitions import read_partitions
 
     parts = work / f"parts-{args.clients}"
     if not (parts / "partitions.json").exists():

@@ -19,7 +19,7 @@ transport error. Every reply counted means ``lost = 0`` and ``errors = 0``.
 
 All SuperNodes share this machine's few cores, and each starts a ClientApp process per message;
 as ``fedser demo`` does, their SuperExecs then poll for tasks less often
-(``launch.task_poll_interval``) so that those start-ups are spread out and each fits Flower's
+(``supernode.task_poll_interval``) so that those start-ups are spread out and each fits Flower's
 30 s claim window; the table shows the interval used.
 
     python bench/bench_fleet.py [--nodes 20 50] [--rounds 3] [--round-timeout 240] [--stock]
@@ -37,10 +37,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, Report, load_average, load_note, machine_line, md_table  # noqa: E402
+from _common import REPO, Report, load_average, load_note, machine_line, md_table
 
-from fedser.common import launch  # noqa: E402
-from fedser.common.certs import generate_ca_and_server_cert  # noqa: E402
+from fedser.common import processes
+from fedser.client import supernode
+from fedser.server import flower_cli
+from fedser.common.certs import generate_ca_and_server_cert
 
 TOYAPP = REPO / "tests" / "e2e" / "toyapp"
 # CPU seconds to start one ClientApp process of the toy app (Python and Flower), measured here: 2.3 s.
@@ -54,48 +56,48 @@ TROUBLE = re.compile(r"database is locked|OperationalError|Failed to push|Failed
 def run_fleet(n_nodes: int, rounds: int, round_timeout: float, work: Path, stock: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     certs = generate_ca_and_server_cert(work / "certs")
-    env = launch.flower_env(work / "flwr")
-    control, fleet = launch.free_port(HOST), launch.free_port(HOST)
-    argv = launch.superlink_command(host=HOST, port=control, fleet_port=fleet, certs=certs,
+    env = processes.flower_env(work / "flwr")
+    control, fleet = processes.free_port(HOST), processes.free_port(HOST)
+    argv = flower_cli.superlink_command(host=HOST, port=control, fleet_port=fleet, certs=certs,
                                     database=work / "superlink.db")
     if stock:
-        argv[0] = launch.executable("flower-superlink")
-    link = launch.start_process(argv, work / "logs" / "superlink.log", env=env)
-    nodes: list[launch.LoggedProcess] = []
+        argv[0] = processes.executable("flower-superlink")
+    link = processes.start_process(argv, work / "logs" / "superlink.log", env=env)
+    nodes: list[processes.LoggedProcess] = []
     try:
-        launch.wait_for_port(HOST, control, timeout=60, process=link)
-        launch.wait_for_port(HOST, fleet, timeout=60, process=link)
-        launch.write_connection(work / "flwr", launch.SuperLinkConnection(f"{HOST}:{control}",
+        processes.wait_for_port(HOST, control, timeout=60, process=link)
+        processes.wait_for_port(HOST, fleet, timeout=60, process=link)
+        flower_cli.write_connection(work / "flwr", flower_cli.SuperLinkConnection(f"{HOST}:{control}",
                                                                           root_cert=str(certs.ca_cert)))
         # As `fedser demo` does for devices sharing one machine: spread their ClientApp start-ups.
-        poll = launch.task_poll_interval(n_nodes, os.cpu_count() or 1, TOY_LAUNCH_CPU_S)
-        node_env = {**env, **({launch.TASK_POLL_ENV: str(poll)} if poll else {})}
+        poll = supernode.task_poll_interval(n_nodes, os.cpu_count() or 1, TOY_LAUNCH_CPU_S)
+        node_env = {**env, **({supernode.TASK_POLL_ENV: str(poll)} if poll else {})}
         t0 = time.monotonic()
         for i in range(n_nodes):
-            argv = launch.supernode_command(f"{HOST}:{fleet}", {"partition-id": i}, root_cert=certs.ca_cert,
-                                            runtime_port=launch.free_port(HOST))
-            nodes.append(launch.start_process(argv, work / "logs" / f"node-{i}.log", env=node_env))
-            time.sleep(launch.start_spacing(n_nodes, poll))
+            argv = supernode.supernode_command(f"{HOST}:{fleet}", {"partition-id": i}, root_cert=certs.ca_cert,
+                                            runtime_port=processes.free_port(HOST))
+            nodes.append(processes.start_process(argv, work / "logs" / f"node-{i}.log", env=node_env))
+            time.sleep(supernode.start_spacing(n_nodes, poll))
         online = 0
         while online < n_nodes:
             if time.monotonic() - t0 > 600:
                 raise TimeoutError(f"only {online} of {n_nodes} SuperNodes online after 600 s")
             time.sleep(2.0)
             try:
-                online = sum(1 for x in launch.list_nodes(env=env) if x.get("status") == "online")
-            except launch.FlowerCommandError:
+                online = sum(1 for x in flower_cli.list_nodes(env=env) if x.get("status") == "online")
+            except flower_cli.FlowerCommandError:
                 continue
         online_s = time.monotonic() - t0
         result = work / "result.json"
         t1 = time.monotonic()
-        run_id = launch.submit_run(TOYAPP, run_config={
+        run_id = flower_cli.submit_run(TOYAPP, run_config={
             "result-path": str(result), "min-nodes": n_nodes, "num-server-rounds": rounds,
             "round-timeout": float(round_timeout)}, env=env)
-        status = launch.wait_for_run(run_id, env=env, timeout=rounds * round_timeout + 300, poll=2.0)
+        status = flower_cli.wait_for_run(run_id, env=env, timeout=rounds * round_timeout + 300, poll=2.0)
         run_s = time.monotonic() - t1
         report = json.loads(result.read_text()) if result.is_file() else {}
     finally:
-        launch.stop_processes([*nodes, link])
+        processes.stop_processes([*nodes, link])
     trouble = []
     for log in sorted((work / "logs").glob("*.log")):
         for line in log.read_text(errors="replace").splitlines():

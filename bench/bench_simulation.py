@@ -106,7 +106,7 @@ class MemorySampler(threading.Thread):
 
 def fedser_argv() -> list[str]:
     exe = Path(sys.executable).parent / "fedser"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedser.common.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedser.tools.cli"]
 
 
 def run_simulation(partitions: Path, run_dir: Path, rounds: int, config: dict, env: dict,
@@ -159,7 +159,7 @@ def bench_env(work: Path) -> dict:
 
 def synth_corpus(work: Path) -> Path:
     """Three synthesized corpora merged into one manifest, one speaker id per synthetic person."""
-    from fedser.common import synth
+    from fedser.tools import synth
     from fedser.common.corpora import load_corpus, write_manifest
     from dataclasses import replace
 
@@ -187,7 +187,7 @@ def synth_corpus(work: Path) -> Path:
 
 
 def partition(corpus: Path, out: Path, clients: int, test: float, env: dict) -> dict:
-    from fedser.common.commands.partition import read_partitions
+    from fedser.common.partitions import read_partitions
 
     if (out / "partitions.json").exists():
         meta = read_partitions(out)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.clients, args.per_round, args.rounds = 40, 8, 2
     try:
-        from fedser.common.synth import locate_espeak
+        from fedser.tools.synth import locate_espeak
         locate_espeak()
     except Exception as exc:  # noqa: BLE001 - any reason espeak-ng is unusable
         print(f"skipped: the synthesized corpus needs espeak-ng ({exc})")

@@ -41,7 +41,7 @@ from _common import DEFAULT_DATA, Report, data_or_skip, load_average, load_note,
 
 from fedser.common import audio  # noqa: E402
 from fedser.common.corpora import load_corpus  # noqa: E402
-from fedser.common.export import open_model  # noqa: E402
+from fedser.client.runtime import open_model  # noqa: E402
 from fedser.common.features import fit_length  # noqa: E402
 from fedser.common.taxonomy import COMMAND_WORDS, UNKNOWN  # noqa: E402
 from fedser.client.listen import KeywordEvent, ListenConfig, Listener  # noqa: E402
@@ -213,7 +213,7 @@ def ensure_model(data: Path, quick: bool) -> Path:
         return out
     epochs = 5 if quick else 20
     print(f"training a KWS model for the bench ({epochs} epochs) into {out} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "fedser.common.cli", "train", "--task", "kws", "--data",
+    subprocess.run([sys.executable, "-m", "fedser.tools.cli", "train", "--task", "kws", "--data",
                     str(data / "speech_commands"), "--out", str(out), "--epochs", str(epochs), "--quiet"],
                    check=True)
     return out
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             exports = {}
             for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
                 out = Path(tmp) / f"model{suffix}"
-                subprocess.run([sys.executable, "-m", "fedser.common.cli", "export", str(model_dir), "--format",
+                subprocess.run([sys.executable, "-m", "fedser.tools.cli", "export", str(model_dir), "--format",
                                 fmt, "--out", str(out), "--clips", "16"], check=True, capture_output=True)
                 exports[fmt] = (out, open_model(out, threads=1))
             n = bundle_rt.spec.clip_samples("kws")

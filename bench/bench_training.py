@@ -48,7 +48,7 @@ def child(args) -> int:
     import torch
 
     from fedser.common.cache import FeatureCache
-    from fedser.common.commands.args import default_cache_dir
+    from fedser.tools.commands.args import default_cache_dir
     from fedser.common.corpora import load_corpus
     from fedser.common.data import build_task_data
     from fedser.common.features import FeatureSpec

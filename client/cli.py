@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedser.common import launch
+from fedser.common import flower_args, processes
+from . import supernode
 from fedser.common.errors import ConfigError, FedserError
 
 from . import listen
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--force", action="store_true", help="replace an existing key pair (it must be registered again)")
     s = sub.add_parser("start", help="join a federation (runs a SuperNode)")
     s.add_argument("--server", default=_env("FEDSER_SERVER"), metavar="HOST[:PORT]",
-                   help=f"the aggregation server's Fleet API, gRPC (port {launch.FLEET_PORT} unless given) "
+                   help=f"the aggregation server's Fleet API, gRPC (port {flower_args.FLEET_PORT} unless given) "
                         "(env FEDSER_SERVER)")
     s.add_argument("--data", default=_env("FEDSER_DATA"),
                    help="this device's corpus folder or manifest CSV (env FEDSER_DATA)")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often the SuperNode looks for new instructions (Flower's default 1 s); longer "
                         "spreads the start of many agents sharing one machine (env FEDSER_TASK_POLL)")
     s.add_argument("--insecure", action="store_true", help="plain-text gRPC (development only)")
-    s.add_argument("--port", type=int, default=launch.SUPERNODE_RUNTIME_PORT,
+    s.add_argument("--port", type=int, default=flower_args.SUPERNODE_RUNTIME_PORT,
                    help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
     s.add_argument("--log", default=None, help="SuperNode log file (default: print to this terminal)")
     s.add_argument("--max-restarts", type=int, default=-1, help="give up after this many restarts (-1: never)")
@@ -110,7 +111,7 @@ def enroll(args) -> int:
     print("\nRegister this public key on the server (fedser-server start --supernode-auth --register FILE):\n")
     print(identity.public_key_line)
     print("\nThen start the agent:\n")
-    print(f"fedser-client start --server HOST:{launch.FLEET_PORT} --data DIR --root-cert {identity.ca} "
+    print(f"fedser-client start --server HOST:{flower_args.FLEET_PORT} --data DIR --root-cert {identity.ca} "
           f"--auth-key {identity.private_key}")
     return 0
 
@@ -120,8 +121,8 @@ def fleet_address(server: str) -> str:
     text = server.strip()
     bare_v6 = text.count(":") > 1 and not text.startswith("[")
     if bare_v6 or ":" not in text:
-        text = launch.join_host_port(text.strip("[]"), launch.FLEET_PORT)
-    launch.split_host_port(text, "--server")  # a clear error for a malformed one
+        text = flower_args.join_host_port(text.strip("[]"), flower_args.FLEET_PORT)
+    flower_args.split_host_port(text, "--server")  # a clear error for a malformed one
     return text
 
 
@@ -138,18 +139,18 @@ def start(args) -> int:
         raise ConfigError(f"--root-cert {args.root_cert}: no such file")
     if args.threads < 0:
         raise ConfigError(f"--threads {args.threads}: expected 0 (all cores) or a positive count")
-    low, high = launch.TASK_POLL_RANGE
+    low, high = supernode.TASK_POLL_RANGE
     if args.task_poll is not None and not low <= float(args.task_poll) <= high:
         raise ConfigError(f"--task-poll {args.task_poll}: expected seconds between {low} and {high:.0f}")
     server = fleet_address(args.server)
     node_config = node_config_from_args(args)
-    env = launch.flower_env()
+    env = processes.flower_env()
     if args.threads:
         # Inherited by the ClientApp processes the SuperNode starts; torch sizes its pool from it.
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     if args.task_poll is not None:
-        env[launch.TASK_POLL_ENV] = str(float(args.task_poll))   # read by the SuperNode's SuperExec
-    argv = launch.supernode_command(server, node_config, root_cert=args.root_cert, insecure=args.insecure,
+        env[supernode.TASK_POLL_ENV] = str(float(args.task_poll))   # read by the SuperNode's SuperExec
+    argv = supernode.supernode_command(server, node_config, root_cert=args.root_cert, insecure=args.insecure,
                                     auth_key=args.auth_key, runtime_port=args.port)
     log_path = Path(args.log) if args.log else None
     print(f"device agent: server {server} (gRPC, {'INSECURE plain text' if args.insecure else 'TLS'}), tier "
@@ -168,7 +169,7 @@ def start(args) -> int:
             seen = probe_fleet_api(server, root_cert=args.root_cert, insecure=args.insecure)
             if not seen.reachable:
                 print(f"server not reachable yet ({seen.detail}); the SuperNode keeps trying", flush=True)
-            proc = launch.start_process(argv, log_path, env=env)
+            proc = processes.start_process(argv, log_path, env=env)
             code = proc.wait()
             proc = None
             restarts += 1
@@ -182,8 +183,8 @@ def start(args) -> int:
         return 0
     finally:
         if proc is not None:
-            launch.ignore_interrupts()
-            launch.stop_process(proc)
+            processes.ignore_interrupts()
+            processes.stop_process(proc)
 
 
 def status(args) -> int:

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedser.common.cache import FeatureCache
-from fedser.common.commands.partition import device_manifest, parse_tiers
 from fedser.common.corpora import Corpus, load_corpus
 from fedser.common.data import TaskData, build_task_data
 from fedser.common.errors import ConfigError, CorpusError
 from fedser.common.features import FeatureSpec
-
-TIERS = (1.0, 0.5, 0.25)
-
+from fedser.common.keys import TIERS, parse_tiers
+from fedser.common.partitions import device_manifest
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("FEDSER_HOME", Path.home() / ".fedser"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedser.common.certs import CA_CERT_FILE, generate_node_keypair
 from fedser.common.errors import ConfigError
+from fedser.common.fsutil import PUBLIC, atomic_write
 
 from .device import default_state_dir
 
@@ -71,8 +72,6 @@ def enroll_device(server_ca: str | Path, out: str | Path | None = None, *, name:
     out.mkdir(parents=True, exist_ok=True)
     ca = out / CA_CERT_FILE
     if ca.resolve() != Path(server_ca).resolve():
-        tmp = ca.with_name(ca.name + ".tmp")
-        tmp.write_bytes(ca_bytes)
-        tmp.replace(ca)
+        atomic_write(ca, lambda f: f.write(ca_bytes), PUBLIC)
     private, public = generate_node_keypair(out, name)
     return DeviceIdentity(ca=ca, private_key=private, public_key=public)

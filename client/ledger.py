@@ -26,8 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fedser.common.errors import ConfigError, FedserError, PrivacyBudgetExceeded, collect
-from fedser.common.privacy import ACCOUNTANTS, SpendRecord, epsilon_of, plan_spend  # noqa: F401 (re-exported)
+from fedser.common.fsutil import atomic_write_text
+from fedser.common.privacy import ACCOUNTANTS, SpendRecord, calibrate_noise, epsilon_of, plan_spend
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +79,41 @@ def _digest(entries: list[dict[str, Any]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows): os.replace is already durable
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round will cost a device: the DP-SGD noise it trains with and the spend per task."""
+
+    noise_multiplier: float
+    spend: list[SpendRecord]       # one record per task, to record before training starts
+    projected_epsilon: float       # epsilon after this round, at the ledger's delta
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so a reader sees either the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+def plan_round(history: Sequence[SpendRecord], max_epsilon: float, delta: float, example_counts: Sequence[int],
+               batch_size: int, epochs: int, rounds_left: int, floor: float = 0.0,
+               accountant: str = "rdp") -> RoundPlan:
+    """The DP-SGD noise for this round of a device that has spent ``history``.
+
+    The device spreads what is left of its budget over the rounds still planned (this one
+    included): the noise is the smallest that keeps every remaining round of every task
+    (``example_counts``, one per task) within ``max_epsilon``, never below the server's
+    ``floor``. Raises ``PrivacyBudgetExceeded`` when even heavy noise cannot afford it.
+    """
+    history = list(history)
+    per_round = [plan_spend(int(n), int(batch_size), int(epochs), 1.0) for n in example_counts]
+    rounds_left = max(1, int(rounds_left))
+    z = calibrate_noise(history, max_epsilon, delta, [(r.sample_rate, r.steps * rounds_left) for r in per_round],
+                        floor=float(floor), accountant=accountant)
+    if z is None:
+        raise PrivacyBudgetExceeded(
+            f"epsilon spent {epsilon_of(history, delta, accountant):.2f} of budget {max_epsilon} "
+            f"(delta {delta}) leaves too little for {rounds_left} more round(s)")
+    planned = [SpendRecord(z, r.sample_rate, r.steps) for r in per_round]
+    projected = epsilon_of(history + planned, delta, accountant)
+    if projected > max_epsilon:
+        raise PrivacyBudgetExceeded(
+            f"this round would raise epsilon from {epsilon_of(history, delta, accountant):.2f} to "
+            f"{projected:.2f}, over the device budget {max_epsilon} (delta {delta})")
+    return RoundPlan(z, planned, projected)
 
 
 class PrivacyLedger:
@@ -243,24 +250,14 @@ class PrivacyLedger:
         """Epsilon at ``delta`` spent over the whole recorded history."""
         return epsilon_of(self.history, self.delta, self.accountant)
 
-    def would_exceed(self, planned: SpendRecord | Sequence[SpendRecord]) -> tuple[bool, float]:
-        """(True if spending ``planned`` on top of the history passes the budget, projected epsilon).
+    def plan_round(self, example_counts: Sequence[int], batch_size: int, epochs: int, rounds_left: int,
+                   floor: float = 0.0) -> "RoundPlan":
+        """This round's DP-SGD noise and spend (:func:`plan_round` over this ledger's history and budget).
 
-        ``planned`` is one record or several (e.g. one per task trained this round).
+        Raises ``PrivacyBudgetExceeded`` when the device cannot afford the round; records nothing.
         """
-        more = [planned] if isinstance(planned, SpendRecord) else list(planned)
-        projected = epsilon_of([*self.history, *more], self.delta, self.accountant)
-        return projected > self.max_epsilon, projected
-
-    def check(self, planned: SpendRecord | Sequence[SpendRecord]) -> float:
-        """Projected epsilon after ``planned``; raises PrivacyBudgetExceeded if it passes the budget."""
-        exceeds, projected = self.would_exceed(planned)
-        if exceeds:
-            raise PrivacyBudgetExceeded(
-                f"training would bring this device to epsilon={projected:.3f} at delta={self.delta:g}, "
-                f"over its budget max_epsilon={self.max_epsilon:g} (spent so far {self.epsilon():.3f} "
-                f"over {self.rounds_joined} rounds, ledger {self.path}): the device declines to train")
-        return projected
+        return plan_round(self.history, self.max_epsilon, self.delta, example_counts, batch_size, epochs,
+                          rounds_left, floor, self.accountant)
 
     def summary(self) -> dict[str, Any]:
         """Figures for ``fedser-client status``."""
@@ -278,7 +275,7 @@ class PrivacyLedger:
         """Append ``spend`` and make it durable before returning.
 
         Call it before the update leaves the device. It never refuses: spend that happened is
-        always recorded (check the budget with ``would_exceed``/``check`` before training).
+        always recorded (plan the round with ``plan_round`` before training).
         """
         if not isinstance(spend, SpendRecord):
             raise ConfigError(f"record: spend must be a SpendRecord; got {type(spend).__name__}: {spend!r}")
@@ -298,8 +295,8 @@ class PrivacyLedger:
                           indent=1, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Main first, then the mirror: at every instant one readable copy holds all returned records.
-        _atomic_write(self.path, text)
-        _atomic_write(self.backup_path, text)
+        atomic_write_text(self.path, text)
+        atomic_write_text(self.backup_path, text)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (the file's content)."""

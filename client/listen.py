@@ -55,7 +55,7 @@ from scipy.signal import lfilter
 
 from fedser.common import audio
 from fedser.common.errors import AudioDecodeError, ConfigError, collect
-from fedser.common.export import Runtime, TorchRuntime, open_model
+from .runtime import Runtime, TorchRuntime, open_model
 from fedser.common.features import fit_length
 from fedser.common.models import stats_pool
 from fedser.common.taxonomy import SILENCE, UNKNOWN

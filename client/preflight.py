@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedser.common.errors import ConfigError
-from fedser.common.launch import FLEET_PORT, SUPERLINK_PORT, split_host_port
+from fedser.common.flower_args import FLEET_PORT, SUPERLINK_PORT, split_host_port
 
 # RFC 9113 section 3.4: the client's connection preface, then an empty SETTINGS frame.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])

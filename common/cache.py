@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +90,7 @@ class FeatureCache:
         return value
 
     def _write(self, path: Path, value: np.ndarray) -> None:
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, value, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
         except (OSError, ValueError) as e:
             log.warning("feature cache could not write %s (%s): continuing without it", path, e)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass

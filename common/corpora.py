@@ -19,6 +19,7 @@ Supported layouts (``Corpus.name``):
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 
 from . import audio
 from .errors import AudioError, ConfigError, CorpusError
+from .fsutil import PUBLIC, atomic_write_text
 from .taxonomy import (
     CLASSES,
     COMMAND_WORDS,
@@ -37,11 +39,11 @@ from .taxonomy import (
     EMODB_EMOTIONS,
     RAVDESS_EMOTIONS,
     SILENCE,
-    TASKS,
     TESS_EMOTIONS,
     UNKNOWN,
     canonical,
 )
+from .keys import TASKS
 
 
 @dataclass(frozen=True)
@@ -445,17 +447,13 @@ def write_manifest(utterances: Iterable[Utterance], csv_path: str | Path) -> Pat
     Used to hand each simulated device, and the server's test split, a list of files
     without copying any audio.
     """
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "speaker", "task", "offset", "duration"])
-        for u in utterances:
-            w.writerow([u.path, u.label, u.speaker, u.task, repr(float(u.offset)),
-                        "" if u.duration is None else repr(float(u.duration))])
-    os.replace(tmp, csv_path)
-    return csv_path
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
+    w.writerow(["path", "label", "speaker", "task", "offset", "duration"])
+    for u in utterances:
+        w.writerow([u.path, u.label, u.speaker, u.task, repr(float(u.offset)),
+                    "" if u.duration is None else repr(float(u.duration))])
+    return atomic_write_text(csv_path, rows.getvalue(), PUBLIC)
 
 
 # ----------------------------------------------------------------------------- entry points

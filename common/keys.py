@@ -1,4 +1,6 @@
-"""Message keys shared by the ServerApp and the ClientApp, so the two sides cannot drift."""
+"""Message keys and the constants shared by the ServerApp and the ClientApp, so the two sides cannot drift."""
+
+from .errors import ConfigError
 
 # ArrayRecord / ConfigRecord / MetricRecord names inside a Message's RecordDict.
 ARRAYS = "arrays"
@@ -45,8 +47,13 @@ DECLINED = "declined"                 # 1 when the device did not train
 ACCURACY = "accuracy"
 UAR = "uar"
 
-TASKS = ("emotion", "kws")
+TASKS = ("emotion", "kws")            # the model's heads, in this order everywhere
 HEAD_BITS = {"emotion": 1, "kws": 2}
+TIERS = (1.0, 0.5, 0.25)              # width tiers: the fraction of every hidden layer a device trains
+NOISE_MODES = ("local", "distributed", "none")   # values of NOISE_MODE
+# A device that clips to exactly C can land a float32 rounding step above it: norms are
+# compared against their bound with this relative slack (``fedser.common.privacy.exceeds_bound``).
+NORM_RTOL = 1e-5
 
 
 def heads_to_mask(heads: set[str] | list[str] | tuple[str, ...]) -> int:
@@ -62,3 +69,19 @@ DECLINE_NO_DATA = 602      # no usable local data (empty or entirely corrupt fol
 DECLINE_BAD_INSTRUCTION = 603  # model version / config the device cannot use
 DECLINE_CODES = {DECLINE_BUDGET: "privacy budget", DECLINE_NO_DATA: "no data",
                  DECLINE_BAD_INSTRUCTION: "bad instruction"}
+
+
+def parse_tiers(text: str) -> list[float]:
+    """``"1.0,0.5,0.25"`` -> ``[1.0, 0.5, 0.25]``; ``ConfigError`` unless each is one of ``TIERS``.
+
+    Devices take these in turn: device (or partition) ``i`` runs ``tiers[i % len(tiers)]``.
+    """
+    try:
+        tiers = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r}: expected width tiers like 1.0,0.5,0.25") from None
+    bad = [t for t in tiers if t not in TIERS]
+    if not tiers or bad:
+        allowed = ", ".join(map(str, TIERS[:-1])) + f" or {TIERS[-1]}"
+        raise ConfigError(f"{text!r}: each tier must be {allowed}")
+    return tiers

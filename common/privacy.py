@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, UpdateRejected, collect
+from .errors import ConfigError, collect
+from .keys import NOISE_MODES, NORM_RTOL
 
 ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants whose epsilon is an upper bound (Opacus's "gdp" is an asymptotic estimate)."""
-
-NOISE_MODES = ("local", "distributed", "none")
-"""User-level noise placement: full noise per update, 1/sqrt(m) of it per update, or no noise."""
-
-NORM_RTOL = 1e-5
-"""Relative slack on norm bounds: updates travel as float32, so a clipped norm can exceed C by rounding."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +108,6 @@ class SpendRecord:
         if missing:
             raise ConfigError(f"SpendRecord: missing keys {missing} in {dict(d)!r}")
         return cls(**{n: d[n] for n in names})
-
-
-def spends_from_accountant(accountant: Any) -> list[SpendRecord]:
-    """The history of an Opacus accountant (e.g. ``PrivacyEngine.accountant``) as SpendRecords."""
-    return [SpendRecord(z, q, steps) for z, q, steps in accountant.history]
 
 
 def _merged(history: Iterable[SpendRecord]) -> list[tuple[float, float, int]]:
@@ -375,6 +365,15 @@ def global_norm(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> floa
     return math.sqrt(total)
 
 
+def exceeds_bound(norm: float, bound: float) -> bool:
+    """Whether an update's ``norm`` passes ``bound`` by more than float32 rounding (``keys.NORM_RTOL``).
+
+    The one place the rounding slack is applied: updates travel as float32, so an update clipped
+    to exactly C can land a rounding step above it.
+    """
+    return float(norm) > float(bound) * (1.0 + NORM_RTOL)
+
+
 def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expected_clients: int,
                       n_params: int, tail: float = 1e-6) -> float:
     """Norm an honest privatized update exceeds with probability at most ``tail``.
@@ -384,7 +383,8 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     ||e||^2 / s^2 ~ chi^2_n. Splitting ``tail`` evenly between the two, with x = ln(2 / tail):
     <u, e> <= C s sqrt(2x) (Gaussian tail) and ||e||^2 <= s^2 (n + 2 sqrt(n x) + 2x)
     (Laurent & Massart 2000, Lemma 1). Both bounds grow with ||u||, so ||u|| = C is the worst
-    case. With no noise the bound is C. A relative slack of ``NORM_RTOL`` covers float32 rounding.
+    case. With no noise the bound is C. Compare a norm with it through :func:`exceeds_bound`,
+    which allows for float32 rounding.
 
     For large n the bound is close to sqrt(C^2 + n s^2), the typical norm, so an update scaled
     up by 2x fails it; for a handful of parameters the chi tail is wide and scaling is harder to see.
@@ -398,124 +398,8 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     c = float(clip_norm)
     s = update_noise_std(clip_norm, noise_multiplier, mode, expected_clients)
     if s == 0.0:
-        return c * (1.0 + NORM_RTOL)
+        return c
     x = math.log(2.0 / float(tail))
     n = float(n_params)
     sq = c * c + 2.0 * c * s * math.sqrt(2.0 * x) + s * s * (n + 2.0 * math.sqrt(n * x) + 2.0 * x)
-    return math.sqrt(sq) * (1.0 + NORM_RTOL)
-
-
-@dataclass(frozen=True)
-class UpdateStats:
-    """What ``privatize_update`` did: norms before / after clipping, the scale applied, the noise std."""
-
-    norm_before: float
-    norm_after_clip: float
-    scale: float
-    noise_std: float
-
-
-def privatize_update(
-    delta: Mapping[str, np.ndarray], clip_norm: float, noise_multiplier: float, mode: str,
-    expected_clients: int, rng: np.random.Generator, frozen: Collection[str] = (),
-) -> tuple[dict[str, np.ndarray], UpdateStats]:
-    """Clip ``delta`` to global L2 norm ``clip_norm`` and add Gaussian noise as ``mode`` says.
-
-    ``frozen`` names arrays the device did not train (the run fixed them for every device):
-    they must be exactly zero and are sent as zeros, without noise. Being the same for every
-    device, they reveal nothing, and noise on them would only corrupt weights nobody trains.
-
-    Args:
-        delta: name -> float array (any shape); the update, local minus global.
-        clip_norm: C > 0, bound on the global L2 norm of the clipped update.
-        noise_multiplier: z >= 0; noise std is z*C ("local") or z*C/sqrt(m) ("distributed").
-        mode: one of ``NOISE_MODES``.
-        expected_clients: m >= 1, devices per round the distributed noise is split over.
-        rng: source of the noise.
-        frozen: names in ``delta`` left untrained (all zero); no noise is added to them.
-
-    Returns:
-        (name -> array with the same shapes, dtypes and key order as ``delta``, UpdateStats).
-
-    Raises:
-        ConfigError naming bad settings; UpdateRejected if an array is not floating point or
-        holds NaN/Inf (such an update must not leave the device).
-    """
-    problems = update_settings_problems(clip_norm, noise_multiplier, mode, expected_clients)
-    if not isinstance(rng, np.random.Generator):
-        problems.append(f"rng={rng!r} must be a numpy.random.Generator (np.random.default_rng(seed))")
-    if not isinstance(delta, Mapping) or not delta:
-        problems.append(f"delta must be a non-empty mapping of name -> array; got {type(delta).__name__}")
-    collect(problems, ConfigError, prefix="privatize_update")
-
-    arrays = {k: np.asarray(v) for k, v in delta.items()}
-    bad = [f"{k}: dtype {a.dtype} is not floating point" for k, a in arrays.items()
-           if not np.issubdtype(a.dtype, np.floating)]
-    bad += [f"{k}: {int(np.size(a) - np.isfinite(a).sum())} non-finite values" for k, a in arrays.items()
-            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
-    frozen = set(frozen)
-    unknown = sorted(frozen - set(arrays))
-    bad += [f"{k}: named frozen but not in the update" for k in unknown]
-    bad += [f"{k}: named frozen but changed (norm {float(np.linalg.norm(arrays[k])):.3g})" for k in sorted(frozen)
-            if k in arrays and np.issubdtype(arrays[k].dtype, np.floating) and np.any(arrays[k])]
-    if bad:
-        raise UpdateRejected(bad)
-
-    c = float(clip_norm)
-    norm = global_norm(arrays)
-    # Scale down only: an update already inside the ball is sent unchanged (before noise).
-    scale = 1.0 if norm <= c else c / norm
-    std = update_noise_std(clip_norm, noise_multiplier, mode, expected_clients)
-    out: dict[str, np.ndarray] = {}
-    for k, a in arrays.items():
-        v = a.astype(np.float64) * scale
-        if std > 0.0 and k not in frozen:
-            v = v + rng.normal(0.0, std, size=a.shape)
-        out[k] = v.astype(a.dtype, copy=False)
-    return out, UpdateStats(norm_before=norm, norm_after_clip=norm * scale, scale=scale, noise_std=std)
-
-
-# ---------------------------------------------------------------------------------------------
-# sample-level DP-SGD settings
-
-
-@dataclass
-class DPConfig:
-    """Sample-level DP-SGD settings of a device.
-
-    ``noise_multiplier`` and ``max_grad_norm`` go to Opacus's ``PrivacyEngine.make_private``;
-    ``max_epsilon`` is the device's lifetime budget at ``delta``, enforced by the ledger
-    (``inf`` = no budget). ``accountant`` names the Opacus accountant used for the ledger.
-    """
-
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
-    max_epsilon: float = 10.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        _check_noise_multiplier(self.noise_multiplier, problems)
-        if not _is_real(self.max_grad_norm) or not 0.0 < float(self.max_grad_norm) < math.inf:
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a finite number > 0")
-        if not _is_real(self.max_epsilon) or math.isnan(float(self.max_epsilon)) or float(self.max_epsilon) <= 0:
-            problems.append(f"max_epsilon={self.max_epsilon!r} must be a number > 0 (inf for no budget)")
-        _check_delta(self.delta, problems)
-        _check_accountant(self.accountant, problems)
-        if (not problems and float(self.noise_multiplier) == 0.0 and math.isfinite(float(self.max_epsilon))):
-            problems.append(
-                f"noise_multiplier=0 spends infinite epsilon, so a device with max_epsilon="
-                f"{self.max_epsilon} could never train: use noise_multiplier > 0 or max_epsilon=inf")
-        collect(problems, ConfigError, prefix="DPConfig")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DPConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"DPConfig: unknown keys {unknown}; allowed {sorted(names)}")
-        return cls(**dict(d))
+    return math.sqrt(sq)

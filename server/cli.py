@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from fedser.common import launch
+from fedser.common import flower_args, processes
+from . import flower_cli
 from fedser.common.certs import CertPaths, generate_ca_and_server_cert
 from fedser.common.errors import ConfigError, FedserError
 
@@ -59,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0",
                    help="address the Fleet API (gRPC, the devices' port) listens on (default all interfaces)")
     s.add_argument("--port", type=int, default=None,
-                   help=f"Fleet API port, where devices connect over gRPC (default {launch.FLEET_PORT})")
+                   help=f"Fleet API port, where devices connect over gRPC (default {flower_args.FLEET_PORT})")
     s.add_argument("--control-port", type=int, default=None,
-                   help=f"Control and Runtime API port, on 127.0.0.1 only (default {launch.SUPERLINK_PORT})")
+                   help=f"Control and Runtime API port, on 127.0.0.1 only (default {flower_args.SUPERLINK_PORT})")
     s.add_argument("--hostname", action="append", default=[], help="extra DNS name/IP for the certificate")
     s.add_argument("--certs", default=None, help="certificate folder (default RUN_DIR/certs)")
     s.add_argument("--supernode-auth", action="store_true", help="only registered device keys may connect")
@@ -121,7 +122,7 @@ def _print_progress(path: Path, seen: int) -> int:
 
 def _superlink_address(text: str) -> tuple[str, int]:
     """The SuperLink's Runtime API address given to ``--superlink``."""
-    return launch.split_host_port(text, "--superlink", example=f"superlink:{launch.SUPERLINK_PORT}")
+    return flower_args.split_host_port(text, "--superlink", example=f"superlink:{flower_args.SUPERLINK_PORT}")
 
 
 def _check_attach_args(args) -> None:
@@ -180,8 +181,8 @@ def register_keys(paths: list[str], key_dir: Path, env: dict) -> None:
             single = key_dir / f"{Path(path).name}.{i}"
             single.write_text(key + "\n")
             try:
-                node_id = launch.register_node(single, env=env)
-            except launch.FlowerCommandError as exc:
+                node_id = flower_cli.register_node(single, env=env)
+            except flower_cli.FlowerCommandError as exc:
                 if "already in use" not in str(exc):
                     raise
                 print(f"device key {i + 1} of {path} is already registered", flush=True)
@@ -203,8 +204,8 @@ def start(args) -> int:
 
 def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | None) -> int:
     """Start the SuperLink (or, with ``attach``, a SuperExec for a remote one), submit the run, follow it."""
-    fleet_port = args.port or launch.FLEET_PORT
-    control_port = args.control_port or launch.SUPERLINK_PORT
+    fleet_port = args.port or flower_args.FLEET_PORT
+    control_port = args.control_port or flower_args.SUPERLINK_PORT
     certs: CertPaths | None = None
     if not args.insecure and attach is None:
         cert_dir = Path(args.certs) if args.certs else run_dir / "certs"
@@ -215,38 +216,38 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
             certs = generate_ca_and_server_cert(cert_dir, hosts=args.hostname)
             print(f"generated a CA and server certificate in {cert_dir}; give devices {certs.ca_cert}")
     flwr_home = run_dir / ".flwr"
-    env = launch.flower_env(flwr_home)
-    launch.interrupt_on_sigterm()  # so that `finally` stops the SuperLink, which has its own session
+    env = processes.flower_env(flwr_home)
+    processes.interrupt_on_sigterm()  # so that `finally` stops the SuperLink, which has its own session
     helper = None
     try:
         if attach is None:
             link_host, port = "127.0.0.1", control_port
             address, root_cert = f"127.0.0.1:{control_port}", str(certs.ca_cert) if certs else None
-            helper = launch.start_process(
-                launch.superlink_command(host="127.0.0.1", port=control_port, fleet_host=args.host,
+            helper = processes.start_process(
+                flower_cli.superlink_command(host="127.0.0.1", port=control_port, fleet_host=args.host,
                                          fleet_port=fleet_port, certs=certs, insecure=args.insecure,
                                          enable_supernode_auth=args.supernode_auth,
                                          database=run_dir / "superlink.db"),
                 run_dir / "logs" / "superlink.log", env=env)
         else:
             (link_host, port), address, root_cert = attach, args.superlink, args.root_cert
-            helper = launch.start_process(
-                launch.superexec_command(address, root_cert=root_cert, insecure=args.insecure),
+            helper = processes.start_process(
+                flower_cli.superexec_command(address, root_cert=root_cert, insecure=args.insecure),
                 run_dir / "logs" / "superexec.log", env=env)
         # A SuperLink in another container may come up after this one: wait longer for it.
-        launch.wait_for_port(link_host, port, timeout=60 if attach is None else 300, process=helper)
+        processes.wait_for_port(link_host, port, timeout=60 if attach is None else 300, process=helper)
         if attach is None:
-            launch.wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, fleet_port,
+            processes.wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, fleet_port,
                                  timeout=60, process=helper)
-        conn = launch.SuperLinkConnection(address, root_cert=root_cert, insecure=args.insecure)
-        launch.write_connection(flwr_home, conn)
+        conn = flower_cli.SuperLinkConnection(address, root_cert=root_cert, insecure=args.insecure)
+        flower_cli.write_connection(flwr_home, conn)
         register_keys(args.register, flwr_home / "keys", env)
         app_dir = write_app_dir(run_dir / ".app")
         progress = run_dir / "progress.log"
         seen = len(progress.read_text().splitlines()) if progress.exists() else 0
-        run_id = launch.submit_run(app_dir, run_config=run_config, env=env)
+        run_id = flower_cli.submit_run(app_dir, run_config=run_config, env=env)
         security = "INSECURE plain text" if args.insecure else "TLS"
-        where = (f"Fleet API (gRPC, {security}) listening on {launch.join_host_port(args.host, fleet_port)} "
+        where = (f"Fleet API (gRPC, {security}) listening on {flower_args.join_host_port(args.host, fleet_port)} "
                  f"for devices; Control API on {address}" if attach is None else f"at {address} ({security})")
         print(f"SuperLink {where}; run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} "
               "device(s)", flush=True)
@@ -255,11 +256,11 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
             nonlocal seen
             seen = _print_progress(progress, seen)
 
-        status = launch.wait_for_run(run_id, env=env, timeout=args.timeout, on_poll=on_poll)
+        status = flower_cli.wait_for_run(run_id, env=env, timeout=args.timeout, on_poll=on_poll)
         _print_progress(progress, seen)
         if not status.succeeded:
             print(f"run {run_id} {status.sub_status or status.status}: {status.details}", file=sys.stderr)
-            print(launch.run_logs(run_id, env=env)[-4000:], file=sys.stderr)
+            print(flower_cli.run_logs(run_id, env=env)[-4000:], file=sys.stderr)
             return 1
         summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
         print(f"run complete: {summary.get('rounds')} rounds; user-level epsilon {summary.get('user-epsilon')} "
@@ -267,8 +268,8 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         return 0
     finally:
         if helper is not None:
-            launch.ignore_interrupts()
-            launch.stop_process(helper)
+            processes.ignore_interrupts()
+            processes.stop_process(helper)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from fedser.common.corpora import Utterance, load_corpus
 from fedser.common.data import build_task_data
 from fedser.common.errors import ConfigError
 from fedser.common.features import FeatureSpec
-from fedser.common.models import TASKS, MultiTaskNet
+from fedser.common.keys import TASKS
+from fedser.common.models import MultiTaskNet
 from fedser.common.splits import speaker_split
 from fedser.common.training import TrainConfig, evaluate_task, train_task
 

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from fedser.common.plots import curves_png
+from .plots import curves_png
 
 
 def _clean(v):

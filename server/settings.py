@@ -4,9 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from fedser.common.commands.partition import parse_tiers
 from fedser.common.errors import ConfigError
-from fedser.common.keys import TRAIN_SCOPES
+from fedser.common.keys import NOISE_MODES, TRAIN_SCOPES, parse_tiers
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -107,8 +106,8 @@ class RunSettings:
         elif self.train_scope != "all" and not (self.kws_corpus or self.public_corpus):
             p.append(f"train-scope={self.train_scope} needs kws-corpus or public-corpus: without public "
                      "pretraining the fixed encoder weights would stay at their random initialisation")
-        if self.noise_mode not in ("local", "distributed", "none"):
-            p.append(f"noise-mode must be local, distributed or none, got {self.noise_mode!r}")
+        if self.noise_mode not in NOISE_MODES:
+            p.append(f"noise-mode must be one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             p.append(f"clip-norm must be a finite number > 0, got {self.clip_norm}")
         for key, value in (("noise-multiplier", self.noise_multiplier),

@@ -1,6 +1,6 @@
 """Launch the fedser ServerApp and ClientApp on Flower's Simulation Engine (Ray).
 
-``fedser simulate`` runs ``python -m fedser.server.simulation``. Nothing here is a second
+``fedser simulate`` calls :func:`run` (so does ``python -m fedser.server.simulation``). Nothing here is a second
 implementation of a round: the run is the one ``fedser-server start`` submits, on a
 SuperLink started in simulation mode, where each ClientApp call is made in a Ray actor
 for a virtual SuperNode instead of on a device::
@@ -25,16 +25,31 @@ import sys
 import time
 from pathlib import Path
 
-from fedser.common import launch
-from fedser.common.commands.partition import TEST_MANIFEST, read_partitions
-from fedser.common.commands.simulate import add_arguments
+from fedser.common import flower_args, processes
+from . import flower_cli
 from fedser.common.errors import ConfigError, FedserError
+from fedser.common.partitions import TEST_MANIFEST, read_partitions
 
 from .cli import _print_progress, _typed
 from .flower_app import run_config_defaults, write_app_dir
 from .settings import CORPUS_SETTINGS, RunSettings
 
 CONNECTION = "fedser-sim"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--partitions", required=True, metavar="DIR", help="a folder written by `fedser partition`")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="checkpoints, metrics, plots and the model go here")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="any run setting, e.g. fraction-train=0.1, noise-mode=none, partition-tiers=1.0,0.5,0.25; "
+                        "repeatable")
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs Ray may use (default 2)")
+    p.add_argument("--client-cpus", type=int, default=1,
+                   help="CPUs per virtual client (default 1): ray-cpus / client-cpus clients run at once")
+    p.add_argument("--resume", action="store_true", help="continue after the last complete round in RUN_DIR")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
 
 
 def build_run_config(partitions: Path, run_dir: Path, rounds: int, overrides: list[str], resume: bool,
@@ -77,8 +92,8 @@ def federation_config(n_nodes: int, ray_cpus: int, client_cpus: int) -> dict[str
 
 
 def _submit(app_dir: Path, run_config: dict, fed_config: dict, env: dict) -> int:
-    argv = launch.run_command(app_dir, CONNECTION, run_config) + ["--federation-config",
-                                                                 launch.format_config(fed_config)]
+    argv = flower_cli.run_command(app_dir, CONNECTION, run_config) + ["--federation-config",
+                                                                 flower_args.format_config(fed_config)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     text = done.stdout
     try:
@@ -133,7 +148,7 @@ def _stop_pids(pids: list[int], grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
-def _wait(run_id: int, env: dict, progress: Path, seen: int, args) -> launch.RunStatus:
+def _wait(run_id: int, env: dict, progress: Path, seen: int, args) -> flower_cli.RunStatus:
     """Follow progress.log every second; ask the SuperLink for the run's status (a ``flwr``
     process, about a CPU-second each) only every 15 s, or every 2 s once the run says it is
     complete."""
@@ -147,8 +162,8 @@ def _wait(run_id: int, env: dict, progress: Path, seen: int, args) -> launch.Run
             next_check = min(next_check, time.monotonic() + 2)
         if time.monotonic() >= next_check:
             try:
-                status = launch.run_status(run_id, CONNECTION, env=env)
-            except launch.FlowerCommandError:
+                status = flower_cli.run_status(run_id, CONNECTION, env=env)
+            except flower_cli.FlowerCommandError:
                 status = None     # a busy SuperLink answers on the next try
             if status is not None and status.finished:
                 if not args.quiet:
@@ -172,18 +187,18 @@ def simulate(args) -> int:
     run_config = build_run_config(partitions, run_dir, args.rounds, args.config, args.resume, n)
     fed = federation_config(n, args.ray_cpus, args.client_cpus)
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = launch.flower_env(run_dir / ".flwr")
+    env = processes.flower_env(run_dir / ".flwr")
     env.setdefault("RAY_DEDUP_LOGS", "0")
-    port = launch.free_port()
-    argv = [launch.executable("fedser-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
+    port = processes.free_port()
+    argv = [processes.executable("fedser-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
             "--port", str(port), "--disable-runtime-dependency-installation",
             "--database", str(run_dir / "superlink.db")]
     t0 = time.perf_counter()
-    link = launch.start_process(argv, run_dir / "logs" / "superlink.log", env=env)
+    link = processes.start_process(argv, run_dir / "logs" / "superlink.log", env=env)
     run_id = None
     try:
-        launch.wait_for_port("127.0.0.1", port, timeout=90, process=link)
-        launch.write_connection(run_dir / ".flwr", launch.SuperLinkConnection(f"127.0.0.1:{port}", insecure=True,
+        processes.wait_for_port("127.0.0.1", port, timeout=90, process=link)
+        flower_cli.write_connection(run_dir / ".flwr", flower_cli.SuperLinkConnection(f"127.0.0.1:{port}", insecure=True,
                                                                              name=CONNECTION))
         app_dir = write_app_dir(run_dir / ".app")
         progress = run_dir / "progress.log"
@@ -193,7 +208,7 @@ def simulate(args) -> int:
               f"{args.client_cpus} per client; {args.rounds} round(s); run directory {run_dir}", flush=True)
 
         status = _wait(run_id, env, progress, seen, args)
-        logs = launch.run_logs(run_id, CONNECTION, env=env)
+        logs = flower_cli.run_logs(run_id, CONNECTION, env=env)
         (run_dir / "logs").mkdir(exist_ok=True)
         (run_dir / "logs" / f"simulation-run-{run_id}.log").write_text(logs)
         if not status.succeeded:
@@ -206,13 +221,13 @@ def simulate(args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if run_id is not None:
             try:
-                launch.stop_run(run_id, CONNECTION, env=env, timeout=20)
-            except (launch.FlowerCommandError, OSError):
+                flower_cli.stop_run(run_id, CONNECTION, env=env, timeout=20)
+            except (flower_cli.FlowerCommandError, OSError):
                 pass
         raise
     finally:
         left = descendants(link.pid)
-        launch.stop_process(link)
+        processes.stop_process(link)
         _stop_pids(left)
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
     print(f"simulation complete in {time.perf_counter() - t0:.0f} s: {summary.get('rounds')} rounds; user-level "
@@ -221,17 +236,25 @@ def simulate(args) -> int:
     return 0
 
 
+def run(args) -> int:
+    """``simulate(args)`` with SIGTERM turned into an orderly exit: the run, Ray and the SuperLink
+    are stopped on the way out."""
+    def terminate(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return simulate(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedser simulate", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-
-    def terminate(signum, _frame):   # stop the run, Ray and the SuperLink on the way out
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
     try:
-        return simulate(args)
+        return run(args)
     except FedserError as exc:
         print(f"fedser simulate: error: {exc}", file=sys.stderr)
         return 2

@@ -38,9 +38,6 @@ from .validation import expected_shapes, validate_update
 
 log = logging.getLogger("fedser.server")
 
-TIERS = (1.0, 0.5, 0.25)
-
-
 def _is_number(value: object) -> bool:
     """A scalar metric (MetricRecord values may also be lists)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -93,8 +90,8 @@ class HeteroFedAvg(FedAvg):
         problems = []
         if not clip_norm > 0:
             problems.append(f"clip_norm must be > 0, got {clip_norm}")
-        if noise_mode not in ("local", "distributed", "none"):
-            problems.append(f"noise_mode must be local, distributed or none, got {noise_mode!r}")
+        if noise_mode not in keys.NOISE_MODES:
+            problems.append(f"noise_mode must be one of {', '.join(keys.NOISE_MODES)}, got {noise_mode!r}")
         if not noise_multiplier >= 0:
             problems.append(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if not 0 < fraction_train <= 1:
@@ -137,7 +134,7 @@ class HeteroFedAvg(FedAvg):
     def summary(self) -> None:
         super().summary()
         log.info("HeteroFedAvg: C=%s z=%s mode=%s tiers=%s", self.clip_norm, self.noise_multiplier,
-                 self.noise_mode, TIERS)
+                 self.noise_mode, keys.TIERS)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _base_config(self, server_round: int) -> dict:
@@ -176,7 +173,7 @@ class HeteroFedAvg(FedAvg):
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=reason)
                 log.warning("node %s: %s", node, reason)
                 continue
-            if tier not in TIERS:
+            if tier not in keys.TIERS:
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=f"unknown tier {tier}")
                 continue
             self.profiles[node] = NodeProfile(tier, heads, num_examples, epsilon=epsilon)

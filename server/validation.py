@@ -14,19 +14,16 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedser.common.keys import HEAD_BITS
+from fedser.common.privacy import exceeds_bound, global_norm
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
-    "NORM_RTOL",
     "expected_shapes",
-    "update_norm",
     "validate_update",
 ]
 
 # More examples than this from one device (one speaker) is not a real count.
 DEFAULT_MAX_EXAMPLES = 1_000_000
-# A device that clips to exactly C can land a float32 rounding step above it.
-NORM_RTOL = 1e-5
 
 _ALL_HEADS = sum(HEAD_BITS.values())
 
@@ -38,15 +35,6 @@ def expected_shapes(index: Mapping[str, tuple]) -> dict[str, tuple[int, ...]]:
     :func:`validate_update`.
     """
     return {name: tuple(int(np.size(a)) for a in ix) for name, ix in index.items()}
-
-
-def update_norm(arrays: Mapping[str, np.ndarray]) -> float:
-    """Global L2 norm of all arrays together (float64 accumulation)."""
-    total = 0.0
-    for a in arrays.values():
-        flat = np.asarray(a, dtype=np.float64).reshape(-1)
-        total += float(flat @ flat)
-    return math.sqrt(total)
 
 
 def _as_int(value) -> int | None:
@@ -123,8 +111,8 @@ def validate_update(
         finite_parts[name] = a
 
     if max_norm is not None:
-        norm = update_norm(finite_parts)
-        if norm > max_norm * (1.0 + NORM_RTOL):
+        norm = global_norm(finite_parts)
+        if exceeds_bound(norm, max_norm):
             reasons.append(
                 f"update L2 norm {norm:.6g} exceeds the bound {max_norm:.6g} "
                 "(clipping norm plus noise allowance)"

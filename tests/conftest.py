@@ -25,7 +25,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A tiny espeak-ng corpus (4 speakers; RAVDESS + Speech Commands layouts), made once per session."""
-    from fedser.common import synth
+    from fedser.tools import synth
 
     out = tmp_path_factory.mktemp("tiny-corpus")
     synth.synthesize_corpus(out, n_speakers=4, statements=1, repetitions=2, command_repetitions=1,

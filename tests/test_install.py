@@ -10,7 +10,7 @@ from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "client", "server")
+PACKAGES = ("common", "client", "server", "tools")
 
 
 def _name(requirement: str) -> str:

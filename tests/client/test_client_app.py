@@ -29,13 +29,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedser.client.app import app
 from fedser.client.device import DeviceSettings, load_local_data
-from fedser.client.ledger import PrivacyLedger, plan_spend
+from fedser.client.ledger import PrivacyLedger
 from fedser.common import keys
 from fedser.common.corpora import load_corpora, write_manifest
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope, head_of
 from fedser.common.params import state_to_arrays
-from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of
+from fedser.common.privacy import SpendRecord, calibrate_noise, epsilon_of, plan_spend
 from fedser.common.records import arrays_to_record, record_to_arrays
 from fedser.common.slicing import slice_state
 from fedser.server.strategy import HeteroFedAvg
@@ -58,7 +58,7 @@ EVALUATE_METRICS = {keys.NUM_EXAMPLES} | {f"{t}-{m}" for t in keys.TASKS for m i
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from fedser.common.synth import synthesize_corpus
+    from fedser.tools.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     synthesize_corpus(root, n_speakers=2, emotions=("neutral", "angry", "sad"), statements=1, repetitions=1,

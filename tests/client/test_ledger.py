@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from fedser.client.ledger import LedgerCorruptError, PrivacyLedger, plan_spend
+from fedser.client.ledger import LedgerCorruptError, PrivacyLedger
 from fedser.common.errors import ConfigError, PrivacyBudgetExceeded
-from fedser.common.privacy import SpendRecord, epsilon_of
+from fedser.common.privacy import plan_spend, SpendRecord, epsilon_of
 
 DELTA = 1e-5
 SPEND = SpendRecord(1.0, 0.01, 1000)  # epsilon ~2.10 at DELTA
@@ -103,20 +103,35 @@ def test_two_ledgers_on_one_path_never_drop_each_others_records(ledger_path):
     assert a.epsilon() == pytest.approx(epsilon_of([SPEND, SPEND], DELTA))
 
 
-def test_would_exceed_projects_the_planned_spend(ledger_path):
+def test_plan_round_spreads_the_budget_left_and_projects_the_spend(ledger_path):
     # Prepare
     ledger = PrivacyLedger(ledger_path, max_epsilon=2.5, delta=DELTA)
     ledger.record(SpendRecord(1.0, 0.01, 500), round=1, model_version=1)
-    # Execute
-    ok, projected_ok = ledger.would_exceed(SpendRecord(1.0, 0.01, 100))
-    over, projected_over = ledger.would_exceed(SpendRecord(1.0, 0.01, 1000))
-    # Assert
-    assert not ok and projected_ok == pytest.approx(epsilon_of([SpendRecord(1.0, 0.01, 600)], DELTA))
-    assert over and projected_over > 2.5
-    assert ledger.would_exceed([SpendRecord(1.0, 0.01, 500)] * 2) == pytest.approx((over, projected_over))
-    assert ledger.rounds_joined == 1  # asking records nothing
-    with pytest.raises(PrivacyBudgetExceeded, match="max_epsilon=2.5"):
-        ledger.check(SpendRecord(1.0, 0.01, 1000))
+    # Execute: two tasks of 200 and 100 examples, batch 16, 1 epoch, this round and 2 more.
+    plan = ledger.plan_round([200, 100], batch_size=16, epochs=1, rounds_left=3)
+    # Assert: the spend is per task at the chosen noise, and the whole rest of the run fits.
+    assert [(r.sample_rate, r.steps) for r in plan.spend] == [(16 / 200, 13), (16 / 100, 7)]
+    assert all(r.noise_multiplier == plan.noise_multiplier for r in plan.spend)
+    assert plan.projected_epsilon == pytest.approx(epsilon_of(ledger.history + plan.spend, DELTA))
+    rest = [SpendRecord(plan.noise_multiplier, r.sample_rate, 3 * r.steps) for r in plan.spend]
+    assert epsilon_of(ledger.history + rest, DELTA) <= 2.5
+    assert ledger.rounds_joined == 1  # planning records nothing
+
+
+def test_plan_round_never_goes_below_the_noise_floor(ledger_path):
+    ledger = PrivacyLedger(ledger_path, max_epsilon=50.0, delta=DELTA)
+    assert ledger.plan_round([200], 16, 1, 1, floor=3.0).noise_multiplier == 3.0
+
+
+def test_plan_round_refuses_a_round_the_budget_cannot_afford(ledger_path):
+    # Prepare: a device that has spent almost all of its budget.
+    ledger = PrivacyLedger(ledger_path, max_epsilon=2.5, delta=DELTA)
+    ledger.record(SpendRecord(0.6, 0.5, 200), round=1, model_version=1)
+    assert ledger.epsilon() > 2.5
+    # Execute / Assert
+    with pytest.raises(PrivacyBudgetExceeded, match="budget 2.5"):
+        ledger.plan_round([200], 16, 1, 1)
+    assert ledger.rounds_joined == 1
 
 
 def test_record_validates_its_arguments(ledger_path):

@@ -17,16 +17,17 @@ import torch
 
 from fedser.client import listen
 from fedser.client.cli import build_parser, main
+from fedser.client.runtime import open_model
 from fedser.client.listen import EmotionEvent, KeywordEvent, ListenConfig, Listener, RecurrentKWS
 from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.corpora import load_corpus
 from fedser.common.data import build_task_data
 from fedser.common.errors import ConfigError
-from fedser.common.export import export_bundle, open_model
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.taxonomy import EMOTIONS, KEYWORDS
 from fedser.common.training import TrainConfig, train_task
+from fedser.tools.export import export_bundle
 
 from test_vad import SR, burst, noise  # the same synthetic voice and noise as the VAD tests
 

@@ -21,7 +21,8 @@ import pytest
 
 from fedser.client.cli import fleet_address
 from fedser.client.preflight import FleetEndpointError, probe_fleet_api
-from fedser.common import launch
+from fedser.common import flower_args, processes
+from fedser.client import supernode
 from fedser.common.certs import generate_ca_and_server_cert
 from fedser.common.errors import ConfigError
 
@@ -126,23 +127,23 @@ def test_the_control_api_port_is_named_as_the_wrong_port(https, http_plain, cert
 
     # Assert: both name the Fleet API's port as the fix.
     for err in (tls, plain):
-        assert f"Fleet API port ({launch.FLEET_PORT} by default)" in str(err.value)
+        assert f"Fleet API port ({flower_args.FLEET_PORT} by default)" in str(err.value)
     assert "answers TLS but not gRPC" in str(tls.value)
     assert "answers, but not as gRPC" in str(plain.value)
 
 
 def test_a_port_nobody_listens_on_is_left_to_the_supernodes_retries(certs):
     # Execute
-    seen = probe_fleet_api(f"{HOST}:{launch.free_port(HOST)}", root_cert=certs.ca_cert, timeout=2)
+    seen = probe_fleet_api(f"{HOST}:{processes.free_port(HOST)}", root_cert=certs.ca_cert, timeout=2)
 
     # Assert
     assert not seen.reachable and "refused" in seen.detail.lower()
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("server.example.org", f"server.example.org:{launch.FLEET_PORT}"),
+    ("server.example.org", f"server.example.org:{flower_args.FLEET_PORT}"),
     ("10.0.0.5:7000", "10.0.0.5:7000"),
-    ("::1", f"[::1]:{launch.FLEET_PORT}"),
+    ("::1", f"[::1]:{flower_args.FLEET_PORT}"),
     ("[::1]:7000", "[::1]:7000"),
 ])
 def test_server_address_gets_the_fleet_port_when_none_is_given(text, expected):
@@ -165,12 +166,12 @@ def test_agent_pointed_at_the_control_port_exits_at_once_with_the_fix(https, cer
     # Execute
     done = subprocess.run([sys.executable, "-m", "fedser.client.cli", "start", "--server", https, "--data",
                            str(data), "--root-cert", str(certs.ca_cert), "--ledger", str(tmp_path / "ledger.json"),
-                           "--port", str(launch.free_port(HOST))],
+                           "--port", str(processes.free_port(HOST))],
                           capture_output=True, text=True, timeout=120, env=env)
 
     # Assert: refused before any SuperNode started, saying which port to use.
     assert done.returncode == 2, done.stdout + done.stderr
-    assert f"Fleet API port ({launch.FLEET_PORT} by default)" in done.stderr
+    assert f"Fleet API port ({flower_args.FLEET_PORT} by default)" in done.stderr
     assert "SuperNode" not in done.stdout
     print(f"\nrefused in {time.monotonic() - started:.1f} s: {done.stderr.strip()}")
 
@@ -201,7 +202,7 @@ def test_agent_refuses_bad_start_options_before_anything_runs(extra, says, certs
 
 def test_many_agents_on_few_cores_poll_less_often_so_their_starts_spread():
     # Execute / Assert: a few devices keep Flower's default; a crowd is spread over the burst's length.
-    assert launch.task_poll_interval(4, 2, 4.0) is None
-    assert launch.task_poll_interval(20, 2, 4.0) == 40.0
-    assert launch.task_poll_interval(20, 16, 4.0) is None
-    assert launch.task_poll_interval(500, 2, 4.0) == launch.TASK_POLL_RANGE[1]
+    assert supernode.task_poll_interval(4, 2, 4.0) is None
+    assert supernode.task_poll_interval(20, 2, 4.0) == 40.0
+    assert supernode.task_poll_interval(20, 16, 4.0) is None
+    assert supernode.task_poll_interval(500, 2, 4.0) == supernode.TASK_POLL_RANGE[1]

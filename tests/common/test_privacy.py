@@ -9,12 +9,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedser.common.errors import ConfigError
 from fedser.common.privacy import (
-    DPConfig,
     SpendRecord,
     UserLevelAccountant,
     epsilon_of,
     noise_for_budget,
-    spends_from_accountant,
     update_noise_std,
 )
 
@@ -112,21 +110,6 @@ def test_epsilon_of_rejects_bad_settings(kwargs, named):
         epsilon_of([SpendRecord(1.0, 0.01, 1)], **kwargs)
 
 
-def test_spends_from_accountant_reads_an_opacus_history():
-    # Prepare
-    acc = RDPAccountant()
-    for _ in range(5):
-        acc.step(noise_multiplier=1.2, sample_rate=0.05)
-    # Execute
-    spends = spends_from_accountant(acc)
-    # Assert
-    assert spends == [SpendRecord(1.2, 0.05, 5)]
-    assert epsilon_of(spends, DELTA) == pytest.approx(acc.get_epsilon(DELTA))
-
-
-# -- noise_for_budget -------------------------------------------------------------------------
-
-
 def test_noise_for_budget_reaches_the_target_within_tolerance():
     # Execute
     z = noise_for_budget(2.0, DELTA, sample_rate=0.01, steps=1000)
@@ -221,30 +204,3 @@ def test_update_noise_std_formula():
     assert update_noise_std(0.5, 2.0, "none", 9) == 0.0
     with pytest.raises(ConfigError, match="mode='central'"):
         update_noise_std(0.5, 2.0, "central", 9)
-
-
-# -- DPConfig ---------------------------------------------------------------------------------
-
-
-def test_dp_config_round_trips_and_defaults_are_valid():
-    cfg = DPConfig(noise_multiplier=0.8, max_grad_norm=2.0, max_epsilon=4.0, delta=1e-6)
-    assert DPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert DPConfig().delta > 0
-
-
-def test_dp_config_collects_every_problem():
-    with pytest.raises(ConfigError) as err:
-        DPConfig(noise_multiplier=-1.0, max_grad_norm=0.0, max_epsilon=-2.0, delta=0.5e1, accountant="x")
-    for named in ("noise_multiplier=-1.0", "max_grad_norm=0.0", "max_epsilon=-2.0", "delta=5.0", "accountant='x'"):
-        assert named in str(err.value)
-
-
-def test_dp_config_without_noise_needs_an_unlimited_budget():
-    with pytest.raises(ConfigError, match="could never train"):
-        DPConfig(noise_multiplier=0.0, max_epsilon=8.0)
-    assert DPConfig(noise_multiplier=0.0, max_epsilon=math.inf).max_epsilon == math.inf
-
-
-def test_dp_config_from_dict_names_unknown_keys():
-    with pytest.raises(ConfigError, match="epsilon_budget"):
-        DPConfig.from_dict({"epsilon_budget": 3.0})

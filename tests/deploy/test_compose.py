@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedser.common.commands import testbed
+from fedser.tools.commands import testbed
 from fedser.common.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -261,7 +261,7 @@ def test_prepare_refuses_bad_settings_and_an_existing_bed(prepared, tiny_corpus,
 
 def test_up_refuses_an_unprepared_folder(tmp_path):
     # Prepare
-    from fedser.common.cli import main
+    from fedser.tools.cli import main
 
     # Execute
     code = main(["testbed", "up", "--testbed", str(tmp_path), "--rounds", "0"])

@@ -30,7 +30,7 @@ import pytest
 
 from fedser.client.ledger import PrivacyLedger
 from fedser.common.certs import generate_ca_and_server_cert, generate_node_keypair
-from fedser.common.commands import testbed
+from fedser.tools.commands import testbed
 from fedser.common.privacy import UserLevelAccountant
 from fedser.server.checkpoint import load_checkpoint
 
@@ -100,7 +100,7 @@ def bed(runner, tmp_path_factory):
     why = _skip_reason(runner)
     if why:
         pytest.skip(f"test bed needs network namespaces: {why}")
-    from fedser.common.synth import synthesize_corpus
+    from fedser.tools.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("testbed")
     corpus = root / "corpus"
@@ -284,7 +284,7 @@ def test_report_is_left_in_the_run_volume(bed):
         pytest.skip("no run to report on")
 
     # Execute: what `fedser testbed up` does once the server app has exited.
-    from fedser.common.commands.demo import report
+    from fedser.tools.commands.demo import report
 
     (bed.run_dir / "report.md").write_text(report(bed.run_dir) + "\n")
 

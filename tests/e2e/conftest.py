@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedser.common import launch
+from fedser.common import processes as process_tree
 
 TAG_VAR = "FEDSER_E2E_TAG"
 
@@ -32,7 +32,7 @@ def federation_corpus(tmp_path_factory) -> Path:
     Five speakers: ``fedser demo`` holds one out for its test and sets one apart as public speech,
     and three devices need one each.
     """
-    from fedser.common.synth import synthesize_corpus
+    from fedser.tools.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("tiny corpus")
     synthesize_corpus(root, n_speakers=5, emotions=("neutral", "angry", "sad"), statements=1, repetitions=1,
@@ -56,7 +56,7 @@ class Devices:
 
 @pytest.fixture(scope="session")
 def device_manifests(tmp_path_factory, corpus_parts) -> Devices:
-    from fedser.common.commands.demo import prepare_devices
+    from fedser.tools.commands.demo import prepare_devices
 
     out = tmp_path_factory.mktemp("devices")
     split = prepare_devices(corpus_parts, out, n_clients=3, test=0.2, seed=0)
@@ -110,7 +110,7 @@ class Processes:
     def start(self, name: str, argv: list[str], *, log: Path | None = None,
               stdout=None) -> subprocess.Popen:
         """Start ``argv`` in its own session with tag ``<tag>/<name>``; output to ``log`` or ``stdout``."""
-        env = {**launch.flower_env(base=os.environ), **self.env, TAG_VAR: f"{self.tag}/{name}"}
+        env = {**process_tree.flower_env(base=os.environ), **self.env, TAG_VAR: f"{self.tag}/{name}"}
         log = log or self.root / "logs" / f"{name}.out"
         log.parent.mkdir(parents=True, exist_ok=True)
         if stdout is None:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fedser.common.bundle import load_bundle
-from fedser.common.cli import main
+from fedser.tools.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedser.client.ledger import PrivacyLedger
-from fedser.common import launch
+from fedser.common import processes as process_tree
 from fedser.common.certs import generate_ca_and_server_cert
 from fedser.server.checkpoint import load_checkpoint
 
@@ -71,7 +71,7 @@ def _train_message_seen(log: Path) -> bool:
 def test_demo_signalled_mid_round_leaves_nothing_running(sig, processes, corpus_parts, tmp_path):
     # Prepare: a demo of two devices waiting in round 1.
     out = tmp_path / "demo"
-    argv = [launch.executable("fedser"), "demo", "--out", str(out), "--clients", "2", "--rounds", "3",
+    argv = [process_tree.executable("fedser"), "demo", "--out", str(out), "--clients", "2", "--rounds", "3",
             "--public", "0", "--quiet", "--threads", "1"]
     for part in corpus_parts:
         argv += ["--data", part]
@@ -103,18 +103,18 @@ def test_agent_and_server_signalled_mid_round_leave_nothing_running(processes, d
     # Prepare: a server (2 devices per round) and two agents; round 1 under way.
     run_dir = tmp_path / "run"
     certs = generate_ca_and_server_cert(run_dir / "certs")
-    fleet_port, control_port = launch.free_port(HOST), launch.free_port(HOST)
+    fleet_port, control_port = process_tree.free_port(HOST), process_tree.free_port(HOST)
     server = processes.start("server", [
-        launch.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST, "--port",
+        process_tree.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST, "--port",
         str(fleet_port), "--control-port", str(control_port), "--certs", str(run_dir / "certs"), "--rounds", "3",
         "--min-clients", "2", "--config", "local-epochs=1"])
     agents = []
     for i in range(2):
         folder = tmp_path / f"device-{i}"
         agents.append(processes.start(f"device-{i}", [
-            launch.executable("fedser-client"), "start", "--server", f"{HOST}:{fleet_port}", "--data",
+            process_tree.executable("fedser-client"), "start", "--server", f"{HOST}:{fleet_port}", "--data",
             str(device_manifests.manifests[i]), "--root-cert", str(certs.ca_cert), "--ledger",
-            str(folder / "ledger.json"), "--port", str(launch.free_port(HOST)), "--log",
+            str(folder / "ledger.json"), "--port", str(process_tree.free_port(HOST)), "--log",
             str(folder / "supernode.log"), "--threads", "1"]))
     processes.wait_until(lambda: _train_message_seen(tmp_path / "device-0" / "supernode.log"), 300,
                          "device 0 to hold its round-1 instruction", watch=[server, *agents])
@@ -153,7 +153,7 @@ def test_testbed_up_signalled_mid_round_leaves_no_service_or_namespace(sig, proc
     why = runner.netns_available()
     if why:
         pytest.skip(f"the test bed needs network namespaces: {why}")
-    from fedser.common.commands import testbed
+    from fedser.tools.commands import testbed
 
     def namespaces() -> set[str]:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -162,7 +162,7 @@ def test_testbed_up_signalled_mid_round_leaves_no_service_or_namespace(sig, proc
     before = namespaces()
     bed_dir = tmp_path / "bed"
     testbed.prepare(bed_dir, 3, corpus_parts)
-    up = processes.start("testbed", [launch.executable("fedser"), "testbed", "up", "--testbed", str(bed_dir),
+    up = processes.start("testbed", [process_tree.executable("fedser"), "testbed", "up", "--testbed", str(bed_dir),
                                      "--runner", "netns", "--rounds", "3", "--compose-dir", str(deploy)])
     processes.wait_until(lambda: _train_message_seen(bed_dir / "netns" / "logs" / "client-1.log"), 300,
                          "client-1 to hold its round-1 instruction", watch=[up])

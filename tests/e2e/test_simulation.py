@@ -12,7 +12,7 @@ import pytest
 
 from fedser.client.ledger import PrivacyLedger
 from fedser.client.device import DeviceSettings
-from fedser.common import launch
+from fedser.common import processes as process_tree
 from fedser.common.errors import ConfigError
 from fedser.server.checkpoint import load_checkpoint
 
@@ -30,10 +30,10 @@ def _speakers(manifest: Path) -> set[str]:
 def test_simulate_runs_virtual_clients_partitioned_by_speaker(tmp_path, corpus_parts, processes):
     # Prepare: six device folders of whole speakers and a held-out test split.
     parts = tmp_path / "parts"
-    fedser = launch.executable("fedser")
+    fedser = process_tree.executable("fedser")
     done = subprocess.run([fedser, "partition", *sum((["--data", p] for p in corpus_parts), []),
                            "--clients", str(N_CLIENTS), "--test", "0.2", "--out", str(parts)],
-                          capture_output=True, text=True, timeout=120, env={**launch.flower_env(), **processes.env})
+                          capture_output=True, text=True, timeout=120, env={**process_tree.flower_env(), **processes.env})
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "run"
 

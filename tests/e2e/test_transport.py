@@ -4,7 +4,7 @@ The slow tests start real ``flower-superlink`` / ``flower-supernode`` processes
 on free ports and run the toy app in ``tests/e2e/toyapp`` (the server sends an
 array, every client adds one and replies with metrics; the server writes what it
 saw to a JSON file named in the run config). The fast tests check the argv and
-config strings ``fedser.common.launch`` builds.
+config strings ``fedser.common.flower_args`` builds.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fedser.common import launch
+from fedser.common import flower_args, processes
+from fedser.client import supernode
+from fedser.server import flower_cli
 from fedser.common.certs import CertPaths, generate_ca_and_server_cert, generate_node_keypair
 from fedser.common.errors import ConfigError, FedserError
 
@@ -39,7 +41,7 @@ class Deployment:
     env: dict
     port: int = 0          # Control and Runtime APIs (HTTP(S)): the flwr CLI
     fleet_port: int = 0    # Fleet API (gRPC): the SuperNodes
-    link: launch.LoggedProcess | None = None
+    link: processes.LoggedProcess | None = None
     nodes: list = field(default_factory=list)
     startup_s: float = 0.0   # until the SuperLink's port accepted connections
 
@@ -52,29 +54,29 @@ class Deployment:
         return f"{HOST}:{self.fleet_port}"
 
     def start_link(self, **kwargs) -> None:
-        self.port, self.fleet_port = launch.free_port(HOST), launch.free_port(HOST)
-        argv = launch.superlink_command(host=HOST, port=self.port, fleet_port=self.fleet_port, certs=self.certs,
+        self.port, self.fleet_port = processes.free_port(HOST), processes.free_port(HOST)
+        argv = flower_cli.superlink_command(host=HOST, port=self.port, fleet_port=self.fleet_port, certs=self.certs,
                                         **kwargs)
-        self.link = launch.start_process(argv, self.root / "superlink.log", env=self.env)
-        self.startup_s = launch.wait_for_port(HOST, self.port, timeout=30, process=self.link)
-        launch.wait_for_port(HOST, self.fleet_port, timeout=30, process=self.link)
-        launch.write_connection(
-            self.root / "flwr", launch.SuperLinkConnection(self.address, root_cert=str(self.certs.ca_cert))
+        self.link = processes.start_process(argv, self.root / "superlink.log", env=self.env)
+        self.startup_s = processes.wait_for_port(HOST, self.port, timeout=30, process=self.link)
+        processes.wait_for_port(HOST, self.fleet_port, timeout=30, process=self.link)
+        flower_cli.write_connection(
+            self.root / "flwr", flower_cli.SuperLinkConnection(self.address, root_cert=str(self.certs.ca_cert))
         )
 
-    def start_node(self, name: str, node_config=None, root_cert=None, auth_key=None) -> launch.LoggedProcess:
-        argv = launch.supernode_command(
+    def start_node(self, name: str, node_config=None, root_cert=None, auth_key=None) -> processes.LoggedProcess:
+        argv = supernode.supernode_command(
             self.fleet_address, node_config, root_cert=root_cert or self.certs.ca_cert, auth_key=auth_key,
-            runtime_port=launch.free_port(HOST), max_wait_time=20,
+            runtime_port=processes.free_port(HOST), max_wait_time=20,
         )
-        proc = launch.start_process(argv, self.root / f"{name}.log", env=self.env)
+        proc = processes.start_process(argv, self.root / f"{name}.log", env=self.env)
         self.nodes.append(proc)
         return proc
 
     def wait_online(self, n: int, timeout: float = 30.0) -> list[dict]:
         deadline = time.monotonic() + timeout
         while True:
-            online = [x for x in launch.list_nodes(env=self.env) if x.get("status") == "online"]
+            online = [x for x in flower_cli.list_nodes(env=self.env) if x.get("status") == "online"]
             if len(online) >= n or time.monotonic() > deadline:
                 return online
             time.sleep(0.5)
@@ -82,16 +84,16 @@ class Deployment:
     def stop(self) -> None:
         for proc in [*self.nodes, self.link]:
             if proc is not None:
-                launch.stop_process(proc, timeout=10)
+                processes.stop_process(proc, timeout=10)
 
 
 def _deployment(root: Path) -> Deployment:
     root.mkdir(parents=True, exist_ok=True)
     certs = generate_ca_and_server_cert(root / "tls")
-    return Deployment(root=root, certs=certs, env=launch.flower_env(flwr_home=root / "flwr"))
+    return Deployment(root=root, certs=certs, env=processes.flower_env(flwr_home=root / "flwr"))
 
 
-def _exit_code(proc: launch.LoggedProcess, timeout: float) -> int | None:
+def _exit_code(proc: processes.LoggedProcess, timeout: float) -> int | None:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:  # still running
@@ -123,11 +125,11 @@ def test_two_supernodes_finish_two_rounds_over_tls(tls_link, tmp_path):
     assert len(dep.wait_online(2)) == 2
 
     # Execute
-    run_id = launch.submit_run(TOYAPP, run_config={"result-path": str(result)}, env=dep.env)
-    status = launch.wait_for_run(run_id, env=dep.env, timeout=60, poll=1.0)
+    run_id = flower_cli.submit_run(TOYAPP, run_config={"result-path": str(result)}, env=dep.env)
+    status = flower_cli.wait_for_run(run_id, env=dep.env, timeout=60, poll=1.0)
 
     # Assert
-    assert status.succeeded, (status, launch.run_logs(run_id, env=dep.env))
+    assert status.succeeded, (status, flower_cli.run_logs(run_id, env=dep.env))
     report = json.loads(result.read_text())
     assert len(report["nodes"]) == 2
     assert [sorted(e["node"] for e in r) for r in report["rounds"]] == [report["nodes"]] * 2
@@ -144,8 +146,8 @@ def test_two_supernodes_finish_two_rounds_over_tls(tls_link, tmp_path):
 
     # Stopping a SuperNode takes its SuperExec and ClientApp helpers with it.
     for proc in nodes:
-        launch.stop_process(proc)
-        assert not launch._group_alive(proc.pid)
+        processes.stop_process(proc)
+        assert not processes._group_alive(proc.pid)
     print(f"\nSuperLink up in {dep.startup_s:.1f} s; run {run_id} finished: {status}")
 
 
@@ -226,7 +228,7 @@ def test_supernode_traffic_is_grpc_over_tls_on_the_fleet_port(tls_link):
     assert probe_fleet_api(dep.fleet_address, root_cert=dep.certs.ca_cert).reachable
     print(f"\nFleet API {dep.fleet_address}: ALPN {fleet_alpn}, GetRun over TLS -> {over_tls.name}, "
           f"plain text -> {plain.name}; Control API ALPN {control_alpn}")
-    launch.stop_process(node)
+    processes.stop_process(node)
 
 
 @pytest.mark.slow
@@ -240,30 +242,30 @@ def test_supernode_with_a_wrong_root_certificate_is_refused(tls_link, tmp_path):
 
     # Assert
     assert code not in (None, 0), proc.log_tail()
-    assert proc.flower_exit_code() == launch.SUPERNODE_CONNECTION_ERROR
+    assert proc.flower_exit_code() == supernode.SUPERNODE_CONNECTION_ERROR
     assert "CERTIFICATE_VERIFY_FAILED" in proc.log_path.read_text()
 
 
 @pytest.mark.slow
 def test_run_with_an_undeclared_run_config_key_is_refused(tls_link):
     # Execute / Assert
-    with pytest.raises(launch.FlowerCommandError, match="Invalid run configuration"):
-        launch.submit_run(TOYAPP, run_config={"no-such-key": 1}, env=tls_link.env)
+    with pytest.raises(flower_cli.FlowerCommandError, match="Invalid run configuration"):
+        flower_cli.submit_run(TOYAPP, run_config={"no-such-key": 1}, env=tls_link.env)
 
 
 @pytest.mark.slow
 def test_failing_server_app_reports_failed_status_and_its_error(tls_link):
     # Prepare: min-nodes must be an int; the toy ServerApp raises on a string.
-    run_id = launch.submit_run(TOYAPP, run_config={"min-nodes": "two"}, env=tls_link.env)
+    run_id = flower_cli.submit_run(TOYAPP, run_config={"min-nodes": "two"}, env=tls_link.env)
 
     # Execute
-    status = launch.wait_for_run(run_id, env=tls_link.env, timeout=60, poll=1.0)
+    status = flower_cli.wait_for_run(run_id, env=tls_link.env, timeout=60, poll=1.0)
 
     # Assert
     assert status.finished and not status.succeeded
     assert status.sub_status == "failed"
     assert "two" in status.details
-    assert "ValueError" in launch.run_logs(run_id, env=tls_link.env)
+    assert "ValueError" in flower_cli.run_logs(run_id, env=tls_link.env)
 
 
 @pytest.mark.slow
@@ -277,28 +279,28 @@ def test_node_authentication_accepts_registered_key_and_refuses_others(tmp_path)
     # The toy app is importable from the environment here (as an installed fedser
     # is), so the bundle submitted carries only its pyproject.toml.
     dep.env["PYTHONPATH"] = str(TOYAPP)
-    staged = launch.stage_app(TOYAPP / "pyproject.toml", tmp_path / "staged app")
+    staged = flower_cli.stage_app(TOYAPP / "pyproject.toml", tmp_path / "staged app")
     try:
         dep.start_link(enable_supernode_auth=True)
-        node_id = launch.register_node(known_pub, env=dep.env)
+        node_id = flower_cli.register_node(known_pub, env=dep.env)
 
         # Execute
         known = dep.start_node("known", auth_key=known_key)
         unknown = dep.start_node("unknown", auth_key=unknown_key)
         anonymous = dep.start_node("anonymous")
         online = dep.wait_online(1)
-        run_id = launch.submit_run(
+        run_id = flower_cli.submit_run(
             staged, run_config={"result-path": str(result), "min-nodes": 1, "num-server-rounds": 1}, env=dep.env
         )
-        status = launch.wait_for_run(run_id, env=dep.env, timeout=60, poll=1.0)
+        status = flower_cli.wait_for_run(run_id, env=dep.env, timeout=60, poll=1.0)
 
         # Assert
         assert [int(x["node-id"]) for x in online] == [node_id]
-        assert status.succeeded, (status, launch.run_logs(run_id, env=dep.env))
+        assert status.succeeded, (status, flower_cli.run_logs(run_id, env=dep.env))
         assert json.loads(result.read_text())["nodes"] == [node_id]
         assert known.poll() is None, known.log_tail()
         assert _exit_code(unknown, timeout=30) not in (None, 0), unknown.log_tail()
-        assert unknown.flower_exit_code() == launch.SUPERNODE_CONNECTION_ERROR
+        assert unknown.flower_exit_code() == supernode.SUPERNODE_CONNECTION_ERROR
         assert "Failed to activate SuperNode" in unknown.log_path.read_text()
         assert _exit_code(anonymous, timeout=30) not in (None, 0), anonymous.log_tail()
         assert "must be registered" in anonymous.log_path.read_text()
@@ -310,18 +312,18 @@ def test_node_authentication_accepts_registered_key_and_refuses_others(tmp_path)
 def test_wait_for_port_reports_a_superlink_that_dies(tmp_path):
     # Prepare: certificate paths that do not exist make flower-superlink exit at once.
     missing = CertPaths(*(tmp_path / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")))
-    port = launch.free_port(HOST)
-    proc = launch.start_process(
-        launch.superlink_command(host=HOST, port=port, certs=missing), tmp_path / "link.log",
-        env=launch.flower_env(flwr_home=tmp_path / "flwr"),
+    port = processes.free_port(HOST)
+    proc = processes.start_process(
+        flower_cli.superlink_command(host=HOST, port=port, certs=missing), tmp_path / "link.log",
+        env=processes.flower_env(flwr_home=tmp_path / "flwr"),
     )
 
     # Execute / Assert
     try:
         with pytest.raises(FedserError, match="exited with code"):
-            launch.wait_for_port(HOST, port, timeout=30, process=proc)
+            processes.wait_for_port(HOST, port, timeout=30, process=proc)
     finally:
-        launch.stop_process(proc)
+        processes.stop_process(proc)
 
 
 # ---------------------------------------------------------------- fast: argv and config
@@ -338,7 +340,7 @@ def test_config_string_round_trips_through_flowers_parser():
     }
 
     # Execute
-    parsed = parse_config_args([launch.format_config(values)])
+    parsed = parse_config_args([flower_args.format_config(values)])
 
     # Assert
     assert parsed == values
@@ -348,7 +350,7 @@ def test_config_string_round_trips_through_flowers_parser():
 def test_config_string_refuses_what_flower_cannot_carry():
     # Execute / Assert
     with pytest.raises(ConfigError) as err:
-        launch.format_config({"bad key": 1, "mixed": "it's \"x\"", "list": [1, 2], "ok": 1})
+        flower_args.format_config({"bad key": 1, "mixed": "it's \"x\"", "list": [1, 2], "ok": 1})
     message = str(err.value)
     assert "bad key" in message and "mixed" in message and "list" in message and "ok" not in message
 
@@ -358,9 +360,9 @@ def test_superlink_command_requires_tls_or_explicit_insecure(tmp_path):
     certs = generate_ca_and_server_cert(tmp_path)
 
     # Execute
-    secure = launch.superlink_command(host="0.0.0.0", port=9100, certs=certs, enable_supernode_auth=True,
+    secure = flower_cli.superlink_command(host="0.0.0.0", port=9100, certs=certs, enable_supernode_auth=True,
                                       database=tmp_path / "state.db")
-    plain = launch.superlink_command(insecure=True)
+    plain = flower_cli.superlink_command(insecure=True)
 
     # Assert
     assert Path(secure[0]).name == "fedser-superlink" and Path(secure[0]).is_file()
@@ -372,26 +374,26 @@ def test_superlink_command_requires_tls_or_explicit_insecure(tmp_path):
     assert "--disable-runtime-dependency-installation" in secure
     assert secure[secure.index("--database") + 1] == str((tmp_path / "state.db").resolve())
     assert "--insecure" in plain and "--ssl-certfile" not in plain
-    assert plain[plain.index("--port") + 1] == str(launch.SUPERLINK_PORT)
+    assert plain[plain.index("--port") + 1] == str(flower_args.SUPERLINK_PORT)
     # The Fleet API is gRPC, on its own port, on the Control API's host unless told otherwise.
     assert secure[secure.index("--fleet-api-type") + 1] == "grpc-rere"
-    assert secure[secure.index("--fleet-api-address") + 1] == f"0.0.0.0:{launch.FLEET_PORT}"
-    split = launch.superlink_command(port=9100, fleet_host="::", fleet_port=9200, insecure=True,
+    assert secure[secure.index("--fleet-api-address") + 1] == f"0.0.0.0:{flower_args.FLEET_PORT}"
+    split = flower_cli.superlink_command(port=9100, fleet_host="::", fleet_port=9200, insecure=True,
                                      isolation="process")
     assert split[split.index("--fleet-api-address") + 1] == "[::]:9200"
     assert split[split.index("--host") + 1] == "127.0.0.1" and split[split.index("--isolation") + 1] == "process"
     with pytest.raises(ConfigError, match="two ports"):
-        launch.superlink_command(insecure=True, port=9100, fleet_port=9100)
+        flower_cli.superlink_command(insecure=True, port=9100, fleet_port=9100)
     with pytest.raises(ConfigError, match="isolation"):
-        launch.superlink_command(insecure=True, isolation="thread")
+        flower_cli.superlink_command(insecure=True, isolation="thread")
     with pytest.raises(ConfigError):
-        launch.superlink_command()
+        flower_cli.superlink_command()
     with pytest.raises(ConfigError):
-        launch.superlink_command(certs=certs, insecure=True)
+        flower_cli.superlink_command(certs=certs, insecure=True)
     with pytest.raises(ConfigError):
-        launch.superlink_command(insecure=True, enable_supernode_auth=True)
+        flower_cli.superlink_command(insecure=True, enable_supernode_auth=True)
     with pytest.raises(ConfigError):
-        launch.superlink_command(insecure=True, port=70000)
+        flower_cli.superlink_command(insecure=True, port=70000)
 
 
 def test_supernode_and_run_commands_carry_paths_with_spaces_as_single_arguments(tmp_path):
@@ -400,9 +402,9 @@ def test_supernode_and_run_commands_carry_paths_with_spaces_as_single_arguments(
     key = tmp_path / "my keys" / "node"
 
     # Execute
-    node = launch.supernode_command("server.lan:9100", {"data-dir": "/srv/my data"}, root_cert=ca,
+    node = supernode.supernode_command("server.lan:9100", {"data-dir": "/srv/my data"}, root_cert=ca,
                                     auth_key=key, runtime_port=9200)
-    run = launch.run_command(tmp_path / "my app", "lab", {"rounds": 2})
+    run = flower_cli.run_command(tmp_path / "my app", "lab", {"rounds": 2})
 
     # Assert
     assert node[1:5] == ["--superlink", "server.lan:9100", "--port", "9200"]
@@ -412,7 +414,7 @@ def test_supernode_and_run_commands_carry_paths_with_spaces_as_single_arguments(
     assert Path(run[0]).name == "flwr" and run[1:4] == ["run", str((tmp_path / "my app").resolve()), "lab"]
     assert run[run.index("--run-config") + 1] == "rounds=2" and run[-2:] == ["--format", "json"]
     with pytest.raises(ConfigError):
-        launch.supernode_command("h:1", insecure=True, root_cert=ca)
+        supernode.supernode_command("h:1", insecure=True, root_cert=ca)
 
 
 def test_connection_file_is_what_the_flwr_cli_reads(tmp_path, monkeypatch):
@@ -420,24 +422,24 @@ def test_connection_file_is_what_the_flwr_cli_reads(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
     home = tmp_path / "flwr home"
-    launch.write_connection(home, launch.SuperLinkConnection("10.0.0.1:9100", insecure=True, name="lab"))
+    flower_cli.write_connection(home, flower_cli.SuperLinkConnection("10.0.0.1:9100", insecure=True, name="lab"))
 
     # Execute
-    launch.write_connection(home, launch.SuperLinkConnection("server.lan:9100", root_cert=str(tmp_path / "ca.pem")))
+    flower_cli.write_connection(home, flower_cli.SuperLinkConnection("server.lan:9100", root_cert=str(tmp_path / "ca.pem")))
     monkeypatch.setenv("FLWR_HOME", str(home))
     default, lab = read_superlink_connection(None), read_superlink_connection("lab")
 
     # Assert
     assert (default.name, default.address, default.root_certificates) == (
-        launch.DEFAULT_CONNECTION, "server.lan:9100", str((tmp_path / "ca.pem").resolve()))
+        flower_cli.DEFAULT_CONNECTION, "server.lan:9100", str((tmp_path / "ca.pem").resolve()))
     assert (lab.address, lab.insecure) == ("10.0.0.1:9100", True)
     with pytest.raises(ConfigError):
-        launch.SuperLinkConnection("h:1", root_cert="ca.pem", insecure=True)
+        flower_cli.SuperLinkConnection("h:1", root_cert="ca.pem", insecure=True)
 
 
 def test_flower_env_finds_flower_scripts_without_an_activated_venv(tmp_path):
     # Execute
-    env = launch.flower_env(flwr_home=tmp_path, base={"PATH": "/usr/bin"})
+    env = processes.flower_env(flwr_home=tmp_path, base={"PATH": "/usr/bin"})
 
     # Assert
     first = Path(env["PATH"].split(":")[0])
@@ -453,7 +455,7 @@ def test_stopping_several_groups_shares_one_deadline(tmp_path):
 
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                                       "print('ready', flush=True); time.sleep(60)"]
-    procs = [launch.start_process(stubborn, tmp_path / f"p{i}.log", env=dict(os.environ))
+    procs = [processes.start_process(stubborn, tmp_path / f"p{i}.log", env=dict(os.environ))
              for i in range(3)]
     deadline = time.monotonic() + 20
     while not all("ready" in p.log_path.read_text() for p in procs) and time.monotonic() < deadline:
@@ -461,13 +463,13 @@ def test_stopping_several_groups_shares_one_deadline(tmp_path):
 
     # Execute
     started = time.monotonic()
-    codes = launch.stop_processes(procs, timeout=1.0)
+    codes = processes.stop_processes(procs, timeout=1.0)
     took = time.monotonic() - started
 
     # Assert: one timeout for all, not one each; every group is gone.
     assert codes == [-9, -9, -9]
     assert took < 1.0 + 2.0 + 1.5, took
-    assert not any(launch._group_alive(p.pid) for p in procs)
+    assert not any(processes._group_alive(p.pid) for p in procs)
 
 
 def test_a_started_process_ends_when_its_launcher_is_killed(tmp_path):
@@ -478,8 +480,8 @@ def test_a_started_process_ends_when_its_launcher_is_killed(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     launcher = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from fedser.common import launch; "
-        f"p = launch.start_process([sys.executable, '-c', 'import time; time.sleep(60)'], {str(tmp_path / 'c.log')!r}); "
+        "import sys, time; from fedser.common import processes; "
+        f"p = processes.start_process([sys.executable, '-c', 'import time; time.sleep(60)'], {str(tmp_path / 'c.log')!r}); "
         f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")])
     deadline = time.monotonic() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
@@ -492,9 +494,9 @@ def test_a_started_process_ends_when_its_launcher_is_killed(tmp_path):
 
     # Assert: its child (in a session of its own) is told and ends.
     deadline = time.monotonic() + 10
-    while launch._group_alive(child) and time.monotonic() < deadline:
+    while processes._group_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not launch._group_alive(child)
+    assert not processes._group_alive(child)
     try:
         os.waitpid(child, os.WNOHANG)
     except ChildProcessError:
@@ -508,9 +510,9 @@ def test_default_ports_match_flowers_own():
     # Assert
     from flwr.common.constant import FLEETAPI_GRPC_RERE_PORT
 
-    assert launch.SUPERLINK_PORT == constant.SUPERLINK_UVICORN_DEFAULT_PORT
-    assert launch.FLEET_PORT == int(FLEETAPI_GRPC_RERE_PORT)
-    assert launch.SUPERNODE_RUNTIME_PORT == constant.SUPERNODE_UVICORN_DEFAULT_PORT
+    assert flower_args.SUPERLINK_PORT == constant.SUPERLINK_UVICORN_DEFAULT_PORT
+    assert flower_args.FLEET_PORT == int(FLEETAPI_GRPC_RERE_PORT)
+    assert flower_args.SUPERNODE_RUNTIME_PORT == constant.SUPERNODE_UVICORN_DEFAULT_PORT
 
 
 def test_staged_app_bundle_holds_only_the_pyproject(tmp_path):
@@ -520,7 +522,7 @@ def test_staged_app_bundle_holds_only_the_pyproject(tmp_path):
     import zipfile
 
     # Execute
-    app = launch.stage_app(TOYAPP / "pyproject.toml", tmp_path / "app")
+    app = flower_cli.stage_app(TOYAPP / "pyproject.toml", tmp_path / "app")
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
 
     # Assert

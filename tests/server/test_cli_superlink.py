@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedser.common import launch
+from fedser.server import flower_cli
 from fedser.common.certs import generate_ca_and_server_cert, generate_node_keypair
 from fedser.common.errors import ConfigError
 from fedser.server import cli
@@ -69,10 +69,10 @@ def test_register_keys_skips_keys_the_superlink_already_has(tmp_path, monkeypatc
         key = Path(path).read_text().strip()
         sent.append(key)
         if key == pubs[1]:
-            raise launch.FlowerCommandError("registering x failed: Public key already in use while registering")
+            raise flower_cli.FlowerCommandError("registering x failed: Public key already in use while registering")
         return 7
 
-    monkeypatch.setattr(launch, "register_node", register)
+    monkeypatch.setattr(flower_cli, "register_node", register)
 
     # Execute
     cli.register_keys([str(many)], tmp_path / "keys", env={})
@@ -88,12 +88,12 @@ def test_register_keys_raises_other_refusals(tmp_path, monkeypatch):
     pub = generate_node_keypair(tmp_path, "d")[1]
 
     def register(path, env=None):
-        raise launch.FlowerCommandError("registering x failed: SuperNode authentication is disabled")
+        raise flower_cli.FlowerCommandError("registering x failed: SuperNode authentication is disabled")
 
-    monkeypatch.setattr(launch, "register_node", register)
+    monkeypatch.setattr(flower_cli, "register_node", register)
 
     # Execute / Assert
-    with pytest.raises(launch.FlowerCommandError, match="disabled"):
+    with pytest.raises(flower_cli.FlowerCommandError, match="disabled"):
         cli.register_keys([str(pub)], tmp_path / "keys", env={})
 
 
@@ -102,8 +102,8 @@ def test_superexec_command_serves_a_remote_superlinks_runs(tmp_path):
     ca = generate_ca_and_server_cert(tmp_path).ca_cert
 
     # Execute
-    tls = launch.superexec_command("superlink:8000", root_cert=ca)
-    plain = launch.superexec_command("superlink:8000", insecure=True)
+    tls = flower_cli.superexec_command("superlink:8000", root_cert=ca)
+    plain = flower_cli.superexec_command("superlink:8000", insecure=True)
 
     # Assert
     assert Path(tls[0]).name == "flower-superexec" and Path(tls[0]).is_file()
@@ -111,6 +111,6 @@ def test_superexec_command_serves_a_remote_superlinks_runs(tmp_path):
     assert tls[tls.index("--root-certificates") + 1] == str(ca.resolve())
     assert "--insecure" in plain and "--root-certificates" not in plain
     with pytest.raises(ConfigError):
-        launch.superexec_command("superlink:8000")
+        flower_cli.superexec_command("superlink:8000")
     with pytest.raises(ConfigError):
-        launch.superexec_command("superlink:8000", root_cert=ca, insecure=True)
+        flower_cli.superexec_command("superlink:8000", root_cert=ca, insecure=True)

@@ -6,7 +6,8 @@ import pytest
 
 from fedser.common.errors import UpdateRejected
 from fedser.server.aggregation import ClientUpdate, aggregate
-from fedser.server.validation import expected_shapes, update_norm, validate_update
+from fedser.common.privacy import global_norm
+from fedser.server.validation import expected_shapes, validate_update
 
 
 def head_of(name: str) -> str | None:
@@ -139,7 +140,7 @@ def test_staleness_allowance_and_norm_options():
 def test_norm_bound_tolerates_float32_rounding_only():
     # Prepare: an update clipped to exactly norm 1 in float32.
     arrays = _delta(1.0)
-    scale = np.float32(1.0 / update_norm(arrays))
+    scale = np.float32(1.0 / global_norm(arrays))
     clipped = {k: v * scale for k, v in arrays.items()}
 
     # Execute / Assert

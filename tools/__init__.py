@@ -1,0 +1,1 @@
+"""fedser.tools."""
