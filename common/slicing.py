@@ -88,11 +88,6 @@ def slice_index(cfg: ModelConfig, width: float) -> dict[str, Index]:
     return dict(_layout(*_key(cfg, width))[0])
 
 
-def sub_shapes(cfg: ModelConfig, width: float) -> dict[str, tuple[int, ...]]:
-    """``name -> shape`` of the width-``width`` sub-model's state (``state_dict`` order)."""
-    return dict(_layout(*_key(cfg, width))[2])
-
-
 def _check(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
     problems = [f"missing {k}" for k in shapes if k not in arrays]
     problems += [f"unexpected {k}" for k in arrays if k not in shapes]
@@ -115,62 +110,3 @@ def slice_state(global_state: Mapping[str, np.ndarray], cfg: ModelConfig, width:
     index, g_shapes, _ = _layout(*_key(cfg, width))
     _check(global_state, g_shapes, f"global state for width {cfg.width}")
     return {k: np.ascontiguousarray(np.asarray(global_state[k])[ix]) for k, ix in index.items()}
-
-
-def embed_state(
-    sub_state: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray], cfg: ModelConfig, width: float
-) -> dict[str, np.ndarray]:
-    """A copy of ``global_state`` with the width-``width`` slice overwritten by ``sub_state``.
-
-    The inverse of ``slice_state`` on the slice: ``slice_state(embed_state(s, g, cfg, w), cfg, w) == s``
-    and every element outside the slice keeps its global value. Use it to turn a
-    client's narrow model (or update) into the global shape.
-    """
-    index, g_shapes, s_shapes = _layout(*_key(cfg, width))
-    _check(global_state, g_shapes, f"global state for width {cfg.width}")
-    _check(sub_state, s_shapes, f"state of width {width}")
-    out = {k: np.array(global_state[k], copy=True) for k in g_shapes}
-    for k, ix in index.items():
-        out[k][ix] = sub_state[k]
-    return out
-
-
-def scatter_add(
-    total: dict[str, np.ndarray],
-    sub_state: Mapping[str, np.ndarray],
-    cfg: ModelConfig,
-    width: float,
-    weight: float = 1.0,
-) -> dict[str, np.ndarray]:
-    """Add ``weight * sub_state`` into the global-shaped arrays of ``total``, in place.
-
-    Only the names present in ``sub_state`` are touched (so a client that sends only
-    some entries, e.g. without an untrained head, adds nothing to the others). For a
-    per-element weighted mean, call it once with the clients' values into a zero
-    ``total`` and once with ``np.ones_like`` values into a zero ``weights`` (or use
-    ``coverage_mask``), then divide where the weight is positive. Returns ``total``.
-    """
-    index, g_shapes, s_shapes = _layout(*_key(cfg, width))
-    _check(total, g_shapes, f"accumulator for width {cfg.width}")
-    problems = [f"unexpected {k}" for k in sub_state if k not in s_shapes]
-    problems += [
-        f"{k}: expected shape {s_shapes[k]}, got {tuple(np.shape(v))}"
-        for k, v in sub_state.items()
-        if k in s_shapes and tuple(np.shape(v)) != s_shapes[k]
-    ]
-    collect(problems, ConfigError, f"state of width {width}")
-    for k, v in sub_state.items():
-        # np.ix_ indices never repeat a position, so += adds every element exactly once.
-        total[k][index[k]] += weight * np.asarray(v, dtype=total[k].dtype)
-    return total
-
-
-def coverage_mask(cfg: ModelConfig, width: float) -> dict[str, np.ndarray]:
-    """``name -> bool array`` of the global shape, True where the width-``width`` sub-model holds the element."""
-    index, g_shapes, _ = _layout(*_key(cfg, width))
-    out = {}
-    for k, shape in g_shapes.items():
-        mask = np.zeros(shape, dtype=bool)
-        mask[index[k]] = True
-        out[k] = mask
-    return out

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from fedser.common.errors import FedserError
 
 BUILTIN_COMMANDS = {
-    "synth": "fedser.tools.synth",
+    "synth": "fedser.tools.commands.synth",
     "train": "fedser.tools.commands.train",
     "evaluate": "fedser.tools.commands.evaluate",
     "demo": "fedser.tools.commands.demo",

@@ -12,12 +12,8 @@ from fedser.common.models import ENCODERS, ModelConfig, build_model
 from fedser.common.params import arrays_to_state, state_to_arrays
 from fedser.common.slicing import (
     _dim_index,
-    coverage_mask,
-    embed_state,
-    scatter_add,
     slice_index,
     slice_state,
-    sub_shapes,
 )
 
 ENCODER_NAMES = sorted(ENCODERS)
@@ -83,7 +79,7 @@ def test_cnn_quarter_width_of_a_tiny_config_by_hand():
     ]
     assert index["encoder.blocks.0.norm1.weight"][0].tolist() == list(range(8))
     assert state["heads.kws.weight"].shape == (2, 24)
-    assert sub_shapes(cfg, 0.25)["encoder.blocks.0.conv2.weight"] == (8, 8, 9)
+    assert state["encoder.blocks.0.conv2.weight"].shape == (8, 8, 9)
 
 
 def test_index_arrays_are_read_only():
@@ -148,7 +144,9 @@ def test_global_model_zero_outside_the_slice_computes_the_sub_model(encoder, wid
     sub_arrays = state_to_arrays(sub)
     zeros = {k: np.zeros_like(v) for k, v in _global_state(cfg).items()}
     wide = build_model(cfg).eval()
-    arrays_to_state(embed_state(sub_arrays, zeros, cfg, width), wide)
+    for name, ix in slice_index(cfg, width).items():
+        zeros[name][ix] = sub_arrays[name]
+    arrays_to_state(zeros, wide)
     x = torch.randn(3, 40, 101)
     # Execute
     with torch.no_grad():
@@ -159,65 +157,13 @@ def test_global_model_zero_outside_the_slice_computes_the_sub_model(encoder, wid
         torch.testing.assert_close(got[t], want[t], rtol=1e-4, atol=1e-5)
 
 
-@hyp
-@given(encoder=st.sampled_from(ENCODER_NAMES), width=widths, seed=st.integers(0, 2**16))
-def test_embed_state_writes_the_slice_and_keeps_the_rest(encoder, width, seed):
-    # Prepare
-    cfg = ModelConfig(encoder=encoder)
-    g = _global_state(cfg, seed)
-    sub = {k: v + 1.0 for k, v in slice_state(g, cfg, width).items()}
-    mask = coverage_mask(cfg, width)
-    # Execute
-    out = embed_state(sub, g, cfg, width)
-    # Assert
-    back = slice_state(out, cfg, width)
-    assert all(np.array_equal(back[k], sub[k]) for k in sub)
-    assert all(np.array_equal(out[k][~mask[k]], g[k][~mask[k]]) for k in g)
-    assert all(np.array_equal(out[k][mask[k]], g[k][mask[k]] + 1.0) for k in g)
-
-
 def test_coverage_counts_match_the_number_of_sliced_elements():
     cfg = ModelConfig(encoder="crnn")
     for width in TIERS:
-        mask = coverage_mask(cfg, width)
+        index = slice_index(cfg, width)
         sub = build_model(cfg.scaled(width)).state_dict()
-        assert {k: int(m.sum()) for k, m in mask.items()} == {k: v.numel() for k, v in sub.items()}
-
-
-def test_scatter_add_gives_the_per_element_weighted_mean_of_mixed_tiers():
-    # Prepare: three clients of widths 1.0, 0.5, 0.25 with sample weights 1, 2, 3.
-    cfg = ModelConfig(encoder="crnn")
-    g = _global_state(cfg)
-    clients = [(1.0, 1.0, 0.0), (0.5, 2.0, 10.0), (0.25, 3.0, 20.0)]  # width, weight, value
-    total = {k: np.zeros_like(v) for k, v in g.items()}
-    weights = {k: np.zeros_like(v) for k, v in g.items()}
-    # Execute
-    for width, weight, value in clients:
-        shapes = sub_shapes(cfg, width)
-        scatter_add(total, {k: np.full(s, value, np.float32) for k, s in shapes.items()}, cfg, width, weight)
-        scatter_add(weights, {k: np.ones(s, np.float32) for k, s in shapes.items()}, cfg, width, weight)
-    # Assert: every global element is covered by the 1.0 client; the mean runs over
-    # exactly the clients whose coverage mask holds the element.
-    masks = {w: coverage_mask(cfg, w) for w, _, _ in clients}
-    for k in g:
-        num = sum(wt * v * masks[w][k] for w, wt, v in clients)
-        den = sum(wt * masks[w][k] for w, wt, _ in clients)
-        np.testing.assert_allclose(total[k] / weights[k], num / den, rtol=1e-6)
-        mean = total[k] / weights[k]
-        assert np.all(np.isclose(mean, 0.0) | np.isclose(mean, 20 / 3) | np.isclose(mean, 80 / 6))
-    # Hand values: the class biases are held by every tier, (0 + 2*10 + 3*20) / 6.
-    np.testing.assert_allclose(total["heads.kws.bias"] / weights["heads.kws.bias"], 80 / 6, rtol=1e-6)
-    # The last GRU hidden unit exists only at width 1.0.
-    assert total["encoder.gru.bias_hh_l0"][-1] / weights["encoder.gru.bias_hh_l0"][-1] == 0.0
-
-
-def test_scatter_add_touches_only_the_names_sent():
-    cfg = ModelConfig()
-    total = {k: np.zeros_like(v) for k, v in _global_state(cfg).items()}
-    sub = slice_state(_global_state(cfg), cfg, 0.5)
-    scatter_add(total, {"heads.kws.bias": sub["heads.kws.bias"]}, cfg, 0.5)
-    assert np.array_equal(total["heads.kws.bias"], sub["heads.kws.bias"])
-    assert all(not total[k].any() for k in total if k != "heads.kws.bias")
+        assert {k: int(np.prod([np.size(a) for a in ix])) for k, ix in index.items()} == {
+            k: v.numel() for k, v in sub.items()}
 
 
 # --------------------------------------------------------------------------- errors
@@ -245,11 +191,3 @@ def test_slice_state_names_every_bad_entry():
     assert "missing heads.kws.bias" in message
     assert "unexpected extra" in message
     assert "encoder.stem.norm.weight" in message and "(16,)" in message
-
-
-def test_embed_state_rejects_a_sub_state_of_the_wrong_width():
-    cfg = ModelConfig()
-    g = _global_state(cfg)
-    quarter = slice_state(g, cfg, 0.25)
-    with pytest.raises(ConfigError, match="expected shape"):
-        embed_state(quarter, g, cfg, 0.5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedser.tools.audit import AuditInputError
+from fedser.tools.audit.inputs import AuditInputError
 from fedser.tools.audit.attacks import (
     attribute_inference,
     calibrated_attack,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedser.tools.audit import AuditInputError
+from fedser.tools.audit.inputs import AuditInputError
 from fedser.tools.audit.inputs import EMODB_GENDER, load_gender_csv, load_run, speaker_genders
 from fedser.tools.cli import main
 from fedser.common.corpora import Utterance

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedser.client.ledger import PrivacyLedger
-from fedser.tools.audit import AuditInputError
+from fedser.tools.audit.inputs import AuditInputError
 from fedser.tools.audit.dpchecks import (
     check_clipping,
     check_ledger,

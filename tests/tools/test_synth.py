@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from fedser.tools import synth
+from fedser.tools.commands import synth as synth_command
 from fedser.common.errors import ConfigError
 
 TINY = dict(n_speakers=2, emotions=("neutral", "sad", "angry"), statements=1, repetitions=2,
@@ -259,12 +260,12 @@ def test_make_speakers_is_seeded_and_alternates_gender():
 def test_cli_subcommand_writes_corpus_and_prints_summary(tmp_path, capsys):
     # Prepare
     parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
+    synth_command.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "cli"), "--speakers", "1", "--emotions", "neutral,happy",
                               "--statements", "1", "--repetitions", "1", "--command-repetitions", "1",
                               "--unknown-words", "cat", "--noise-seconds", "1", "--quiet"])
     # Execute
-    code = synth.run(args)
+    code = synth_command.run(args)
     # Assert
     assert code == 0
     out = capsys.readouterr().out

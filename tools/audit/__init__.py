@@ -13,8 +13,3 @@ user could run, so a reader sees them fail (or succeed, without DP):
 * ``inputs``: the speaker-gender table (RAVDESS, EmoDB, user CSV) and run-directory loading.
 * ``report`` / ``runner``: ``fedser audit RUN_DIR --data PATH --out DIR``.
 """
-from __future__ import annotations
-
-from .inputs import AuditInputError
-
-__all__ = ["AuditInputError"]

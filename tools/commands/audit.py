@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
 
 
 def parse_settings(text: str) -> list[str]:
-    from fedser.tools.audit import AuditInputError
+    from fedser.tools.audit.inputs import AuditInputError
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in _SHORT]
