@@ -245,3 +245,58 @@ def test_bound_validates_its_arguments():
     with pytest.raises(ConfigError) as err:
         max_expected_norm(1.0, 1.0, "local", 1, n_params=0, tail=1.5)
     assert "n_params=0" in str(err.value) and "tail=1.5" in str(err.value)
+
+
+# -- the device round -------------------------------------------------------------------------
+
+
+def _round_inputs(n=24, seed=0):
+    import torch
+
+    from fedser.common.data import TaskData
+    from fedser.common.features import FeatureSpec
+    from fedser.common.models import ModelConfig, build_model
+    from fedser.common.params import state_to_arrays
+
+    spec = FeatureSpec()
+    cfg = ModelConfig(n_features=spec.n_features())
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    data = TaskData("kws", torch.randn(n, spec.n_features(), 51, generator=g),
+                    torch.randint(0, 12, (n,), generator=g), [f"s{i % 3}" for i in range(n)])
+    return spec, cfg, state_to_arrays(model), data
+
+
+def _one_round(seed, dp=True):
+    from fedser.client.update import RoundSettings, train_round
+    from fedser.common.models import build_model
+    from fedser.common.params import arrays_to_state
+
+    spec, cfg, global_arrays, data = _round_inputs()
+    model = build_model(cfg)
+    arrays_to_state(global_arrays, model)
+    settings = RoundSettings(epochs=1, batch_size=8, dp=dp, noise_mode="none", noise_multiplier=0.0,
+                             clip_norm=1.0)
+    return train_round(model, global_arrays, {"kws": data}, spec, settings, sample_noise=1.0 if dp else None,
+                       delta=1e-5, rng=_rng(), seed=seed)
+
+
+def test_a_device_round_clips_what_it_sends_and_records_its_spend():
+    # Execute
+    result = _one_round(seed=3)
+    # Assert: the update that leaves is the clipped local delta; the DP-SGD spend is reported.
+    assert global_norm(result.sent) <= 1.0 + 1e-5
+    assert result.stats.norm_before == pytest.approx(global_norm(result.local_delta))
+    assert result.steps > 0 and len(result.losses) == 1
+    assert [r.noise_multiplier for r in result.spend] == [1.0]
+
+
+def test_a_device_never_reuses_its_dp_sgd_noise_but_a_simulation_can_repeat_a_round():
+    # Execute: two rounds from the same model on the same data.
+    fresh = [_one_round(seed=None).local_delta for _ in range(2)]
+    seeded = [_one_round(seed=11).local_delta for _ in range(2)]
+    # Assert: a device draws new, unpredictable randomness each round (the same noise twice would
+    # let the two rounds' noise cancel); an explicit seed reproduces the round exactly.
+    assert any(not np.array_equal(fresh[0][k], fresh[1][k]) for k in fresh[0])
+    assert all(np.array_equal(seeded[0][k], seeded[1][k]) for k in seeded[0])
