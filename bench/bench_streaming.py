@@ -44,7 +44,7 @@ from fedser.common.corpora import load_corpus  # noqa: E402
 from fedser.client.runtime import open_model  # noqa: E402
 from fedser.common.features import fit_length  # noqa: E402
 from fedser.common.taxonomy import COMMAND_WORDS, UNKNOWN  # noqa: E402
-from fedser.client.listen import KeywordEvent, ListenConfig, Listener  # noqa: E402
+from fedser.client.listen.listener import KeywordEvent, ListenConfig, Listener  # noqa: E402
 
 WORD_DBFS = -26.0
 SNRS = (20.0, 10.0, 5.0)

@@ -30,7 +30,7 @@ from fedser.common import flower_args, processes
 from . import supernode
 from fedser.common.errors import ConfigError, FedserError
 
-from . import listen
+from .listen import cli as listen_cli
 from .device import DeviceSettings, default_state_dir
 from .preflight import probe_fleet_api
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--delta", type=float, default=1e-5)
     st.add_argument("--json", action="store_true")
     li = sub.add_parser("listen", help="spot keywords and read the emotion of utterances in an audio stream")
-    listen.add_arguments(li)
+    listen_cli.add_arguments(li)
     return p
 
 
@@ -218,7 +218,7 @@ def status(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"enroll": enroll, "start": start, "status": status, "listen": listen.run}[args.command](args)
+        return {"enroll": enroll, "start": start, "status": status, "listen": listen_cli.run}[args.command](args)
     except FedserError as exc:
         print(f"fedser-client: error: {exc}", file=sys.stderr)
         return 2

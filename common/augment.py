@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
 import torchaudio.transforms as AT
 
-from .errors import ConfigError, collect
+from . import audio
+from .errors import AudioContentError, AudioDecodeError, ConfigError, collect
 from .features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-NOISE_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+NOISE_EXTENSIONS = audio.AUDIO_EXTENSIONS
 # Long noise recordings are read only this far: one minute of noise already gives
 # thousands of distinct one-second segments, and memory stays bounded.
 MAX_NOISE_SECONDS = 120.0
@@ -110,24 +110,22 @@ class Augmenter:
                 )
 
     def _load_noises(self, folder: Path) -> list[np.ndarray]:
-        sr = self.spec.sample_rate
+        # Decoded like every training clip (common.audio), so noise and speech share one
+        # down-mix and one resampler.
         noises = []
         paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in NOISE_EXTENSIONS)
         for path in paths:
             try:
-                with sf.SoundFile(path) as f:
-                    file_sr = f.samplerate
-                    data = f.read(frames=int(MAX_NOISE_SECONDS * file_sr), dtype="float32", always_2d=True)
-            except (RuntimeError, OSError, ValueError) as e:  # soundfile's LibsndfileError is a RuntimeError
-                self._skip(path, f"unreadable: {e}")
+                wave = audio.load(path, self.spec.sample_rate, max_seconds=MAX_NOISE_SECONDS)
+            except AudioDecodeError as e:
+                self._skip(path, f"unreadable: {e.problem}")
                 continue
-            wave = data.mean(axis=1)  # mono
-            if file_sr != sr:
-                wave = AF.resample(torch.from_numpy(wave), file_sr, sr).numpy()
-            if wave.size == 0 or not np.all(np.isfinite(wave)) or not np.any(wave):
+            except AudioContentError:  # a header without samples, or NaN/Inf samples
+                wave = None
+            if wave is None or not np.any(wave):
                 self._skip(path, "no usable samples (empty, silent or NaN/Inf)")
                 continue
-            noises.append(np.ascontiguousarray(wave, dtype=np.float32))
+            noises.append(wave)
         return noises
 
     def _skip(self, path: Path, reason: str) -> None:

@@ -15,10 +15,11 @@ import soundfile as sf
 import soxr
 import torch
 
-from fedser.client import listen
 from fedser.client.cli import build_parser, main
+from fedser.client.listen import cli as listen_cli
+from fedser.client.listen.kws import RecurrentKWS
+from fedser.client.listen.listener import EmotionEvent, KeywordEvent, ListenConfig, Listener
 from fedser.client.runtime import open_model
-from fedser.client.listen import EmotionEvent, KeywordEvent, ListenConfig, Listener, RecurrentKWS
 from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.corpora import load_corpus
 from fedser.common.data import build_task_data
@@ -101,7 +102,7 @@ def cli(argv, stdin: bytes | None = None, capsys=None):
     """Run `fedser-client listen ...` in-process: (exit code, stdout lines)."""
     args = build_parser().parse_args(["listen", *argv])
     out = io.StringIO()
-    rc = listen.run(args, stdin=io.BytesIO(stdin) if stdin is not None else None, stdout=out)
+    rc = listen_cli.run(args, stdin=io.BytesIO(stdin) if stdin is not None else None, stdout=out)
     return rc, out.getvalue().splitlines()
 
 

@@ -1,4 +1,4 @@
-"""common.audio: decoding, down-mixing, resampling, bounded reads and every kind of bad file."""
+"""common.audio: decoding, down-mixing, resampling, bounded reads, streaming and every kind of bad file."""
 from __future__ import annotations
 
 import hashlib
@@ -290,6 +290,95 @@ def test_bad_arguments_are_config_errors_listing_every_problem(tmp_path):
 def test_audio_errors_share_one_base_class():
     # Assert: callers can catch every unusable file with one except clause.
     assert issubclass(AudioDecodeError, AudioError) and issubclass(AudioContentError, AudioError)
+
+
+# ----------------------------------------------------------------------------- stream
+
+@pytest.mark.parametrize("sr,channels", [(16000, 1), (44100, 2), (8000, 1)])
+@pytest.mark.parametrize("block_seconds", [0.1, 0.37, 10.0])
+def test_streamed_blocks_join_to_exactly_what_load_returns(tmp_path, sr, channels, block_seconds):
+    # Prepare: 1.3 s of noise, so every sample of every block matters.
+    x = np.random.default_rng(sr).uniform(-0.5, 0.5, (int(1.3 * sr), channels)).astype(np.float32)
+    path = tmp_path / "x.wav"
+    sf.write(path, x, sr, subtype="FLOAT")
+    # Execute
+    blocks = list(audio.stream(path, block_seconds=block_seconds))
+    # Assert
+    assert all(b.dtype == np.float32 and b.ndim == 1 for b in blocks)
+    assert len(blocks) >= int(1.3 / block_seconds)
+    np.testing.assert_array_equal(np.concatenate(blocks), audio.load(path, max_seconds=None))
+
+
+def test_stream_reads_block_by_block_within_the_selection(tmp_path, monkeypatch):
+    # Prepare
+    path = tmp_path / "x.wav"
+    sf.write(path, sine(16000, 3.0), 16000, subtype="FLOAT")
+    requested = []
+    real_read = sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        requested.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    # Execute
+    y = np.concatenate(list(audio.stream(path, block_seconds=0.5, offset=0.25, duration=1.5)))
+    # Assert
+    assert requested == [8000, 8000, 8000]
+    np.testing.assert_array_equal(y, audio.load(path, offset=0.25, duration=1.5))
+
+
+@pytest.mark.parametrize("make", ["truncated_header", "not_audio", "truncated_flac_data", "missing"])
+def test_stream_raises_what_load_raises_for_a_bad_file(tmp_path, make):
+    # Prepare
+    good = tmp_path / "good.flac"
+    sf.write(good, np.random.default_rng(0).uniform(-0.5, 0.5, 48000).astype(np.float32), 16000)
+    data = good.read_bytes()
+    path = tmp_path / "bad.flac"
+    if make == "truncated_header":
+        path.write_bytes(data[:30])
+    elif make == "not_audio":
+        path.write_bytes(b"this is a text file, not audio\n" * 50)
+    elif make == "truncated_flac_data":
+        path.write_bytes(data[: len(data) // 2])
+    # Execute
+    with pytest.raises(AudioDecodeError) as loaded:
+        audio.load(path)
+    with pytest.raises(AudioDecodeError) as streamed:
+        list(audio.stream(path, block_seconds=0.25))
+    # Assert
+    assert streamed.value.problem == loaded.value.problem
+
+
+def test_stream_of_a_header_without_samples_is_empty(tmp_path):
+    # Prepare
+    path = tmp_path / "no_samples.wav"
+    sf.write(path, np.zeros(0, np.float32), 16000)
+    # Execute / Assert: a stream simply ends; load, which must return samples, raises.
+    assert list(audio.stream(path)) == []
+    with pytest.raises(AudioContentError, match="no samples"):
+        audio.load(path)
+
+
+def test_stream_names_where_non_finite_samples_are_unless_they_are_allowed(tmp_path):
+    # Prepare
+    x = sine(16000, 2.0)
+    x[20000] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    # Execute
+    with pytest.raises(AudioContentError) as info:
+        list(audio.stream(path, block_seconds=0.5))
+    passed = np.concatenate(list(audio.stream(path, block_seconds=0.5, allow_nonfinite=True)))
+    # Assert
+    assert "1 of 8000 samples between 1.00 and 1.50 s are NaN or Inf" in info.value.problem
+    assert np.isnan(passed[20000]) and np.isfinite(np.delete(passed, 20000)).all()
+
+
+def test_stream_checks_its_arguments_before_any_block(tmp_path):
+    # Execute / Assert: the error comes from the call, not from the first next().
+    with pytest.raises(ConfigError, match="audio.stream: .*block_seconds"):
+        audio.stream(tmp_path / "x.wav", block_seconds=0)
 
 
 # ----------------------------------------------------------------------------- content_hash

@@ -6,7 +6,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from fedser.common.augment import Augmenter
+from fedser.common import audio
+from fedser.common.augment import MAX_NOISE_SECONDS, Augmenter
 from fedser.common.errors import ConfigError
 from fedser.common.features import FeatureSpec
 
@@ -54,6 +55,17 @@ def test_noise_is_mixed_at_the_requested_snr(noise_dir, snr):
     assert [p.rsplit("/", 1)[-1] for p, _ in aug.noise_skipped] == ["broken.wav"]
     achieved = _snr_db(clean, noisy)
     assert torch.all((achieved - snr).abs() < 0.5), achieved
+
+
+def test_noise_is_decoded_like_every_training_clip(noise_dir):
+    # Execute
+    aug = Augmenter(SPEC, noise_dir=noise_dir)
+
+    # Assert: the 8 kHz stereo file too is down-mixed and resampled by common.audio.
+    expected = [audio.load(noise_dir / name, SR, max_seconds=MAX_NOISE_SECONDS) for name in ("brown.wav", "white.flac")]
+    assert len(aug.noises) == len(expected)
+    for got, want in zip(aug.noises, expected):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_p_noise_zero_and_no_noise_dir_leave_waves_unchanged(noise_dir):
