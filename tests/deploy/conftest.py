@@ -1,26 +1,34 @@
-"""Shared helpers of the deploy tests: the compose files and the network-namespace runner."""
+"""Shared helpers of the deploy tests: the compose files and the modules beside them.
+
+deploy/ is not a package (it ships beside the compose files, not in the wheel): its modules are
+imported the way ``fedser testbed`` imports them, from the folder, by bare name.
+"""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from fedser.tools.commands.testbed import deploy_module
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BASE = DEPLOY / "docker-compose.yml"
 DEV = DEPLOY / "docker-compose.dev.yml"
 
 
-def _load_runner():
-    # deploy/ is not a package (it ships beside the compose files, not in the wheel).
-    spec = importlib.util.spec_from_file_location("netns_runner", DEPLOY / "netns_runner.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["netns_runner"] = module
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="session")
+def compose():
+    """``deploy/compose.py``: reading compose files."""
+    return deploy_module("compose", DEPLOY)
 
 
 @pytest.fixture(scope="session")
-def runner():
-    return _load_runner()
+def netns():
+    """``deploy/netns.py``: the namespace sandbox."""
+    return deploy_module("netns", DEPLOY)
+
+
+@pytest.fixture(scope="session")
+def deploy_testbed():
+    """``deploy/testbed.py``: the compose files, overlay, environment and engine of ``fedser testbed``."""
+    return deploy_module("testbed", DEPLOY)

@@ -3,15 +3,19 @@
 Every compose file (base, dev overlay, the N-client overlay ``fedser testbed prepare`` writes)
 is loaded with pyyaml and held to the rules of the test bed: declared secrets, pinned images,
 unprivileged users, health checks, restart policies. The network-namespace runner must read
-exactly these files: its merged view is compared with the files themselves. ``docker compose
-config`` runs too where Docker's compose plugin is installed.
+exactly these files: the merged view of ``deploy/compose.py`` is compared with the files
+themselves. ``docker compose config`` runs too where Docker's compose plugin is installed. The
+compose side of ``fedser testbed`` (``deploy/testbed.py``: files, engine) and how the command
+finds the deploy folder are checked here too.
 """
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,18 +110,18 @@ def test_dev_overlay_is_plain_text_only_and_adds_nothing_else():
         assert "--enable-supernode-auth" not in svc["command"]
 
 
-def test_runner_reads_the_commands_the_compose_files_hold(runner, tmp_path):
+def test_runner_reads_the_commands_the_compose_files_hold(compose, tmp_path):
     # Prepare
     env = {"FEDSER_TESTBED": str(tmp_path), "FEDSER_ROUNDS": "7"}
 
     # Execute
-    base = runner.services_from(runner.load_compose([BASE], env))
-    dev = runner.services_from(runner.load_compose([BASE, DEV], env))
+    base = compose.services_from(compose.load_compose([BASE], env))
+    dev = compose.services_from(compose.load_compose([BASE, DEV], env))
 
     # Assert: the same argv as the file, interpolated.
     raw = _doc(BASE)["services"]
     for name in SERVICES:
-        assert base[name].command == [runner.interpolate(c, env) for c in raw[name]["command"]], name
+        assert base[name].command == [compose.interpolate(c, env) for c in raw[name]["command"]], name
     assert base["serverapp"].command[base["serverapp"].command.index("--rounds") + 1] == "7"
     assert base["serverapp"].command[base["serverapp"].command.index("--min-clients") + 1] == "3"
     secrets = {m.target: m.source for m in base["client-2"].mounts if m.target.startswith("/run/secrets/")}
@@ -126,7 +130,7 @@ def test_runner_reads_the_commands_the_compose_files_hold(runner, tmp_path):
     data = next(m for m in base["client-2"].mounts if m.target == "/data")
     assert data.read_only and data.source == f"{tmp_path}/client-2/data"
     assert base["client-2"].environment["FEDSER_TIER"] == "0.5" and base["client-2"].user == "10001:10001"
-    assert runner.start_order(base)[0] == "superlink"
+    assert compose.start_order(base)[0] == "superlink"
     # The overlay replaces commands and merges environments, as compose does.
     assert "--insecure" in dev["client-1"].command and dev["client-1"].environment["FEDSER_AUTH_KEY"] == ""
     assert dev["client-1"].environment["FEDSER_TIER"] == "1.0"
@@ -137,11 +141,11 @@ def test_runner_reads_the_commands_the_compose_files_hold(runner, tmp_path):
     ("${A:-x}", {}, "x"), ("${A:-x}", {"A": ""}, "x"), ("${A-x}", {"A": ""}, ""), ("${A}/b", {"A": "/a"}, "/a/b"),
     ("$$HOME", {}, "$HOME"), ("k=${A:?set A}", {"A": "3"}, "k=3"), ("$A", {"A": "v"}, "v"),
 ])
-def test_runner_interpolates_like_compose(runner, text, env, expected):
-    assert runner.interpolate(text, env) == expected
+def test_runner_interpolates_like_compose(compose, text, env, expected):
+    assert compose.interpolate(text, env) == expected
 
 
-def test_runner_refuses_what_compose_would_refuse(runner, tmp_path):
+def test_runner_refuses_what_compose_would_refuse(compose, tmp_path):
     # Prepare
     bad = tmp_path / "bad.yml"
     bad.write_text(yaml.safe_dump({"services": {
@@ -152,15 +156,15 @@ def test_runner_refuses_what_compose_would_refuse(runner, tmp_path):
     required.write_text("services:\n  a:\n    command: ['${NEEDED:?set NEEDED}']\n")
 
     # Execute / Assert
-    with pytest.raises(runner.ComposeError) as err:
-        runner.services_from(runner.load_compose([bad], {}))
+    with pytest.raises(compose.ComposeError) as err:
+        compose.services_from(compose.load_compose([bad], {}))
     message = str(err.value)
     assert "secret 'nope'" in message and "'ghost'" in message and "not a bind mount" in message
     assert "service c: no command" in message
-    with pytest.raises(runner.ComposeError, match="NEEDED is required"):
-        runner.load_compose([required], {})
-    with pytest.raises(runner.ComposeError, match="no such compose file"):
-        runner.load_compose([tmp_path / "missing.yml"], {})
+    with pytest.raises(compose.ComposeError, match="NEEDED is required"):
+        compose.load_compose([required], {})
+    with pytest.raises(compose.ComposeError, match="no such compose file"):
+        compose.load_compose([tmp_path / "missing.yml"], {})
 
 
 @pytest.mark.skipif(shutil.which("docker") is None or subprocess.run(
@@ -186,18 +190,18 @@ def test_docker_compose_accepts_the_files(files, tmp_path):
 def prepared(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bed") / "testbed"
     meta = testbed.prepare(out, 5, [str(tiny_corpus / "commands"), str(tiny_corpus / "emotion")], test=0.0,
-                           tiers="0.25", max_epsilon=2.0, compose_dir=DEPLOY)
+                           tiers="0.25", max_epsilon=2.0, deploy_dir=DEPLOY)
     return out, meta
 
 
-def test_prepare_writes_volumes_keys_and_an_overlay_for_more_devices(prepared, runner):
+def test_prepare_writes_volumes_keys_and_an_overlay_for_more_devices(prepared, compose, deploy_testbed):
     # Prepare
     out, meta = prepared
 
     # Execute
-    doc = runner.load_compose([BASE, out / testbed.CLIENTS_OVERLAY], {"FEDSER_TESTBED": str(out)})
-    services = runner.services_from(doc)
-    overlay = _doc(out / testbed.CLIENTS_OVERLAY)
+    doc = compose.load_compose([BASE, out / deploy_testbed.CLIENTS_OVERLAY], {"FEDSER_TESTBED": str(out)})
+    services = compose.services_from(doc)
+    overlay = _doc(out / deploy_testbed.CLIENTS_OVERLAY)
 
     # Assert: devices 4 and 5 are client-1's definition with their own key, volumes and settings.
     assert set(services) == SERVICES | {"client-4", "client-5"}
@@ -256,7 +260,7 @@ def test_prepare_refuses_bad_settings_and_an_existing_bed(prepared, tiny_corpus,
     with pytest.raises(ConfigError, match="already holds a test bed"):
         testbed.prepare(out, 3, data)
     with pytest.raises(ConfigError, match="only .* training speakers"):
-        testbed.prepare(tmp_path / "y", 40, data, compose_dir=DEPLOY)
+        testbed.prepare(tmp_path / "y", 40, data, deploy_dir=DEPLOY)
 
 
 def test_up_refuses_an_unprepared_folder(tmp_path):
@@ -268,6 +272,62 @@ def test_up_refuses_an_unprepared_folder(tmp_path):
 
     # Assert
     assert code == 2
+
+
+@pytest.mark.parametrize("action", ["prepare", "up"])
+def test_a_missing_deploy_folder_is_named_with_its_option(action, tmp_path, capsys):
+    # Prepare: a folder without the compose files, as an installed fedser without a checkout has.
+    from fedser.tools.cli import main
+
+    argv = {"prepare": ["--out", str(tmp_path / "bed")], "up": ["--testbed", str(tmp_path / "bed")]}[action]
+
+    # Execute
+    code = main(["testbed", action, *argv, "--deploy-dir", str(tmp_path)])
+
+    # Assert: refused before anything is written, saying which option points at the folder.
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--deploy-dir {tmp_path} is not a deploy folder" in err and "docker-compose.yml" in err
+    assert not (tmp_path / "bed").exists()
+    assert testbed.find_deploy_dir() == DEPLOY
+
+
+def test_up_lists_the_bed_files_and_picks_an_engine(deploy_testbed, tmp_path, monkeypatch):
+    # Prepare: a bed with the N-client overlay, and no compose engine installed.
+    (tmp_path / deploy_testbed.CLIENTS_OVERLAY).write_text("services: {}\n")
+    monkeypatch.setattr(deploy_testbed, "docker_compose", lambda: None)
+
+    # Execute
+    files = deploy_testbed.compose_files(tmp_path, dev=True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    netns = deploy_testbed.choose_engine(files, tmp_path, "auto")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    env = deploy_testbed.compose_env(tmp_path, rounds=2, min_clients=3, local_epochs=1)
+
+    # Assert: base first, then the bed's overlay, then dev; without Docker, the runner beside the files.
+    assert files == [BASE, tmp_path / deploy_testbed.CLIENTS_OVERLAY, DEV]
+    assert netns.argv == [sys.executable, str(DEPLOY / "netns_runner.py"), "up", "-f", str(BASE),
+                          "-f", str(files[1]), "-f", str(DEV), "--workdir", str(tmp_path / "netns")]
+    assert netns.logs == str(tmp_path / "netns" / "logs")
+    with pytest.raises(ConfigError, match="docker compose is not installed"):
+        deploy_testbed.choose_engine(files, tmp_path, "docker")
+    with pytest.raises(ConfigError, match="needs root"):
+        deploy_testbed.choose_engine(files, tmp_path, "netns")
+    assert env["FEDSER_TESTBED"] == str(tmp_path) and env["FEDSER_ROUNDS"] == "2" and env["FEDSER_UID"]
+
+
+def test_netns_runner_script_prints_the_merged_project(tmp_path):
+    # Execute: the script's own entry point, as the docs run it (its modules import each other from deploy/).
+    done = subprocess.run([sys.executable, str(DEPLOY / "netns_runner.py"), "config", "-f", str(BASE), "-f", str(DEV)],
+                          capture_output=True, text=True, env={**os.environ, "FEDSER_TESTBED": str(tmp_path)},
+                          cwd=tmp_path, timeout=60)
+
+    # Assert
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(done.stdout)
+    assert set(merged["services"]) == SERVICES
+    assert "--insecure" in merged["services"]["client-1"]["command"]
+    assert merged["secrets"]["ca.pem"]["file"] == f"{tmp_path}/secrets/ca.pem"
 
 
 # ---------------------------------------------------------------- images

@@ -1,8 +1,9 @@
 """The compose test bed, run for real: SuperLink, server app and three devices as separate hosts.
 
-``deploy/netns_runner.py`` starts the services of ``deploy/docker-compose.yml`` (TLS, SuperNode
-authentication, non-root users, secrets and data volumes) each in a network namespace of its
-own, on a bridge, with the compose file's commands. One bed serves every drill below, in order,
+The namespace sandbox (``deploy/netns.py``, what ``deploy/netns_runner.py`` runs) starts the
+services of ``deploy/docker-compose.yml`` (TLS, SuperNode authentication, non-root users, secrets
+and data volumes) each in a network namespace of its own, on a bridge, with the compose file's
+commands. One bed serves every drill below, in order,
 because a federation costs minutes on a small machine:
 
 1. round 1 runs over TLS with every device; the run volume fills (checkpoint, metrics);
@@ -45,7 +46,7 @@ BUDGET = {"client-1": 8.0, "client-2": 8.0, "client-3": 4.0}   # as in the base 
 
 @dataclass
 class Bed:
-    runner: object
+    compose: object
     bed: object
     root: Path
     events: dict = field(default_factory=dict)
@@ -91,13 +92,13 @@ class Bed:
         return PrivacyLedger(self.root / name / "state" / "ledger.json", max_epsilon=BUDGET[name], delta=1e-5)
 
 
-def _skip_reason(runner) -> str | None:
-    return runner.netns_available()
+def _skip_reason(netns) -> str | None:
+    return netns.netns_available()
 
 
 @pytest.fixture(scope="module")
-def bed(runner, tmp_path_factory):
-    why = _skip_reason(runner)
+def bed(compose, netns, deploy_testbed, tmp_path_factory):
+    why = _skip_reason(netns)
     if why:
         pytest.skip(f"test bed needs network namespaces: {why}")
     from fedser.tools.synth import synthesize_corpus
@@ -109,14 +110,14 @@ def bed(runner, tmp_path_factory):
                       unknown_repetitions=1, noise_seconds=0.0, workers=2, overwrite=True, progress=False)
     bed_dir = root / "bed"
     testbed.prepare(bed_dir, 3, [str(corpus / "commands"), str(corpus / "emotion")])
-    env = testbed.compose_env(bed_dir, rounds=ROUNDS, min_clients=3, local_epochs=1)
+    env = deploy_testbed.compose_env(bed_dir, rounds=ROUNDS, min_clients=3, local_epochs=1)
     started = time.monotonic()
-    netns = runner.NetnsBed([BASE], root / "netns", env=env)
+    services = netns.NetnsBed([BASE], root / "netns", env=env)
     try:
-        netns.up(timeout=180)
-        yield Bed(runner, netns, bed_dir, {"started": started})
+        services.up(timeout=180)
+        yield Bed(compose, services, bed_dir, {"started": started})
     finally:
-        netns.down()
+        services.down()
         shutil.rmtree(root / "netns" / "roots", ignore_errors=True)
         print(f"\ntest bed: {time.monotonic() - started:.0f} s from start to teardown")
 
@@ -181,7 +182,7 @@ def test_devices_without_trust_or_a_registered_key_are_refused(bed, tmp_path):
                                           str(unknown_key)],
     }
     exposed = bed.bed.services["client-1"]
-    exposed.mounts.append(bed.runner.Mount(str(tmp_path), str(tmp_path), True))
+    exposed.mounts.append(bed.compose.Mount(str(tmp_path), str(tmp_path), True))
 
     # Execute
     try:

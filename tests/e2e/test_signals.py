@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -142,18 +141,15 @@ def test_agent_and_server_signalled_mid_round_leave_nothing_running(processes, d
 @pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["sigterm"])
 def test_testbed_up_signalled_mid_round_leaves_no_service_or_namespace(sig, processes, corpus_parts, tmp_path):
     # Prepare: the namespace runner (root) with a prepared bed of three devices, round 1 under way.
-    import importlib.util
     import subprocess
 
+    from fedser.tools.commands import testbed
+
     deploy = Path(__file__).resolve().parents[2] / "deploy"
-    spec = importlib.util.spec_from_file_location("netns_runner_signals", deploy / "netns_runner.py")
-    runner = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = runner   # its dataclasses look their module up
-    spec.loader.exec_module(runner)
+    runner = testbed.deploy_module("netns", deploy)
     why = runner.netns_available()
     if why:
         pytest.skip(f"the test bed needs network namespaces: {why}")
-    from fedser.tools.commands import testbed
 
     def namespaces() -> set[str]:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
