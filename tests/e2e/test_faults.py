@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedser.client.ledger import PrivacyLedger
-from fedser.common import processes
+from fedser.common import processes as process_tree
 from fedser.common.certs import generate_ca_and_server_cert
 from fedser.common.privacy import UserLevelAccountant
 from fedser.server.checkpoint import load_checkpoint
@@ -38,16 +38,16 @@ ROUNDS = 2
 
 
 def _server_argv(run_dir: Path, port: int, rounds: int, min_clients: int, *extra: str) -> list[str]:
-    return [processes.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST,
-            "--port", str(port), "--control-port", str(processes.free_port(HOST)), "--certs", str(run_dir / "certs"),
+    return [process_tree.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST,
+            "--port", str(port), "--control-port", str(process_tree.free_port(HOST)), "--certs", str(run_dir / "certs"),
             "--rounds", str(rounds),
             "--min-clients", str(min_clients), "--config", "local-epochs=1", *extra]
 
 
 def _device_argv(port: int, manifest: Path, ca: Path, folder: Path, tier: str = "1.0") -> list[str]:
-    return [processes.executable("fedser-client"), "start", "--server", f"{HOST}:{port}", "--data", str(manifest),
+    return [process_tree.executable("fedser-client"), "start", "--server", f"{HOST}:{port}", "--data", str(manifest),
             "--tier", tier, "--root-cert", str(ca), "--ledger", str(folder / "ledger.json"),
-            "--port", str(processes.free_port(HOST)), "--log", str(folder / "supernode.log")]
+            "--port", str(process_tree.free_port(HOST)), "--log", str(folder / "supernode.log")]
 
 
 def _progress(run_dir: Path) -> str:
@@ -76,7 +76,7 @@ def faulty_run(module_processes, device_manifests) -> FaultyRun:
     root = processes.root
     run_dir = root / "run"
     certs = generate_ca_and_server_cert(run_dir / "certs")
-    port = processes.free_port(HOST)
+    port = process_tree.free_port(HOST)
     device_dirs = [root / f"device-{i}" for i in range(3)]
     try:
         # Prepare: the server, then three devices.
@@ -161,7 +161,7 @@ def test_terminated_server_stops_its_superlink_and_serverapp(processes, tmp_path
     # Prepare: a server waiting for devices (the SuperLink, its SuperExec and the ServerApp run
     # in sessions of their own).
     run_dir = tmp_path / "run"
-    server = processes.start("server", _server_argv(run_dir, processes.free_port(HOST), 1, 2))
+    server = processes.start("server", _server_argv(run_dir, process_tree.free_port(HOST), 1, 2))
     processes.wait_until(lambda: "submitted" in server.log_path.read_text(), 120, "the run to be submitted",
                          watch=[server])
     assert len(processes.pids("server")) >= 3

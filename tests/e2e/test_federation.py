@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedser.client.ledger import PrivacyLedger
-from fedser.common import processes
+from fedser.common import processes as process_tree
 from fedser.common.bundle import load_bundle
 from fedser.common.certs import generate_ca_and_server_cert
 
@@ -55,7 +55,7 @@ def demo_run(module_processes, corpus_parts, device_manifests) -> DemoRun:
     out = processes.root / "run"
     stranger_dir = processes.root / "stranger"
     stranger_ca = generate_ca_and_server_cert(processes.root / "stranger-ca").ca_cert
-    argv = [processes.executable("fedser"), "demo", *[a for p in corpus_parts for a in ("--data", p)],
+    argv = [process_tree.executable("fedser"), "demo", *[a for p in corpus_parts for a in ("--data", p)],
             "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--local-epochs", "1",
             "--max-epsilon", str(MAX_EPSILON), "--user-noise", str(USER_NOISE), "--out", str(out),
             # A few pretraining epochs show the path; the default 60 only cost the suite time.
@@ -81,9 +81,9 @@ def demo_run(module_processes, corpus_parts, device_manifests) -> DemoRun:
         # A device that trusts another CA: the agent's first look at the port fails the TLS
         # handshake, and it stops before any SuperNode starts.
         stranger = processes.start("stranger", [
-            processes.executable("fedser-client"), "start", "--server", f"127.0.0.1:{port[0]}",
+            process_tree.executable("fedser-client"), "start", "--server", f"127.0.0.1:{port[0]}",
             "--data", str(device_manifests.manifests[0]), "--root-cert", str(stranger_ca),
-            "--ledger", str(stranger_dir / "ledger.json"), "--port", str(processes.free_port()),
+            "--ledger", str(stranger_dir / "ledger.json"), "--port", str(process_tree.free_port()),
             "--log", str(stranger_dir / "supernode.log"), "--max-restarts", "0"])
     try:
         returncode = demo.wait(timeout=540)
@@ -149,7 +149,7 @@ def test_evaluate_cli_scores_the_federated_model_as_one_json_object(demo_run, co
     commands = corpus_parts[0]
 
     # Execute
-    done = subprocess.run([processes.executable("fedser"), "evaluate", str(demo_run.out), "--data", commands,
+    done = subprocess.run([process_tree.executable("fedser"), "evaluate", str(demo_run.out), "--data", commands,
                            "--task", "kws", "--json", "--quiet"],
                           capture_output=True, text=True, timeout=180, env={**os.environ, **fedser_state})
 
