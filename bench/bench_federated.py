@@ -254,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     base = {"fraction-train": 1.0, "fraction-evaluate": 0.1, "min-clients": 2, "local-epochs": args.local_epochs,
             "learning-rate": args.lr, "partition-max-epsilon": 8.0, "clip-norm": args.clip_norm}
     runs_spec = {
-        "fed": ("federated, no DP", {**base, "dp": False, "noise-mode": "none", "partition-tiers": "1.0"}),
+        "fed": ("federated, no DP", {**base, "dp": False, "noise-mode": "none", "partition-tiers": "1.0",
+                                     "partition-require-dp": False}),
         "tiers": ("federated, no DP, tiers 1.0/0.5/0.25",
-                  {**base, "dp": False, "noise-mode": "none", "partition-tiers": "1.0,0.5,0.25"}),
+                  {**base, "dp": False, "noise-mode": "none", "partition-tiers": "1.0,0.5,0.25",
+                   "partition-require-dp": False}),
         "dp": ("federated, sample-level DP (eps 8/device), no user-level noise",
                {**base, "dp": True, "noise-mode": "none", "partition-tiers": "1.0"}),
         "dp-user": (f"federated, sample-level DP + user-level noise z={args.user_noise:g}",

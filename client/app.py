@@ -5,8 +5,10 @@ train    -> one device round (``fedser.client.update.train_round``): DP-SGD on t
             its tier, then a clipped, noised update
 evaluate -> metrics of the global model on the device's held-back split
 
-A broken precondition (no data, budget exhausted, an instruction it cannot use) goes
-back as an error reply with a reason, never as a crash (:func:`replies_declines`).
+Every instruction is checked against the device owner's privacy policy (``fedser.client.policy``)
+before anything else happens. A broken precondition (outside the policy, no data, budget
+exhausted, an instruction it cannot use) goes back as an error reply with a reason, never as a
+crash (:func:`replies_declines`).
 """
 from __future__ import annotations
 
@@ -87,13 +89,20 @@ def _ledger(settings: DeviceSettings) -> PrivacyLedger:
         return PrivacyLedger(settings.ledger, max_epsilon=settings.max_epsilon, delta=settings.delta)
 
 
-def _plan(ledger: PrivacyLedger, data: LocalData, cfg) -> RoundPlan:
+def _within_policy(settings: DeviceSettings, instruction: RoundSettings) -> None:
+    """Decline an instruction outside the owner's policy, naming every way it is."""
+    reasons = settings.policy.violations(instruction)
+    if reasons:
+        raise Declined(keys.DECLINE_POLICY, "; ".join(reasons))
+
+
+def _plan(ledger: PrivacyLedger, settings: DeviceSettings, data: LocalData, cfg) -> RoundPlan:
     """This round's DP-SGD noise and spend from the ledger, or a budget decline."""
     with declining(keys.DECLINE_BAD_INSTRUCTION, ConfigError, KeyError, TypeError, ValueError):
         counts = [len(data.train[t]) for t in data.tasks]
         epochs, batch_size = int(cfg[keys.LOCAL_EPOCHS]), int(cfg[keys.BATCH_SIZE])
         rounds_left = int(cfg.get(keys.ROUNDS_LEFT, 1))
-        floor = float(cfg.get(keys.DP_NOISE_MULTIPLIER, 0.0))
+        floor = settings.policy.dp_noise_floor(float(cfg.get(keys.DP_NOISE_MULTIPLIER, 0.0)))
     with declining(keys.DECLINE_BUDGET, PrivacyBudgetExceeded):
         return ledger.plan_round(counts, batch_size, epochs, rounds_left, floor)
 
@@ -102,12 +111,17 @@ def _plan(ledger: PrivacyLedger, data: LocalData, cfg) -> RoundPlan:
 @replies_declines
 def query(msg: Message, context: Context) -> Message:
     settings, cfg, _, spec = _instruction(msg, context)
+    # A query that says how the coming round will train lets a device that will not follow it,
+    # or cannot afford it, say so now, before any model is sent to it.
+    announced = None
+    if keys.LOCAL_EPOCHS in cfg:
+        with declining(keys.DECLINE_BAD_INSTRUCTION, ConfigError, KeyError, TypeError, ValueError):
+            announced = RoundSettings.announced(cfg)
+        _within_policy(settings, announced)
     data = _local_data(settings, spec)
     ledger = _ledger(settings)
-    if keys.LOCAL_EPOCHS in cfg and bool(cfg.get(keys.DP_ENABLED, True)):
-        # The server said how it will train this round: a device that cannot afford it says so
-        # now, before any model is sent to it.
-        _plan(ledger, data, cfg)
+    if announced is not None and announced.dp:
+        _plan(ledger, settings, data, cfg)
     metrics = {
         keys.TIER: settings.tier,
         keys.HEADS: keys.heads_to_mask(data.tasks),
@@ -133,11 +147,12 @@ def train(msg: Message, context: Context) -> Message:
         global_sub = record_to_arrays(msg.content[keys.ARRAYS])
         arrays_to_state(global_sub, model)
         encoder_params_in_scope(model, round_settings.scope)   # ConfigError for an unknown scope
+    _within_policy(settings, round_settings)
     data = _local_data(settings, spec)
     ledger = _ledger(settings)
     sample_noise = None
     if round_settings.dp:
-        plan = _plan(ledger, data, cfg)
+        plan = _plan(ledger, settings, data, cfg)
         sample_noise = plan.noise_multiplier
         # Recorded before training starts: a device killed mid-round over-counts, never under-counts.
         for spend in plan.spend:

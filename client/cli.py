@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-epsilon", type=float, default=_env("FEDSER_MAX_EPSILON", "8.0"),
                    help="sample-level privacy budget of this device (env FEDSER_MAX_EPSILON)")
     s.add_argument("--delta", type=float, default=1e-5)
+    pol = s.add_argument_group("privacy policy", "what no server instruction can make this device do; an "
+                               "instruction outside it is declined with the reason")
+    pol.add_argument("--allow-no-dp", action="store_true",
+                     help="follow instructions to train without DP-SGD (by default the device requires it)")
+    pol.add_argument("--min-dp-noise", type=float, default=0.0, metavar="Z",
+                     help="never train with a DP-SGD noise multiplier below Z (default 0: the budget decides)")
+    pol.add_argument("--min-update-noise", type=float, default=0.0, metavar="Z",
+                     help="decline rounds whose user-level noise multiplier is below Z (default 0: no minimum)")
+    pol.add_argument("--train-scopes", default="all,norms,heads", metavar="LIST",
+                     help="which parts of the model the device agrees to train (default all,norms,heads)")
     s.add_argument("--ledger", default=None, help="privacy ledger file (default under ~/.fedser)")
     s.add_argument("--cache", default=None, help="feature cache folder (default ~/.fedser/features; 'none' = off)")
     s.add_argument("--root-cert", default=_env("FEDSER_ROOT_CERT"),
@@ -90,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def node_config_from_args(args) -> dict:
     cfg: dict[str, object] = {"data": str(Path(args.data).resolve()), "tier": args.tier,
-                              "max-epsilon": float(args.max_epsilon), "delta": float(args.delta)}
+                              "max-epsilon": float(args.max_epsilon), "delta": float(args.delta),
+                              "require-dp": not args.allow_no_dp, "min-dp-noise": float(args.min_dp_noise),
+                              "min-update-noise": float(args.min_update_noise), "train-scopes": args.train_scopes}
     if args.ledger:
         cfg["ledger"] = str(Path(args.ledger).resolve())
     if args.cache:

@@ -19,6 +19,9 @@ from fedser.common.features import FeatureSpec
 from fedser.common.keys import TIERS, parse_tiers
 from fedser.common.partitions import device_manifest
 
+from .policy import PrivacyPolicy
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("FEDSER_HOME", Path.home() / ".fedser"))
 
@@ -32,6 +35,7 @@ class DeviceSettings:
     ledger: str = ""               # privacy ledger path
     cache: str = ""                # feature cache folder ("" = none)
     holdout: float = 0.2           # share of local utterances held back for evaluation
+    policy: PrivacyPolicy = PrivacyPolicy()   # what no server instruction can make it do
 
     @classmethod
     def from_node_config(cls, node_config: dict, run_config: dict | None = None) -> "DeviceSettings":
@@ -40,8 +44,10 @@ class DeviceSettings:
         A virtual client of Flower's Simulation Engine has no ``data`` in its node config,
         only ``partition-id`` (and ``num-partitions``): it then reads
         ``<partitions-dir>/device-<partition-id>/data.csv`` from the run config, takes its
-        tier from ``partition-tiers`` and its budget from ``partition-max-epsilon``, and keeps
-        its ledger under the run directory (``devices/device-<partition-id>/ledger.json``).
+        tier from ``partition-tiers``, its budget from ``partition-max-epsilon`` and whether its
+        policy requires DP-SGD from ``partition-require-dp`` (the simulation's operator runs both
+        sides), and keeps its ledger under the run directory
+        (``devices/device-<partition-id>/ledger.json``).
         Values in the node config always win.
         """
         run_config = run_config or {}
@@ -84,6 +90,7 @@ class DeviceSettings:
         holdout = float(node_config.get("holdout", 0.2))
         if not 0 <= holdout < 1:
             problems.append(f"holdout must be in [0, 1), got {holdout}")
+        policy = PrivacyPolicy.from_node_config(node_config, defaults, problems)
         if problems:
             raise ConfigError("node config: " + "; ".join(problems))
         state = default_state_dir()
@@ -91,7 +98,7 @@ class DeviceSettings:
         ledger = str(node_config.get("ledger") or defaults.get("ledger") or state / f"ledger-{key}.json")
         cache = str(node_config.get("cache", state / "features"))
         return cls(data=data, tier=tier, max_epsilon=max_eps, delta=delta, ledger=ledger,
-                   cache="" if cache == "none" else cache, holdout=holdout)
+                   cache="" if cache == "none" else cache, holdout=holdout, policy=policy)
 
 
 def _partition_defaults(partition: int, partitions_dir: str, run_config: dict) -> dict[str, object]:
@@ -102,6 +109,7 @@ def _partition_defaults(partition: int, partitions_dir: str, run_config: dict) -
     tiers = parse_tiers(str(run_config.get("partition-tiers", "1.0") or "1.0"))
     out["tier"] = tiers[partition % len(tiers)]
     out["max-epsilon"] = float(run_config.get("partition-max-epsilon", 8.0))
+    out["require-dp"] = run_config.get("partition-require-dp", True)
     run_dir = str(run_config.get("run-dir", "") or "").strip()
     if run_dir:
         out["ledger"] = str(Path(run_dir) / "devices" / f"device-{partition}" / "ledger.json")

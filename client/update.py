@@ -59,6 +59,21 @@ class RoundSettings:
                    clip_norm=float(cfg[keys.CLIP_NORM]), noise_multiplier=float(cfg[keys.NOISE_MULTIPLIER]),
                    noise_mode=str(cfg[keys.NOISE_MODE]), expected_clients=int(cfg[keys.EXPECTED_CLIENTS]))
 
+    @classmethod
+    def announced(cls, cfg: Mapping) -> "RoundSettings":
+        """What a query says about the coming round: the keys it carries, the defaults for the rest
+        (a device checks its policy against it; the train instruction itself is checked again)."""
+        d = cls()
+        return cls(epochs=int(cfg.get(keys.LOCAL_EPOCHS, d.epochs)),
+                   batch_size=int(cfg.get(keys.BATCH_SIZE, d.batch_size)),
+                   learning_rate=float(cfg.get(keys.LEARNING_RATE, d.learning_rate)),
+                   dp=bool(cfg.get(keys.DP_ENABLED, d.dp)),
+                   dp_max_grad_norm=float(cfg.get(keys.DP_MAX_GRAD_NORM, d.dp_max_grad_norm)),
+                   scope=str(cfg.get(keys.TRAIN_SCOPE, d.scope)), clip_norm=float(cfg.get(keys.CLIP_NORM, d.clip_norm)),
+                   noise_multiplier=float(cfg.get(keys.NOISE_MULTIPLIER, d.noise_multiplier)),
+                   noise_mode=str(cfg.get(keys.NOISE_MODE, d.noise_mode)),
+                   expected_clients=int(cfg.get(keys.EXPECTED_CLIENTS, d.expected_clients)))
+
 
 @dataclass(frozen=True)
 class UpdateStats:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,10 @@ from .errors import AudioContentError, AudioDecodeError, ConfigError
 
 TARGET_SR = 16000
 DEFAULT_MAX_SECONDS = 30.0
+# Headers outside these are corrupt or crafted, not recordings (8 kHz telephony .. 768 kHz studio).
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
 _CONVERT_HINT = (
@@ -63,15 +68,40 @@ def _open_error(path: Path, exc: Exception) -> AudioDecodeError:
 
 def _check_file(path: Path) -> None:
     try:
-        size = path.stat().st_size
+        st = path.stat()   # follows a symlink: what would be read
     except FileNotFoundError:
         raise AudioDecodeError(path, "file not found; check the path") from None
     except OSError as exc:
         raise AudioDecodeError(path, f"cannot read the file ({exc.strerror}); check its permissions") from None
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise AudioDecodeError(path, "is a folder, not an audio file")
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO, socket or device (a link to /dev/zero named x.wav) would block or never end.
+        raise AudioDecodeError(path, f"is a {_kind_of(st.st_mode)}, not a regular file; only files are read")
+    if st.st_size == 0:
         raise AudioDecodeError(path, "empty file (0 bytes); re-copy or re-record it, or remove it")
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _check_header(path: Path, rate: int, channels: int, frames: int) -> None:
+    """Refuse headers no recording has (a corrupt or crafted file): they would decode to nothing
+    useful, or to more than memory holds."""
+    problems = []
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        problems.append(f"sample rate {rate} Hz (expected {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE})")
+    if not 1 <= channels <= MAX_CHANNELS:
+        problems.append(f"{channels} channels (expected 1..{MAX_CHANNELS})")
+    if frames < 0:
+        problems.append(f"{frames} frames")
+    if problems:
+        raise AudioContentError(path, f"implausible header: {', '.join(problems)}; the file is corrupt, remove it")
 
 
 def _check_args(who: str, sample_rate: int, offset: float, duration: float | None, max_seconds: float | None,
@@ -144,6 +174,7 @@ class _Reader:
         self._file = _open(path)
         try:
             self.rate, total = int(self._file.samplerate), int(self._file.frames)
+            _check_header(path, self.rate, int(self._file.channels), total)
             self.start = int(round(offset * self.rate))
             if total > 0 and self.start >= total:
                 raise AudioContentError(
@@ -276,8 +307,13 @@ def load(
 
 
 def content_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 hex digest of the file's bytes, read in ``chunk_size`` chunks (bounded memory)."""
+    """SHA-256 hex digest of the file's bytes, read in ``chunk_size`` chunks (bounded memory).
+
+    Only regular files are read (``AudioDecodeError`` otherwise): a FIFO or a link to a device
+    would block or never end.
+    """
     path = Path(path)
+    _check_file(path)
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

@@ -67,8 +67,9 @@ def mask_to_heads(mask: int) -> list[str]:
 DECLINE_BUDGET = 601       # the next round would exceed the device's privacy budget
 DECLINE_NO_DATA = 602      # no usable local data (empty or entirely corrupt folder)
 DECLINE_BAD_INSTRUCTION = 603  # model version / config the device cannot use
+DECLINE_POLICY = 604       # the instruction falls outside the device owner's privacy policy
 DECLINE_CODES = {DECLINE_BUDGET: "privacy budget", DECLINE_NO_DATA: "no data",
-                 DECLINE_BAD_INSTRUCTION: "bad instruction"}
+                 DECLINE_BAD_INSTRUCTION: "bad instruction", DECLINE_POLICY: "privacy policy"}
 
 
 def parse_tiers(text: str) -> list[float]:

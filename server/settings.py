@@ -66,10 +66,12 @@ class RunSettings:
     fraction_evaluate: float = 1.0    # share of nodes asked to evaluate each round
     # Simulation (virtual clients without --node-config data): client partition-id i reads
     # <partitions-dir>/device-<i>/data.csv, runs tier i-th of partition-tiers (in turn) and
-    # has partition-max-epsilon as its sample-level budget.
+    # has partition-max-epsilon as its sample-level budget; partition-require-dp is its privacy
+    # policy's DP-SGD requirement (a real device's owner sets that on the device).
     partitions_dir: str = ""
     partition_tiers: str = "1.0"
     partition_max_epsilon: float = 8.0
+    partition_require_dp: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":

@@ -560,3 +560,45 @@ def test_device_killed_mid_training_has_already_recorded_the_rounds_spend(person
     expected = epsilon_of([SpendRecord(z, p.sample_rate, p.steps) for p in planned], 1e-5)
     assert ledger.epsilon() >= expected * (1 - 1e-9) > 0
     assert ledger.epsilon() <= 8.0
+
+
+# ---------------------------------------------------------------- the owner's privacy policy
+
+
+def test_an_instruction_to_train_without_dp_is_declined_and_spends_nothing(person, feature_cache, tmp_path):
+    # Prepare: a device with the default policy; the server's instruction switches DP-SGD off.
+    ctx = device(person, tmp_path, feature_cache)
+    _, instruction = train_instruction(ctx)
+    cfg = dict(instruction.content[keys.CONFIG])
+    no_dp = with_content(instruction, config={**cfg, keys.DP_ENABLED: False})
+    # Execute
+    reply = app(no_dp, ctx)
+    query = app(query_instruction(no_dp), ctx)
+    # Assert: declined with the reason, nothing trained, nothing sent, the ledger untouched.
+    for r in (reply, query):
+        assert r.has_error() and not r.has_content()
+        assert r.error.code == keys.DECLINE_POLICY and "without DP-SGD" in r.error.reason
+    assert not (tmp_path / "ledger.json").exists()
+
+
+def test_an_owner_who_allows_it_trains_without_dp(person, feature_cache, tmp_path):
+    # Prepare
+    ctx = device(person, tmp_path, feature_cache, **{"require-dp": False})
+    _, instruction = train_instruction(ctx)
+    cfg = dict(instruction.content[keys.CONFIG])
+    # Execute
+    reply = app(with_content(instruction, config={**cfg, keys.DP_ENABLED: False}), ctx)
+    # Assert
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else None
+    assert reply.content[keys.METRICS][keys.DP_NOISE_MULTIPLIER] == 0.0
+
+
+def test_a_device_trains_with_at_least_its_own_dp_noise_floor(person, feature_cache, tmp_path):
+    # Prepare: the server's floor is 0; the owner's is 3.
+    ctx = device(person, tmp_path, feature_cache, **{"min-dp-noise": 3.0})
+    _, instruction = train_instruction(ctx)
+    # Execute
+    reply = app(instruction, ctx)
+    # Assert
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else None
+    assert reply.content[keys.METRICS][keys.DP_NOISE_MULTIPLIER] >= 3.0

@@ -408,3 +408,67 @@ def test_content_hash_of_missing_file_names_it(tmp_path):
     # Execute / Assert
     with pytest.raises(AudioDecodeError, match="not found"):
         audio.content_hash(tmp_path / "gone.wav")
+
+
+# -- files that are not recordings ------------------------------------------------------------
+
+
+def _in_a_thread(call, seconds=5.0):
+    """Run ``call`` in a daemon thread; the test fails (instead of hanging) if it blocks."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as exc:   # noqa: BLE001 - handed back to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.parametrize("make", ["fifo", "device link"])
+@pytest.mark.parametrize("read", ["load", "content_hash", "stream"])
+def test_fifos_and_devices_are_refused_at_once(make, read, tmp_path):
+    # Prepare: what a corpus folder might hold under an audio name.
+    import os
+
+    path = tmp_path / "x.wav"
+    if make == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    calls = {"load": lambda: audio.load(path), "content_hash": lambda: audio.content_hash(path),
+             "stream": lambda: list(audio.stream(path))}
+    # Execute / Assert: a clear error within a second, no read that never ends.
+    with pytest.raises(AudioDecodeError, match="not a regular file"):
+        _in_a_thread(calls[read], seconds=1.0)
+
+
+def _wav_with_rate(path, rate: int) -> None:
+    """A 16-bit mono WAV whose header claims ``rate`` Hz (the fmt chunk edited in place)."""
+    import struct
+
+    sf.write(str(path), np.zeros(1600, np.int16), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    fmt = data.index(b"fmt ") + 8
+    struct.pack_into("<I", data, fmt + 4, rate)           # sample rate
+    struct.pack_into("<I", data, fmt + 8, rate * 2)       # byte rate
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [2_000_000_000, 10])
+def test_a_header_claiming_an_absurd_rate_is_skipped_with_the_reason(rate, tmp_path):
+    # Prepare
+    path = tmp_path / "odd.wav"
+    _wav_with_rate(path, rate)
+    # Execute / Assert
+    with pytest.raises(AudioContentError, match="implausible header: sample rate"):
+        audio.load(path)

@@ -203,6 +203,7 @@ def run(args) -> int:
                     "--data", str(manifest), "--tier", str(tier), "--max-epsilon", str(args.max_epsilon),
                     "--root-cert", str(certs.ca_cert), "--ledger", str(manifest.parent / "ledger.json"),
                     "--cache", str(cache), "--port", str(processes.free_port()), "--threads", str(threads),
+                    *(["--allow-no-dp"] if args.no_dp else []),
                     *(["--task-poll", str(poll)] if poll else []),
                     "--log", str(out / "logs" / f"device-{i}.log")]
             procs.append(processes.start_process(argv, out / "logs" / f"device-{i}.out"))
