@@ -1,11 +1,15 @@
 """``fedser-server``: run the aggregation server (a SuperLink plus the fedser ServerApp run).
 
     fedser-server start --run-dir DIR [--rounds R] [--min-clients K] [--kws-corpus PATH] [--public-corpus PATH]
-                        [--eval-data PATH] [--insecure] [--resume] [--supernode-auth --register KEY.pub ...]
+                        [--eval-data PATH] [--resume] [--register KEY.pub ...]
+                        [--insecure --no-supernode-auth]
     fedser-server start --superlink HOST:PORT --root-cert CA.pem --run-dir DIR [...]
 
 TLS is on unless ``--insecure``: a CA and server certificate are generated into
 ``--certs`` (default ``RUN_DIR/certs``) when missing; devices need ``ca.pem`` from there.
+SuperNode authentication is on unless ``--no-supernode-auth``: only devices whose public keys
+are registered (``--register``) may connect, so holding the CA certificate is not enough to
+join, and one person cannot add devices at will.
 
 Devices connect to the SuperLink's Fleet API: gRPC on ``--host``:``--port`` (default
 0.0.0.0:9092). Its Control and Runtime APIs (HTTP(S), used by the ``flwr`` CLI and the
@@ -65,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Control and Runtime API port, on 127.0.0.1 only (default {flower_args.SUPERLINK_PORT})")
     s.add_argument("--hostname", action="append", default=[], help="extra DNS name/IP for the certificate")
     s.add_argument("--certs", default=None, help="certificate folder (default RUN_DIR/certs)")
-    s.add_argument("--supernode-auth", action="store_true", help="only registered device keys may connect")
+    s.add_argument("--supernode-auth", action=argparse.BooleanOptionalAction, default=None,
+                   help="only registered device keys may connect (the default); --no-supernode-auth lets any "
+                        "holder of the CA certificate join, for local experiments only")
     s.add_argument("--register", action="append", default=[], metavar="KEY.pub",
-                   help="device public key(s) to register (with --supernode-auth): a .pub file with one or "
-                        "more key lines; repeatable")
+                   help="device public key(s) to register: a .pub file with one or more key lines "
+                        "(fedser-client enroll prints one); repeatable")
     s.add_argument("--config", action="append", default=[], type=_kv, metavar="KEY=VALUE",
                    help="any other run setting, e.g. --config noise-mode=local; repeatable")
     s.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
@@ -134,7 +140,8 @@ def _check_attach_args(args) -> None:
         except ConfigError as exc:
             problems.append(str(exc))
         clashes = [name for name, given in (("--certs", args.certs), ("--hostname", args.hostname),
-                                            ("--supernode-auth", args.supernode_auth), ("--port", args.port),
+                                            ("--supernode-auth", args.supernode_auth is not None),
+                                            ("--port", args.port),
                                             ("--control-port", args.control_port))
                    if given]
         if args.host != "0.0.0.0":
@@ -149,8 +156,11 @@ def _check_attach_args(args) -> None:
     else:
         if args.root_cert:
             problems.append("--root-cert is for --superlink; a SuperLink started here uses --certs")
-        if args.register and not args.supernode_auth:
-            problems.append("--register needs --supernode-auth")
+        if args.register and args.supernode_auth is False:
+            problems.append("--register needs SuperNode authentication: drop --no-supernode-auth")
+        if args.insecure and args.supernode_auth is not False:
+            problems.append("SuperNode authentication needs TLS: with --insecure pass --no-supernode-auth as well "
+                            "(local experiments only)")
     for key in args.register:
         if not Path(key).is_file():
             problems.append(f"--register {key}: no such file")
@@ -226,7 +236,7 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
             helper = processes.start_process(
                 flower_cli.superlink_command(host="127.0.0.1", port=control_port, fleet_host=args.host,
                                          fleet_port=fleet_port, certs=certs, insecure=args.insecure,
-                                         enable_supernode_auth=args.supernode_auth,
+                                         enable_supernode_auth=args.supernode_auth is not False,
                                          database=run_dir / "superlink.db"),
                 run_dir / "logs" / "superlink.log", env=env)
         else:
@@ -242,6 +252,9 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         conn = flower_cli.SuperLinkConnection(address, root_cert=root_cert, insecure=args.insecure)
         flower_cli.write_connection(flwr_home, conn)
         register_keys(args.register, flwr_home / "keys", env)
+        if attach is None and args.supernode_auth is not False and not args.register:
+            print("SuperNode authentication is on and no device key was given: devices join once their keys "
+                  "are registered (--register KEY.pub; a resumed run keeps the keys it registered)", flush=True)
         app_dir = write_app_dir(run_dir / ".app")
         progress = run_dir / "progress.log"
         seen = len(progress.read_text().splitlines()) if progress.exists() else 0

@@ -41,7 +41,7 @@ def _server_argv(run_dir: Path, port: int, rounds: int, min_clients: int, *extra
     return [process_tree.executable("fedser-server"), "start", "--run-dir", str(run_dir), "--host", HOST,
             "--port", str(port), "--control-port", str(process_tree.free_port(HOST)), "--certs", str(run_dir / "certs"),
             "--rounds", str(rounds),
-            "--min-clients", str(min_clients), "--config", "local-epochs=1", *extra]
+            "--min-clients", str(min_clients), "--config", "local-epochs=1", "--no-supernode-auth", *extra]
 
 
 def _device_argv(port: int, manifest: Path, ca: Path, folder: Path, tier: str = "1.0") -> list[str]:

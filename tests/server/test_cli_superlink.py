@@ -28,7 +28,8 @@ def _start(tmp_path, *extra) -> int:
     (["--superlink", "h:8000", "--insecure", "--certs", "c", "--port", "9", "--supernode-auth"],
      "--certs, --supernode-auth, --port shape a SuperLink"),
     (["--root-cert", "ca.pem"], "--root-cert is for --superlink"),
-    (["--register", "k.pub"], "--register needs --supernode-auth"),
+    (["--register", "k.pub", "--no-supernode-auth"], "--register needs SuperNode authentication"),
+    (["--insecure"], "with --insecure pass --no-supernode-auth"),
     (["--superlink", "h:8000", "--insecure", "--register", "missing.pub"], "--register missing.pub: no such file"),
 ])
 def test_bad_attach_arguments_are_refused_before_anything_starts(tmp_path, capsys, extra, expected):

@@ -17,7 +17,7 @@ from pathlib import Path
 from fedser.common import keys
 from fedser.common import processes
 from fedser.client import supernode
-from fedser.common.certs import generate_ca_and_server_cert
+from fedser.common.certs import generate_ca_and_server_cert, generate_node_keypair
 from fedser.common.errors import ConfigError, FedserError
 from .args import default_cache_dir, load_data
 from .partition import Partition, check_public_share, partition_corpus
@@ -65,6 +65,19 @@ def prepare_devices(data: list[str], out: Path, n_clients: int, test: float, see
     server's test manifest and public speech (each None when no speaker went there)."""
     return partition_corpus(load_data(data), out / "devices", n_clients, test=test, seed=seed, sources=data,
                             public=public)
+
+
+def _wait_for_submission(server: processes.LoggedProcess, timeout: float = 120.0) -> None:
+    """Wait until the server has registered the device keys and submitted the run (its log says
+    so), so that no device knocks before its key is known."""
+    deadline = time.monotonic() + timeout
+    while "submitted" not in server.log_path.read_text(errors="replace"):
+        if server.poll() is not None:
+            raise FedserError(f"the server failed (exit {server.returncode}); its log:\n{server.log_tail(40)}")
+        if time.monotonic() > deadline:
+            raise FedserError(f"the server did not submit the run within {timeout:.0f} s; its log:\n"
+                              f"{server.log_tail(40)}")
+        time.sleep(0.2)
 
 
 def _tail(path: Path, seen: int, quiet: bool) -> int:
@@ -165,10 +178,14 @@ def run(args) -> int:
           f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
           + (f"; public speech for the server's pretraining: {public_csv}" if public_csv else ""), flush=True)
     certs = generate_ca_and_server_cert(out / "certs")
+    # SuperNode authentication, as in a deployment: each device has a key pair, the server registers
+    # the public keys, and only those devices may connect.
+    device_keys = [generate_node_keypair(out / "keys", f"device-{i}") for i in range(len(devices))]
     port, control_port = processes.free_port(), processes.free_port()
     cache = default_cache_dir() / "features"
     server_argv = [processes.executable("fedser-server"), "start", "--run-dir", str(out), "--host", "127.0.0.1",
                    "--port", str(port), "--control-port", str(control_port), "--certs", str(out / "certs"),
+                   *[arg for _, public in device_keys for arg in ("--register", str(public))],
                    "--min-clients", str(args.clients),
                    "--rounds", str(args.rounds), "--config", f"local-epochs={args.local_epochs}"]
     if test_csv is not None:
@@ -197,11 +214,13 @@ def run(args) -> int:
         server = processes.start_process(server_argv, out / "logs" / "server.out")
         procs.append(server)
         processes.wait_for_port("127.0.0.1", port, timeout=90, process=server)
+        _wait_for_submission(server)
         for i, manifest in enumerate(devices):
             tier = tiers[i % len(tiers)]
             argv = [processes.executable("fedser-client"), "start", "--server", f"127.0.0.1:{port}",
                     "--data", str(manifest), "--tier", str(tier), "--max-epsilon", str(args.max_epsilon),
-                    "--root-cert", str(certs.ca_cert), "--ledger", str(manifest.parent / "ledger.json"),
+                    "--root-cert", str(certs.ca_cert), "--auth-key", str(device_keys[i][0]),
+                    "--ledger", str(manifest.parent / "ledger.json"),
                     "--cache", str(cache), "--port", str(processes.free_port()), "--threads", str(threads),
                     *(["--allow-no-dp"] if args.no_dp else []),
                     *(["--task-poll", str(poll)] if poll else []),
