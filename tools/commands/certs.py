@@ -21,7 +21,7 @@ def run(args) -> int:
     if args.node:
         private, public = generate_node_keypair(out, args.node)
         print(f"device key pair: {private} (keep on the device, --auth-key) and {public} "
-              f"(register on the server: fedser-server start --supernode-auth --register {public})")
+              f"(register on the server: fedser-server start --register {public})")
         return 0
     paths = generate_ca_and_server_cert(out, hosts=args.host)
     print(f"CA certificate {paths.ca_cert} (copy to every device: --root-cert); server certificate "
