@@ -152,11 +152,14 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _ledger(settings)
     sample_noise = None
     if round_settings.dp:
-        plan = _plan(ledger, settings, data, cfg)
-        sample_noise = plan.noise_multiplier
-        # Recorded before training starts: a device killed mid-round over-counts, never under-counts.
-        for spend in plan.spend:
-            ledger.record(spend, round=int(cfg[keys.SERVER_ROUND]), model_version=int(cfg[keys.MODEL_VERSION]))
+        # One critical section: no other agent on this ledger plans or records between this plan
+        # and its record (the lock re-reads the ledger, which may raise LedgerCorruptError).
+        with declining(keys.DECLINE_BUDGET, LedgerCorruptError), ledger.round_lock():
+            plan = _plan(ledger, settings, data, cfg)
+            sample_noise = plan.noise_multiplier
+            # Recorded before training starts: a device killed mid-round over-counts, never under-counts.
+            for spend in plan.spend:
+                ledger.record(spend, round=int(cfg[keys.SERVER_ROUND]), model_version=int(cfg[keys.MODEL_VERSION]))
 
     result = train_round(model, global_sub, {t: data.train[t] for t in data.tasks}, spec, round_settings,
                          sample_noise=sample_noise, delta=settings.delta, rng=np.random.default_rng())

@@ -3,7 +3,8 @@
     fedser-client enroll --server-ca CA.pem [--out DIR] [--name NAME] [--force]
     fedser-client start --server HOST[:PORT] --data DIR [--tier 1.0|0.5|0.25|auto] [--max-epsilon E]
                         [--root-cert CA] [--auth-key KEY] [--insecure]
-    fedser-client status [--data DIR | --ledger PATH]
+    fedser-client status [--data DIR | --ledger PATH] [--json]
+    fedser-client ledger reset [--ledger PATH] --yes [--reason TEXT]
     fedser-client listen --model BUNDLE (--input FILE | --mic) [--json]
 
 ``enroll`` prepares a device once: it stores the server's CA, makes the device's key pair and
@@ -15,6 +16,12 @@ restarts the SuperNode after a lost connection (with back-off), so a device rejo
 service manager or a container sets default to environment variables (``FEDSER_SERVER``,
 ``FEDSER_DATA``, ``FEDSER_TIER``, ``FEDSER_MAX_EPSILON``, ``FEDSER_ROOT_CERT``, ``FEDSER_AUTH_KEY``);
 an option on the command line wins.
+
+``status`` prints the device's identity and its privacy ledger: path, whether another process
+holds its lock, epsilon spent against the budget, whether its HMAC verified. ``ledger reset``
+starts a ledger over at zero spend; a device refuses to do that by itself (a deleted ledger of a
+device that has trained is an error, never a fresh budget), so it takes ``--yes``, moves what is
+there aside and logs the reset in the fedser home.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from . import supernode
 from fedser.common.errors import ConfigError, FedserError
 
 from .listen import cli as listen_cli
-from .device import DeviceSettings, default_state_dir
+from .device import DeviceSettings, device_ledger_path
 from .preflight import probe_fleet_api
 
 
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decline rounds whose user-level noise multiplier is below Z (default 0: no minimum)")
     pol.add_argument("--train-scopes", default="all,norms,heads", metavar="LIST",
                      help="which parts of the model the device agrees to train (default all,norms,heads)")
-    s.add_argument("--ledger", default=None, help="privacy ledger file (default under ~/.fedser)")
+    s.add_argument("--ledger", default=None,
+                   help="privacy ledger file (default: ledger-<device id>.json in $FEDSER_HOME or ~/.fedser)")
     s.add_argument("--cache", default=None, help="feature cache folder (default ~/.fedser/features; 'none' = off)")
     s.add_argument("--root-cert", default=_env("FEDSER_ROOT_CERT"),
                    help="CA certificate of the server (TLS) (env FEDSER_ROOT_CERT)")
@@ -87,12 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local port of the SuperNode's ClientApp API (one per agent on a machine)")
     s.add_argument("--log", default=None, help="SuperNode log file (default: print to this terminal)")
     s.add_argument("--max-restarts", type=int, default=-1, help="give up after this many restarts (-1: never)")
-    st = sub.add_parser("status", help="print the privacy ledger: epsilon spent / budget, rounds joined")
-    st.add_argument("--data", default=None, help="the --data given to start (finds the default ledger)")
-    st.add_argument("--ledger", default=None)
+    st = sub.add_parser("status", help="print the device identity and its privacy ledger: epsilon spent / budget, "
+                                       "rounds joined, whether it verified")
+    st.add_argument("--data", default=None, help="the --data given to start (adopts a ledger named by it, as "
+                                                 "older versions named ledgers)")
+    st.add_argument("--ledger", default=None, help="the --ledger given to start (default: this device's ledger)")
     st.add_argument("--max-epsilon", type=float, default=8.0)
     st.add_argument("--delta", type=float, default=1e-5)
     st.add_argument("--json", action="store_true")
+    led = sub.add_parser("ledger", help="manage the privacy ledger")
+    led_sub = led.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    rs = led_sub.add_parser("reset", help="start the privacy ledger over at zero spend, knowingly (logged)")
+    rs.add_argument("--ledger", default=None, help="the --ledger given to start (default: this device's ledger)")
+    rs.add_argument("--data", default=None, help="the --data given to start, for a ledger named by it")
+    rs.add_argument("--yes", action="store_true",
+                    help="confirm: the recorded spend no longer counts against the budget")
+    rs.add_argument("--reason", default="", help="why, for the reset log")
     li = sub.add_parser("listen", help="spot keywords and read the emotion of utterances in an audio stream")
     listen_cli.add_arguments(li)
     return p
@@ -120,7 +138,7 @@ def enroll(args) -> int:
     print(f"CA stored at        {identity.ca}")
     print(f"private key         {identity.private_key} (stays on this device)")
     print(f"public key          {identity.public_key}")
-    print("\nRegister this public key on the server (fedser-server start --supernode-auth --register FILE):\n")
+    print("\nRegister this public key on the server (fedser-server start --register FILE):\n")
     print(identity.public_key_line)
     print("\nThen start the agent:\n")
     print(f"fedser-client start --server HOST:{flower_args.FLEET_PORT} --data DIR --root-cert {identity.ca} "
@@ -199,26 +217,35 @@ def start(args) -> int:
             processes.stop_process(proc)
 
 
+def _ledger_path(args) -> Path:
+    """The ledger ``status`` and ``ledger reset`` act on: ``--ledger``, else this device's own."""
+    if args.ledger:
+        return Path(args.ledger)
+    if args.data:
+        return Path(DeviceSettings.from_node_config({"data": args.data}).ledger)
+    return device_ledger_path()
+
+
 def status(args) -> int:
     from .ledger import PrivacyLedger
 
-    if args.ledger:
-        path = args.ledger
-    elif args.data:
-        path = DeviceSettings.from_node_config({"data": args.data}).ledger
-    else:
-        ledgers = sorted(default_state_dir().glob("ledger-*.json"))
-        if len(ledgers) != 1:
-            raise ConfigError("pass --data DIR (as given to start) or --ledger PATH"
-                              + (f"; found {len(ledgers)} ledgers in {default_state_dir()}" if ledgers else ""))
-        path = str(ledgers[0])
-    if not Path(path).exists():
-        raise ConfigError(f"no privacy ledger at {path}: this device has not trained yet")
-    s = PrivacyLedger(path, max_epsilon=args.max_epsilon, delta=args.delta).summary()
+    path = _ledger_path(args)
+    # Raises, naming the fix, for a ledger that is unreadable, fails its HMAC or has gone missing.
+    ledger = PrivacyLedger(path, max_epsilon=args.max_epsilon, delta=args.delta)
+    if ledger.verified is None:
+        others = sorted(str(p) for p in ledger.home.glob("ledger-*.json") if p != path)
+        raise ConfigError(f"no privacy ledger at {path}: this device has not trained yet"
+                          + ("" if args.ledger else " (pass --ledger PATH if start was given one)")
+                          + (f"; other ledgers in {ledger.home}: {', '.join(others)} (one named by a data "
+                             "folder is adopted by `status --data DIR`, DIR as given to start)" if others else ""))
+    s = {**ledger.summary(), "lock_held": ledger.lock_held()}
     if args.json:
         print(json.dumps(s, default=str))
     else:
-        print(f"ledger            {s['path']}")
+        print(f"device            {s['device_id']} ({s['identity']})")
+        print(f"ledger            {s['path']} (backup {s['backup']})")
+        print(f"lock              {'held by another process (planning or recording now)' if s['lock_held'] else 'free'}")
+        print("HMAC              verified (HMAC-SHA256 under this device's secret)")
         print(f"epsilon spent     {s['epsilon']:.3f} of {s['max_epsilon']} (delta {s['delta']})"
               + ("  BUDGET EXHAUSTED" if s.get("exhausted") else ""))
         print(f"rounds joined     {s['rounds_joined']} (last round {s.get('last_round')})")
@@ -227,10 +254,29 @@ def status(args) -> int:
     return 0
 
 
+def ledger_command(args) -> int:
+    from .ledger import reset_ledger
+
+    path = _ledger_path(args)
+    if not args.yes:
+        raise ConfigError(f"ledger reset starts {path} over at zero spend: the privacy this device has already "
+                          "spent would no longer count against its budget. Stop the device agent, then run it "
+                          "again with --yes if that is what you mean")
+    done = reset_ledger(path, reason=args.reason)
+    print(f"privacy ledger {done.ledger} reset for device {done.device_id} by {done.user}")
+    print(f"found             {done.found}")
+    for aside in done.moved_aside:
+        print(f"moved aside       {aside}")
+    print(f"logged in         {done.log}")
+    print("the device starts at zero spend on its next round")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"enroll": enroll, "start": start, "status": status, "listen": listen_cli.run}[args.command](args)
+        return {"enroll": enroll, "start": start, "status": status, "ledger": ledger_command,
+                "listen": listen_cli.run}[args.command](args)
     except FedserError as exc:
         print(f"fedser-client: error: {exc}", file=sys.stderr)
         return 2

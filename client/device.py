@@ -26,6 +26,25 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("FEDSER_HOME", Path.home() / ".fedser"))
 
 
+def device_ledger_path(data: str | Path | None = None) -> Path:
+    """This device's privacy ledger: named by the device identity in the fedser home, not by its data.
+
+    A ledger named by the data folder's path started a fresh budget whenever the folder moved.
+    ``data`` only finds a ledger named that way (``ledger-<hash of the data path>.json``) so it
+    is adopted once; a broken identity is a ConfigError that names its file and the fix.
+    """
+    from .ledger import LedgerCorruptError, default_ledger_path
+
+    home = default_state_dir()
+    legacy = None
+    if data:
+        legacy = home / f"ledger-{hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]}.json"
+    try:
+        return default_ledger_path(home, legacy)
+    except LedgerCorruptError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     data: str                      # corpus folder or manifest CSV
@@ -94,8 +113,7 @@ class DeviceSettings:
         if problems:
             raise ConfigError("node config: " + "; ".join(problems))
         state = default_state_dir()
-        key = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]
-        ledger = str(node_config.get("ledger") or defaults.get("ledger") or state / f"ledger-{key}.json")
+        ledger = str(node_config.get("ledger") or defaults.get("ledger") or device_ledger_path(data))
         cache = str(node_config.get("cache", state / "features"))
         return cls(data=data, tier=tier, max_epsilon=max_eps, delta=delta, ledger=ledger,
                    cache="" if cache == "none" else cache, holdout=holdout, policy=policy)

@@ -14,6 +14,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(autouse=True)
+def fedser_home(monkeypatch, tmp_path_factory) -> Path:
+    """Every test gets its own fedser home (device identity, ledgers, caches), never ``~/.fedser``;
+    tests that start agents pass their own in the processes' environment."""
+    home = tmp_path_factory.mktemp("fedser-home")
+    monkeypatch.setenv("FEDSER_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real development corpus beside the project; skips the test when it is absent."""

@@ -89,7 +89,8 @@ class Bed:
         return next((str(n.get("status")) for n in nodes if int(n.get("node-id", -1)) == node_id), None)
 
     def ledger(self, name: str) -> PrivacyLedger:
-        return PrivacyLedger(self.root / name / "state" / "ledger.json", max_epsilon=BUDGET[name], delta=1e-5)
+        state = self.root / name / "state"     # the device container's fedser home
+        return PrivacyLedger(state / "ledger.json", max_epsilon=BUDGET[name], delta=1e-5, home=state)
 
 
 def _skip_reason(netns) -> str | None:
@@ -235,7 +236,8 @@ def test_client_cut_mid_round_is_dropped_then_rejoins_with_its_ledger_intact(bed
     rounds = Counter(e.round for e in ledger.entries)
     assert rounds[1] >= 1 and rounds[2] == rounds[1], rounds
     assert 0 < ledger.epsilon() <= BUDGET["client-3"]
-    backup = PrivacyLedger(Path(str(ledger.path) + ".bak"), max_epsilon=BUDGET["client-3"], delta=1e-5)
+    backup = PrivacyLedger(Path(str(ledger.path) + ".bak"), max_epsilon=BUDGET["client-3"], delta=1e-5,
+                           home=ledger.path.parent)
     assert [e.to_dict() for e in backup.entries] == [e.to_dict() for e in ledger.entries]
     print(f"\nlink cut for {bed.events['restored'] - bed.events['cut']:.0f} s")
 

@@ -123,7 +123,7 @@ def test_round_completes_without_a_device_that_dies_mid_round(faulty_run):
     assert first["model-version"] == 1
 
 
-def test_server_killed_mid_run_resumes_without_losing_or_repeating_a_round(faulty_run):
+def test_server_killed_mid_run_resumes_without_losing_or_repeating_a_round(faulty_run, fedser_state):
     # Prepare
     run_dir = faulty_run.run_dir
     out = faulty_run.resumed_server.log_path.read_text()
@@ -150,7 +150,8 @@ def test_server_killed_mid_run_resumes_without_losing_or_repeating_a_round(fault
     assert summary["user-epsilon"] == pytest.approx(accountant.epsilon(summary["user-delta"]))
     assert (run_dir / "model.fedser").is_file()
     for device_dir in faulty_run.device_dirs[:2]:
-        ledger = PrivacyLedger(device_dir / "ledger.json", max_epsilon=8.0, delta=1e-5)
+        ledger = PrivacyLedger(device_dir / "ledger.json", max_epsilon=8.0, delta=1e-5,
+                               home=fedser_state["FEDSER_HOME"])
         # Spend is recorded before training, so every round the device trained in is on its
         # ledger (one trained for the killed run and again for the resumed run counts twice).
         assert {e.round for e in ledger.entries} >= set(range(1, ROUNDS + 1))

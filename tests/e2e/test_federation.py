@@ -162,14 +162,15 @@ def test_evaluate_cli_scores_the_federated_model_as_one_json_object(demo_run, co
     assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["uar"] <= 1.0
 
 
-def test_every_device_keeps_a_ledger_of_its_sample_level_spend(demo_run):
+def test_every_device_keeps_a_ledger_of_its_sample_level_spend(demo_run, fedser_state):
     # Prepare
     assert demo_run.returncode == 0, demo_run.stdout[-4000:]
     rows = _rows(demo_run.out)
 
     # Execute
     ledgers = [PrivacyLedger(demo_run.out / "devices" / f"device-{i}" / "ledger.json",
-                             max_epsilon=MAX_EPSILON, delta=1e-5) for i in range(CLIENTS)]
+                             max_epsilon=MAX_EPSILON, delta=1e-5, home=fedser_state["FEDSER_HOME"])
+               for i in range(CLIENTS)]
 
     # Assert: DP was on, each device spent within its budget, every round is on its ledger.
     for ledger in ledgers:

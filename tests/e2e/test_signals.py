@@ -50,14 +50,15 @@ def _wait_gone(processes, name: str = "") -> float:
     return time.monotonic() - start
 
 
-def _assert_ledger_whole(path: Path) -> None:
+def _assert_ledger_whole(path: Path, home: str | Path) -> None:
+    """The ledger at ``path`` reads whole (signed by the device whose fedser home is ``home``)."""
     if not path.exists():
         return
-    ledger = PrivacyLedger(path, max_epsilon=8.0, delta=1e-5)   # raises if unreadable
+    ledger = PrivacyLedger(path, max_epsilon=8.0, delta=1e-5, home=home)   # raises if unreadable
     assert 0 <= ledger.epsilon() <= 8.0 + 1e-9
     backup = Path(str(path) + ".bak")
     if backup.exists():
-        older = PrivacyLedger(backup, max_epsilon=8.0, delta=1e-5)
+        older = PrivacyLedger(backup, max_epsilon=8.0, delta=1e-5, home=home)
         assert len(older.entries) <= len(ledger.entries)
 
 
@@ -92,7 +93,7 @@ def test_demo_signalled_mid_round_leaves_nothing_running(sig, processes, corpus_
     assert demo.wait(timeout=5) != 0
     assert not _listening(fleet_port)
     for device in (out / "devices").glob("device-*"):
-        _assert_ledger_whole(device / "ledger.json")
+        _assert_ledger_whole(device / "ledger.json", processes.env["FEDSER_HOME"])
     if (out / "checkpoint.pt").exists():
         load_checkpoint(out)
     print(f"\n{signal.Signals(sig).name}: {started} processes gone in {seconds:.1f} s")
@@ -131,7 +132,7 @@ def test_agent_and_server_signalled_mid_round_leave_nothing_running(processes, d
     assert server.wait(timeout=5) == 130
     assert not _listening(fleet_port) and not _listening(control_port)
     assert agents[1].poll() is None, "the other device's agent keeps going (its SuperNode retries)"
-    _assert_ledger_whole(tmp_path / "device-0" / "ledger.json")
+    _assert_ledger_whole(tmp_path / "device-0" / "ledger.json", processes.env["FEDSER_HOME"])
     if (run_dir / "checkpoint.pt").exists():
         load_checkpoint(run_dir)
     print(f"\nagent gone in {agent_s:.1f} s ({in_device} processes); server gone in {server_s:.1f} s")
@@ -186,7 +187,7 @@ def test_testbed_up_signalled_mid_round_leaves_no_service_or_namespace(sig, proc
     assert up.wait(timeout=5) != 0
     assert not made & namespaces(), made & namespaces()
     for i in (1, 2, 3):
-        _assert_ledger_whole(bed_dir / f"client-{i}" / "state" / "ledger.json")
+        _assert_ledger_whole(bed_dir / f"client-{i}" / "state" / "ledger.json", bed_dir / f"client-{i}" / "state")
     if (bed_dir / "run" / "checkpoint.pt").exists():
         load_checkpoint(bed_dir / "run")
     print(f"\n{signal.Signals(sig).name}: {started} processes of the test bed gone in {seconds:.1f} s")

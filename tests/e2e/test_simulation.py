@@ -63,7 +63,8 @@ def test_simulate_runs_virtual_clients_partitioned_by_speaker(tmp_path, corpus_p
     assert (run_dir / "model.fedser").exists() and (run_dir / "metrics.csv").exists()
     # Each virtual device kept its own privacy ledger in the run directory, charged by its training.
     for i in range(N_CLIENTS):
-        ledger = PrivacyLedger(run_dir / "devices" / f"device-{i}" / "ledger.json", max_epsilon=8.0, delta=1e-5)
+        ledger = PrivacyLedger(run_dir / "devices" / f"device-{i}" / "ledger.json", max_epsilon=8.0, delta=1e-5,
+                               home=processes.env["FEDSER_HOME"])
         assert 0 < ledger.epsilon() <= 8.0, f"partition {i}: epsilon {ledger.epsilon()}"
     # partition-tiers 1.0,1.0,0.5 taken in turn: two of the six devices ran half-width models.
     profiles = load_checkpoint(run_dir).strategy["profiles"]
