@@ -24,6 +24,10 @@ device clips its delta to norm C and adds Gaussian noise, and the server average
 noised deltas (McMahan et al., 2018). ``server_lr != 1`` scales the averaged step
 (FedAvg with a server learning rate).
 
+**Capped weights.** ``n_i`` is what the client *claims*; :func:`capped_weights` bounds each
+claim at a multiple of the cohort's lower median before it becomes a weight, so one device
+cannot outweigh the rest by claiming a million examples.
+
 Updates must be validated first (``fedser.server.validation.validate_update``); the
 caller drops rejected replies, so a rejected reply never touches the model. As a last
 line of defence :func:`aggregate` raises instead of writing a non-finite value.
@@ -31,6 +35,7 @@ line of defence :func:`aggregate` raises instead of writing a non-finite value.
 from __future__ import annotations
 
 import math
+import statistics
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +46,9 @@ __all__ = [
     "ENCODER",
     "AggregationStats",
     "ClientUpdate",
+    "WEIGHT_CAP_FACTOR",
     "aggregate",
+    "capped_weights",
     "full_index",
 ]
 
@@ -105,6 +112,44 @@ class AggregationStats:
         for width, n in self.tier_contributors.items():
             metrics[f"agg-tier-{width:g}"] = float(n)
         return metrics
+
+
+# A device counts with at most this many times the cohort's lower-median example count.
+WEIGHT_CAP_FACTOR = 4
+
+
+def capped_weights(counts: Sequence[int], factor: int = WEIGHT_CAP_FACTOR) -> list[int]:
+    """Each claimed example count, capped at ``factor`` x the lower median of ``counts``.
+
+    Example counts are claims a device makes about itself, and FedAvg weights by them: one
+    device that claims 10**6 examples among devices of ten steers the global step alone (and
+    its weight drives the user-level noise multiplier the accountant is given). Bounding
+    every weight is what DP-FedAvg does (McMahan et al., 2018, w = min(n / n_cap, 1)); the
+    bound here is relative to the cohort:
+
+    - the *lower* median is a count an honest device sent whenever fewer than half of the
+      cohort lie, so a minority cannot raise the cap (the upper median or the mean of two
+      devices could be the liar's own claim);
+    - a factor of 4 leaves honest cohorts of ordinary spread (one speaker with four times
+      the clips of the typical one) weighted exactly by their counts, as before;
+    - one device then holds at most 4 / (4 + ceil((m - 1) / 2)) of the total weight of m
+      devices, 4/13 among ten equal ones: nine honest devices still set the sign of the step.
+
+    Uniform weights (the other DP-FedAvg choice) would bound a liar more tightly but would
+    also discard the honest size information FedAvg relies on on non-IID data.
+
+    Raises:
+        ValueError: for a count that is not a positive integer, or a factor < 1.
+    """
+    bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0]
+    if bad:
+        raise ValueError(f"example counts must be positive integers; got {bad[:5]!r}: validate replies first")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an integer >= 1; got {factor!r}")
+    if not counts:
+        return []
+    cap = factor * int(statistics.median_low([int(n) for n in counts]))
+    return [min(int(n), cap) for n in counts]
 
 
 def full_index(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, ...]]:

@@ -34,6 +34,7 @@ from .pretrain import PublicCorpus, pretrain
 from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
 from .settings import RunSettings
+from .robust import TrimmedMeanHeteroFedAvg
 from .strategy import HeteroFedAvg
 
 log = logging.getLogger("fedser.server")
@@ -61,7 +62,10 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec = FeatureSpec()
         self.model_config = ModelConfig(encoder=settings.encoder, n_features=self.spec.n_features())
-        self.strategy = HeteroFedAvg(
+        rule, extra = HeteroFedAvg, {}
+        if settings.aggregation == "trimmed-mean":
+            rule, extra = TrimmedMeanHeteroFedAvg, {"trim": settings.aggregation_trim}
+        self.strategy = rule(
             self.model_config, self.spec, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
             noise_mode=settings.noise_mode, fraction_train=settings.fraction_train,
             fraction_evaluate=settings.fraction_evaluate,
@@ -72,7 +76,7 @@ class FederatedRun:
                             keys.DP_ENABLED: settings.dp, keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
                             "num-rounds": settings.num_server_rounds,
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
-                            "timeout": settings.round_timeout})
+                            "timeout": settings.round_timeout}, **extra)
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec) if settings.eval_data else None
 
     def _initial_state(self, grid: Grid) -> ServerState:
@@ -141,6 +145,7 @@ class FederatedRun:
                    "model-version": self.strategy.model_version, "kws-head-version": self.strategy.kws_head_version,
                    "clients-sampled": out.sampled, "clients-used": out.used, "clients-rejected": len(out.rejected),
                    "clients-declined": len(out.declined), "clients-failed": len(out.failed),
+                   "evaluations-rejected": len(out.eval_rejected),
                    "bytes-sent": out.bytes_sent, "bytes-received": out.bytes_received,
                    "train-loss": out.train_loss, "round-noise-multiplier": out.noise_multiplier,
                    "user-epsilon": user_eps, "user-delta": self.s.user_delta,
@@ -167,7 +172,8 @@ class FederatedRun:
     def _report(self, rows: list[dict], accountant: UserLevelAccountant) -> None:
         summary = {"rounds": len(rows), **{f"user-{k}": v for k, v in accountant.summary(self.s.user_delta).items()
                                            if k in ("epsilon", "delta", "note", "sample_rate", "total_clients")},
-                   "rejections": len(self.strategy.rejections)}
+                   "rejections": sum(r.get("stage", "train") == "train" for r in self.strategy.rejections),
+                   "evaluation-rejections": sum(r.get("stage") == "evaluate" for r in self.strategy.rejections)}
         write_metrics(self.run_dir, rows, summary)
         write_plots(self.run_dir, rows)
 

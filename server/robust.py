@@ -8,8 +8,13 @@ flipped or scaled without bound, and the element still moves by what the others 
 
 It ignores the example counts devices claim, so a weight lie has no effect at all, and it costs
 some efficiency on honest, non-IID cohorts (it averages fewer values per element, unweighted):
-it is offered as a run setting (``aggregation = "trimmed-mean"``), while the default stays the
-sample-weighted mean with capped weights (:func:`fedser.server.aggregation.capped_weights`).
+it is offered as a run setting (``aggregation = "trimmed-mean"``, :class:`TrimmedMeanHeteroFedAvg`),
+while the default stays the sample-weighted mean with capped weights
+(:func:`fedser.server.aggregation.capped_weights`).
+
+The user-level accountant is given the noise multiplier of the unweighted mean of the updates;
+how trimming changes the sensitivity is not analysed here, so a run that needs a user-level
+guarantee should keep the default rule.
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedser.common.models import head_of
+
 from .aggregation import ENCODER, AggregationStats, ClientUpdate
+from .strategy import HeteroFedAvg
 
 RULES = ("fedavg", "trimmed-mean")
 DEFAULT_TRIM = 0.2
@@ -81,3 +89,19 @@ def trimmed_mean_aggregate(
         stats.tier_contributors[u.width] = stats.tier_contributors.get(u.width, 0) + 1
     return new_state, stats
 
+
+class TrimmedMeanHeteroFedAvg(HeteroFedAvg):
+    """``HeteroFedAvg`` whose round combines updates by the coordinate-wise trimmed mean; every
+    check before it (validation, profiles, capped counts) is the same."""
+
+    def __init__(self, *args, trim: float = DEFAULT_TRIM, **kwargs):
+        if not (isinstance(trim, (int, float)) and 0.0 <= float(trim) < 0.5):
+            raise ValueError(f"trim must be a share in [0, 0.5), e.g. {DEFAULT_TRIM}; got {trim!r}")
+        super().__init__(*args, **kwargs)
+        self.trim = float(trim)
+
+    def combine(self, updates: list[ClientUpdate]) -> tuple[dict[str, np.ndarray], AggregationStats]:
+        return trimmed_mean_aggregate(self._global, updates, head_of, self.trim)
+
+    def accounting_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        return [1.0] * len(updates)

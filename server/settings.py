@@ -64,6 +64,8 @@ class RunSettings:
     resume: bool = False
     round_timeout: float = 600.0
     fraction_evaluate: float = 1.0    # share of nodes asked to evaluate each round
+    aggregation: str = "fedavg"       # "fedavg" (capped sample weights) or "trimmed-mean" (fedser.server.robust)
+    aggregation_trim: float = 0.2     # share trimmed from each end per element by "trimmed-mean"
     # Simulation (virtual clients without --node-config data): client partition-id i reads
     # <partitions-dir>/device-<i>/data.csv, runs tier i-th of partition-tiers (in turn) and
     # has partition-max-epsilon as its sample-level budget; partition-require-dp is its privacy
@@ -128,6 +130,10 @@ class RunSettings:
                 p.append(f"{key} must be a finite number > 0, got {value}")
         if self.kws_pretrain_epochs < 1:
             p.append(f"kws-pretrain-epochs must be >= 1, got {self.kws_pretrain_epochs}")
+        if self.aggregation not in ("fedavg", "trimmed-mean"):
+            p.append(f"aggregation must be fedavg or trimmed-mean, got {self.aggregation!r}")
+        if not 0 <= self.aggregation_trim < 0.5:
+            p.append(f"aggregation-trim must be in [0, 0.5), got {self.aggregation_trim}")
         if not 0 < self.fraction_evaluate <= 1:
             p.append(f"fraction-evaluate must be in (0, 1], got {self.fraction_evaluate}")
         try:

@@ -5,8 +5,12 @@ logging are Flower's). What it adds:
 
 - a *profile* query to each node the first time it is sampled (tier, heads it has labels
   for, data size), so each node receives the nested width slice for its tier;
-- validation of every reply (NaN/Inf, keys, shapes, dtypes, norm bound, staleness);
-  rejected replies are logged with their reasons and never touch the model;
+- validation of every reply (declared shapes and dtypes before decoding, NaN/Inf, keys,
+  norm bound, staleness, example counts against the profile, evaluation scores);
+  rejected replies are logged with their reasons and never touch the model or the figures,
+  and no reply, however malformed, ends the round;
+- example-count weights capped at a multiple of the cohort's lower median, so no device
+  steers the model (or the reported noise multiplier) by claiming more data;
 - per-element aggregation over exactly the clients that trained each element
   (``fedser.server.aggregation``), with the KWS head versioned separately;
 - the user-level noise multiplier each round actually carried, for the accountant.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -31,10 +35,10 @@ from fedser.common.privacy import max_expected_norm, update_noise_std
 from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
 from fedser.common.slicing import slice_index, slice_state
 
-from .aggregation import ClientUpdate, aggregate
+from .aggregation import WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate, capped_weights
 from .sampling import sample_nodes
 from .user_privacy import Contribution, round_noise_multiplier
-from .validation import expected_shapes, validate_update
+from .validation import TaskScore, decode_update, expected_shapes, validate_evaluation, validate_update
 
 log = logging.getLogger("fedser.server")
 
@@ -58,7 +62,9 @@ class RoundOutcome:
 
     sampled: int = 0
     used: int = 0
-    rejected: list[tuple[int, str]] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)        # training replies
+    eval_rejected: list[tuple[int, str]] = field(default_factory=list)   # evaluation replies
+    capped: list[tuple[int, int, int]] = field(default_factory=list)     # (node, claimed, weight used)
     declined: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     noise_multiplier: float = math.inf
@@ -191,7 +197,8 @@ class HeteroFedAvg(FedAvg):
         base.pop("timeout", None)
         base[keys.ROUNDS_LEFT] = max(1, int(base.pop("num-rounds", server_round)) - server_round + 1)
         plan = {k: base[k] for k in (keys.LOCAL_EPOCHS, keys.BATCH_SIZE, keys.DP_ENABLED, keys.DP_NOISE_MULTIPLIER,
-                                     keys.ROUNDS_LEFT) if k in base}
+                                     keys.ROUNDS_LEFT, keys.NOISE_MODE, keys.NOISE_MULTIPLIER, keys.TRAIN_SCOPE)
+                if k in base}
         self.profile_nodes(node_ids, grid, server_round, timeout=float(self.train_settings.get("timeout", 600)),
                            plan=plan)
         usable = [n for n in node_ids if n in self.profiles and not self.profiles[n].declined]
@@ -225,89 +232,58 @@ class HeteroFedAvg(FedAvg):
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent_messages if m.metadata.message_id}
         return sent.get(reply.metadata.reply_to_message_id, src)
 
-    def _reject(self, server_round: int, node: int, reasons: list[str]) -> None:
-        self.outcome.rejected.append((node, "; ".join(reasons)))
-        self.rejections.append({"round": server_round, "node": node, "reasons": reasons})
-        log.warning("round %s: rejected update from node %s: %s", server_round, node, "; ".join(reasons))
+    def _reject(self, server_round: int, node: int, reasons: list[str], stage: str = "train") -> None:
+        """Count, keep (checkpointed) and log one rejected reply of ``stage`` "train" or "evaluate"."""
+        counted = self.outcome.rejected if stage == "train" else self.outcome.eval_rejected
+        counted.append((node, "; ".join(reasons)))
+        self.rejections.append({"round": server_round, "node": node, "stage": stage, "reasons": reasons})
+        what = "update" if stage == "train" else "evaluation"
+        log.warning("round %s: rejected %s from node %s: %s", server_round, what, node, "; ".join(reasons))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, cap the claimed example counts, aggregate the rest.
+
+        A reply that cannot even be read is rejected like any other bad reply: whatever one
+        device sends, the round completes with the others. The capped counts
+        (:func:`fedser.server.aggregation.capped_weights`) are both the aggregation weights
+        and the weights of the user-level noise multiplier, so the accountant is told about
+        the aggregation that actually happened.
+        """
         assert self._global is not None, "configure_train must run first"
-        updates, contributions, losses = [], [], []
-        n_params_cache: dict[float, int] = {}
+        accepted: list[ClientUpdate] = []
+        losses: list[float] = []
         seen: set[int] = set()
         for reply in replies:
-            node = self._addressee(reply)
-            if reply.has_error():
-                reason = reply.error.reason or f"error code {reply.error.code}"
-                if reply.error.code in keys.DECLINE_CODES:
-                    self.outcome.declined.append((node, reason))
-                    if reply.error.code == keys.DECLINE_BUDGET and node in self.profiles:
-                        self.profiles[node].declined = reason
-                else:
-                    self.outcome.failed.append((node, reason))
-                log.warning("round %s: node %s: %s", server_round, node, reason)
-                continue
-            tier = self._sent_tiers.get(node)
-            if tier is None:
-                self._reject(server_round, node, ["reply from a node that was not sent a training instruction"])
-                continue
-            if node in seen:
-                # aggregate() refuses a node twice; one reply per instruction is all a node may send.
-                self._reject(server_round, node, ["a second reply from this node in this round"])
-                continue
-            seen.add(node)
+            node = _source(reply)
             try:
-                record, m = reply.content[keys.ARRAYS], reply.content[keys.METRICS]
-                if not isinstance(record, ArrayRecord) or not isinstance(m, MetricRecord):
-                    raise TypeError(f"expected an ArrayRecord {keys.ARRAYS!r} and a MetricRecord {keys.METRICS!r}, "
-                                    f"got {type(record).__name__} and {type(m).__name__}")
-                arrays = record_to_arrays(record)
-            except (KeyError, TypeError, ValueError) as exc:
-                self._reject(server_round, node, [f"malformed reply: {exc}"])
+                node = self._addressee(reply)
+                read = self._read_train_reply(server_round, node, reply, seen)
+            except Exception as exc:  # one malformed reply must not end the run
+                self._reject(server_round, node, [f"reply could not be processed: {type(exc).__name__}: {exc}"])
                 continue
-            self.outcome.bytes_received += reply.content[keys.ARRAYS].count_bytes()
-            index = slice_index(self.model_config, tier)
-            shapes = expected_shapes(index)
-            if tier not in n_params_cache:
-                n_params_cache[tier] = int(sum(int(np.prod(s)) for s in shapes.values()))
-            bound = max_expected_norm(self.clip_norm, self.noise_multiplier, self.noise_mode,
-                                      self._expected_clients, n_params_cache[tier])
-            reasons = validate_update(arrays, shapes, max_norm=bound, current_model_version=self.model_version,
-                                      reply_model_version=m.get(keys.MODEL_VERSION),
-                                      num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
-                                      max_staleness=self.max_staleness)
-            reported_tier = m.get(keys.TIER)
-            if reported_tier is not None and not _is_number(reported_tier):
-                reasons.append(f"tier {reported_tier!r} in the reply is not a number")
-            elif reported_tier is not None and float(reported_tier) != tier:
-                reasons.append(f"reply claims tier {reported_tier} but was sent the {tier} slice")
-            if keys.LOSS in m and not _is_number(m[keys.LOSS]):
-                reasons.append(f"metric {keys.LOSS!r} must be a number; got {m[keys.LOSS]!r}")
-            if keys.EPSILON in m and not (_is_number(m[keys.EPSILON]) and m[keys.EPSILON] >= 0):
-                reasons.append(f"metric {keys.EPSILON!r} must be a number >= 0; got {m[keys.EPSILON]!r}")
-            if reasons:
-                self._reject(server_round, node, reasons)
-                continue
-            heads = set(keys.mask_to_heads(int(m[keys.HEADS])))
-            n = int(m[keys.NUM_EXAMPLES])
-            updates.append(ClientUpdate(node_id=node, delta=arrays, index=index, num_examples=n,
-                                        heads=heads, width=tier))
-            contributions.append(Contribution(
-                weight=float(n), width=tier, heads=frozenset(heads),
-                noise_std=update_noise_std(self.clip_norm, self.noise_multiplier, self.noise_mode,
-                                           self._expected_clients)))
-            if keys.LOSS in m:
-                losses.append(float(m[keys.LOSS]))
-            if keys.EPSILON in m and node in self.profiles:
-                self.profiles[node].epsilon = float(m[keys.EPSILON])
+            if read is not None:
+                accepted.append(read[0])
+                if read[1] is not None:
+                    losses.append(read[1])
+        weights = capped_weights([u.num_examples for u in accepted])
+        updates = []
+        for u, w in zip(accepted, weights):
+            if w < u.num_examples:
+                self.outcome.capped.append((u.node_id, u.num_examples, w))
+                log.warning("round %s: node %s claims %s examples; weighted as %s (%s x the cohort's lower "
+                            "median)", server_round, u.node_id, u.num_examples, w, WEIGHT_CAP_FACTOR)
+            updates.append(replace(u, num_examples=w))
         self.outcome.used = len(updates)
         self.outcome.max_device_epsilon = max((p.epsilon for p in self.profiles.values()), default=0.0)
         self.outcome.train_loss = float(np.mean(losses)) if losses else float("nan")
         if not updates:
             log.warning("round %s: no valid update; the global model is unchanged", server_round)
             return None, MetricRecord({"updates": 0})
-        new_state, stats = aggregate(self._global, updates, head_of)
+        new_state, stats = self.combine(updates)
+        noise_std = update_noise_std(self.clip_norm, self.noise_multiplier, self.noise_mode, self._expected_clients)
+        contributions = [Contribution(weight=w, width=u.width, heads=frozenset(u.heads), noise_std=noise_std)
+                         for u, w in zip(updates, self.accounting_weights(updates))]
         self.outcome.noise_multiplier = round_noise_multiplier(contributions, self.clip_norm)
         self.outcome.kws_contributors = stats.head_contributors.get("kws", 0)
         self.outcome.emotion_contributors = stats.head_contributors.get("emotion", 0)
@@ -317,6 +293,88 @@ class HeteroFedAvg(FedAvg):
         self._global = new_state
         metrics = {**stats.to_metrics(), "updates": len(updates)}
         return arrays_to_record(new_state), MetricRecord(metrics)
+
+    def combine(self, updates: list[ClientUpdate]) -> tuple[dict[str, np.ndarray], AggregationStats]:
+        """The new global state from this round's validated updates (weights already capped):
+        the per-element, sample-weighted mean. Robust rules override this."""
+        return aggregate(self._global, updates, head_of)
+
+    def accounting_weights(self, updates: list[ClientUpdate]) -> list[float]:
+        """How much each update counts in :meth:`combine`, for the user-level accountant."""
+        return [float(u.num_examples) for u in updates]
+
+    def _read_train_reply(self, server_round: int, node: int, reply: Message,
+                          seen: set[int]) -> tuple[ClientUpdate, float | None] | None:
+        """One training reply as an update (with its loss), or None once it is counted as
+        declined, failed or rejected. The update carries the count the device claims."""
+        if reply.has_error():
+            reason = reply.error.reason or f"error code {reply.error.code}"
+            if reply.error.code in keys.DECLINE_CODES:
+                self.outcome.declined.append((node, reason))
+                if reply.error.code == keys.DECLINE_BUDGET and node in self.profiles:
+                    self.profiles[node].declined = reason
+            else:
+                self.outcome.failed.append((node, reason))
+            log.warning("round %s: node %s: %s", server_round, node, reason)
+            return None
+        tier = self._sent_tiers.get(node)
+        if tier is None:
+            self._reject(server_round, node, ["reply from a node that was not sent a training instruction"])
+            return None
+        if node in seen:
+            # aggregate() refuses a node twice; one reply per instruction is all a node may send.
+            self._reject(server_round, node, ["a second reply from this node in this round"])
+            return None
+        seen.add(node)
+        try:
+            record, m = reply.content[keys.ARRAYS], reply.content[keys.METRICS]
+            if not isinstance(record, ArrayRecord) or not isinstance(m, MetricRecord):
+                raise TypeError(f"expected an ArrayRecord {keys.ARRAYS!r} and a MetricRecord {keys.METRICS!r}, "
+                                f"got {type(record).__name__} and {type(m).__name__}")
+        except (KeyError, TypeError, ValueError) as exc:
+            self._reject(server_round, node, [f"malformed reply: {exc}"])
+            return None
+        self.outcome.bytes_received += record.count_bytes()
+        index = slice_index(self.model_config, tier)
+        shapes = expected_shapes(index)
+        # Declared shapes and dtypes are checked before anything is decoded.
+        arrays, reasons = decode_update(record, shapes)
+        unreadable = set(record.keys()) - set(arrays)
+        n_params = int(sum(int(np.prod(s)) for s in shapes.values()))
+        bound = max_expected_norm(self.clip_norm, self.noise_multiplier, self.noise_mode,
+                                  self._expected_clients, n_params)
+        profile = self.profiles.get(node)
+        reasons += validate_update(arrays, {k: s for k, s in shapes.items() if k not in unreadable},
+                                   max_norm=bound, current_model_version=self.model_version,
+                                   reply_model_version=m.get(keys.MODEL_VERSION),
+                                   num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
+                                   max_staleness=self.max_staleness,
+                                   profiled_examples=profile.num_examples if profile is not None else None)
+        reported_tier = m.get(keys.TIER)
+        if reported_tier is not None and not _is_number(reported_tier):
+            reasons.append(f"tier {reported_tier!r} in the reply is not a number")
+        elif reported_tier is not None and float(reported_tier) != tier:
+            reasons.append(f"reply claims tier {reported_tier} but was sent the {tier} slice")
+        if keys.LOSS in m and not (_is_number(m[keys.LOSS]) and math.isfinite(m[keys.LOSS])):
+            # the round's reported loss is the mean over the used replies: one NaN would make it NaN
+            reasons.append(f"metric {keys.LOSS!r} must be a finite number; got {m[keys.LOSS]!r}")
+        if keys.EPSILON in m and not (_is_number(m[keys.EPSILON]) and m[keys.EPSILON] >= 0):
+            reasons.append(f"metric {keys.EPSILON!r} must be a number >= 0; got {m[keys.EPSILON]!r}")
+        claimed = m.get(keys.NUM_EXAMPLES)
+        if profile is not None and _is_number(claimed) and claimed > profile.num_examples:
+            # An honest device whose data grew since it was profiled says so in a fresh profile
+            # next round; until then its count is not believed.
+            profile.declined = (f"trained on {claimed} examples after profiling {profile.num_examples}; "
+                                "profiled again")
+        if reasons:
+            self._reject(server_round, node, reasons)
+            return None
+        heads = set(keys.mask_to_heads(int(m[keys.HEADS])))
+        update = ClientUpdate(node_id=node, delta=arrays, index=index, num_examples=int(m[keys.NUM_EXAMPLES]),
+                              heads=heads, width=tier)
+        if keys.EPSILON in m and profile is not None:
+            profile.epsilon = float(m[keys.EPSILON])
+        return update, (float(m[keys.LOSS]) if keys.LOSS in m else None)
 
     # ---- evaluation: every node gets the full global model (inference needs all of it) ------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -329,23 +387,78 @@ class HeteroFedAvg(FedAvg):
                         dst_node_id=n) for n in node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted means per task over the nodes that have that task."""
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
+        """Example-weighted means per task over the nodes that have that task.
+
+        Every reply is validated first (:func:`fedser.server.validation.validate_evaluation`);
+        one that is malformed, lacks its metrics or reports a NaN or out-of-range score is
+        rejected with its reason and not averaged, and nothing one reply does ends the round.
+        The counts are weights, and claims, so each is capped twice:
+
+        - by the node's profile: a device evaluates on the clips it holds back and trains on
+          the rest, so with the default holdout (a fifth) it evaluates on about a quarter of
+          its training count, and on no more than that count for any holdout up to one half.
+          A count above the profiled training count is weighted as that count; nodes not yet
+          profiled (profiles come from training rounds) have only the cohort cap;
+        - across the nodes evaluating a task, by :func:`fedser.server.aggregation.capped_weights`,
+          as for training, so no node outweighs the others by claiming more.
+
+        ``<task>-n`` reports the weights the means were taken with.
+        """
+        scored: list[tuple[int, dict[str, TaskScore]]] = []
+        seen: set[int] = set()
         for reply in replies:
-            if reply.has_error():
-                log.warning("round %s: evaluation on node %s failed: %s", server_round,
-                            reply.metadata.src_node_id, reply.error.reason)
-                continue
-            m = reply.content[keys.METRICS]
-            for task in keys.TASKS:
-                n = float(m.get(f"{task}-n", 0) or 0)
-                if n <= 0:
+            node = _source(reply)
+            try:
+                if reply.has_error():
+                    log.warning("round %s: evaluation on node %s failed: %s", server_round, node, reply.error.reason)
                     continue
-                for metric in (keys.ACCURACY, keys.UAR):
-                    k = f"{task}-{metric}"
-                    sums[k] = sums.get(k, 0.0) + n * float(m[k])
-                counts[task] = counts.get(task, 0.0) + n
-        out = {k: v / counts[k.split("-")[0]] for k, v in sums.items()}
-        out.update({f"{t}-n": c for t, c in counts.items()})
+                if node in seen:
+                    self._reject(server_round, node, ["a second evaluation reply from this node in this round"],
+                                 stage="evaluate")
+                    continue
+                seen.add(node)
+                try:
+                    m = reply.content[keys.METRICS]
+                except KeyError:
+                    self._reject(server_round, node, [f"malformed evaluation reply: no MetricRecord {keys.METRICS!r}"],
+                                 stage="evaluate")
+                    continue
+                if not isinstance(m, MetricRecord):
+                    self._reject(server_round, node, [f"malformed evaluation reply: {keys.METRICS!r} is a "
+                                                      f"{type(m).__name__}, not a MetricRecord"], stage="evaluate")
+                    continue
+                scores, reasons = validate_evaluation(m)
+            except Exception as exc:  # one malformed reply must not end the run
+                self._reject(server_round, node, [f"evaluation reply could not be processed: "
+                                                  f"{type(exc).__name__}: {exc}"], stage="evaluate")
+                continue
+            if reasons:
+                self._reject(server_round, node, reasons, stage="evaluate")
+                continue
+            scored.append((node, scores))
+        out: dict[str, float] = {}
+        for task in keys.TASKS:
+            entries = [(node, scores[task]) for node, scores in scored if task in scores]
+            if not entries:
+                continue
+            weights = capped_weights([self._profiled_cap(node, n) for node, (n, _, _) in entries])
+            total = float(sum(weights))
+            for position, metric in ((1, keys.ACCURACY), (2, keys.UAR)):
+                out[f"{task}-{metric}"] = sum(w * e[1][position] for w, e in zip(weights, entries)) / total
+            out[f"{task}-n"] = total
         return MetricRecord(out) if out else None
+
+    def _profiled_cap(self, node: int, n: int) -> int:
+        """``n`` evaluation examples capped at the node's profiled training count, when known."""
+        profile = self.profiles.get(node)
+        if profile is None or profile.num_examples <= 0:
+            return n
+        return min(n, profile.num_examples)
+
+
+def _source(reply: object) -> int:
+    """The node a reply says it comes from, or -1 when it does not even say that."""
+    try:
+        return int(reply.metadata.src_node_id)
+    except Exception:  # an object that is not a Flower Message
+        return -1

@@ -1,24 +1,30 @@
-"""Checks a client reply before it may touch the global model.
+"""Checks a client reply before it may touch the global model or the reported metrics.
 
-:func:`validate_update` collects *every* reason to reject a reply (an empty list means
+:func:`decode_update` reads the arrays of a training reply without trusting what they claim
+about themselves, :func:`validate_update` collects *every* reason to reject the update and
+:func:`validate_evaluation` every reason to reject an evaluation reply (an empty list means
 valid); the caller logs the reasons, drops the reply (or raises
 ``fedser.common.errors.UpdateRejected(reasons)``) and aggregates the rest, so a rejected
-reply never changes the model.
+reply never changes the model or the figures.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedser.common.keys import HEAD_BITS
+from fedser.common.keys import ACCURACY, HEAD_BITS, NUM_EXAMPLES, TASKS, UAR
 from fedser.common.privacy import exceeds_bound, global_norm
+from fedser.common.records import decode_array
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
+    "TaskScore",
+    "decode_update",
     "expected_shapes",
+    "validate_evaluation",
     "validate_update",
 ]
 
@@ -35,6 +41,44 @@ def expected_shapes(index: Mapping[str, tuple]) -> dict[str, tuple[int, ...]]:
     :func:`validate_update`.
     """
     return {name: tuple(int(np.size(a)) for a in ix) for name, ix in index.items()}
+
+
+def decode_update(
+    record: Mapping[str, object],
+    expected: Mapping[str, tuple[int, ...]],
+    dtype: np.dtype | type = np.float32,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays of one reply that match this client's slice, and the reasons for the others.
+
+    Each array's declared dtype and shape are compared with ``expected`` first and only a
+    match is decoded (:func:`fedser.common.records.decode_array` also checks the npy header
+    and the byte length), so a reply cannot make the server allocate more than it sent nor
+    end the round with a decoding error. Arrays not in ``expected`` are never decoded.
+    Arrays ``expected`` names but the record lacks are left to :func:`validate_update`
+    (pass it ``expected`` less the names reported here).
+    """
+    want = np.dtype(dtype)
+    arrays: dict[str, np.ndarray] = {}
+    reasons: list[str] = []
+    for name in sorted(record, key=str):
+        if name not in expected:
+            reasons.append(f"unknown array {name!r}: not part of this client's sub-model")
+            continue
+        array, shape = record[name], tuple(expected[name])
+        declared_dtype, declared_shape = getattr(array, "dtype", None), getattr(array, "shape", None)
+        mismatch = []
+        if isinstance(declared_dtype, str) and declared_dtype != want.name:
+            mismatch.append(f"array {name!r} has dtype {declared_dtype}; expected {want.name}")
+        if isinstance(declared_shape, (tuple, list)) and tuple(declared_shape) != shape:
+            mismatch.append(f"array {name!r} has shape {tuple(declared_shape)}; expected {shape} for this tier")
+        if mismatch:
+            reasons += mismatch
+            continue
+        try:
+            arrays[name] = decode_array(array, shape, want)
+        except ValueError as exc:
+            reasons.append(f"array {name!r} cannot be decoded: {exc}")
+    return arrays, reasons
 
 
 def _as_int(value) -> int | None:
@@ -58,6 +102,7 @@ def validate_update(
     dtype: np.dtype | type = np.float32,
     max_examples: int = DEFAULT_MAX_EXAMPLES,
     max_staleness: int = 0,
+    profiled_examples: int | None = None,
 ) -> list[str]:
     """Every reason to reject one client reply; ``[]`` when it may be aggregated.
 
@@ -75,6 +120,9 @@ def validate_update(
         dtype: dtype every array must have.
         max_examples: largest plausible num_examples for one device.
         max_staleness: how many versions behind the current one a reply may be.
+        profiled_examples: the training examples the device reported when it was profiled;
+            it trains on what it holds, so a larger ``num_examples`` is a false claim (or
+            data that grew since, which a fresh profile will show).
     """
     if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a finite number > 0 or None; got {max_norm!r}")
@@ -136,6 +184,9 @@ def validate_update(
         reasons.append(f"num_examples must be a positive integer; got {num_examples!r}")
     elif n > max_examples:
         reasons.append(f"num_examples {n} is implausible for one device (limit {max_examples})")
+    elif profiled_examples is not None and n > profiled_examples:
+        reasons.append(f"num_examples {n} is more than the {profiled_examples} training examples "
+                       "the device reported in its profile")
 
     mask = _as_int(heads_mask)
     if mask is None or mask <= 0 or mask & ~_ALL_HEADS:
@@ -144,3 +195,57 @@ def validate_update(
             f"heads mask {heads_mask!r} is invalid: expected a non-zero combination of {known}"
         )
     return reasons
+
+
+# What one device's evaluation says about one task: examples, accuracy, UAR.
+TaskScore = tuple[int, float, float]
+
+
+def _unit_score(value: object) -> bool:
+    """A finite real number in [0, 1] (accuracy, UAR)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and 0.0 <= value <= 1.0)
+
+
+def validate_evaluation(
+    metrics: Mapping[str, object],
+    tasks: Iterable[str] = TASKS,
+    *,
+    max_examples: int = DEFAULT_MAX_EXAMPLES,
+) -> tuple[dict[str, TaskScore], list[str]]:
+    """The scores of one evaluation reply per task it evaluated, and every reason to reject it.
+
+    A task counts when the reply has ``<task>-n`` > 0; its count must then be an integer in
+    [0, max_examples] and its ``<task>-accuracy`` and ``<task>-uar`` finite numbers in
+    [0, 1]: a NaN would turn the averaged figure into NaN, and a count of 1e9 would make one
+    device the whole average. ``num-examples``, when present, must be an integer >= 0 too.
+    Scores are returned only when there is no reason at all.
+    """
+    scores: dict[str, TaskScore] = {}
+    reasons: list[str] = []
+    if NUM_EXAMPLES in metrics:
+        total = _as_int(metrics[NUM_EXAMPLES])
+        if total is None or total < 0:
+            reasons.append(f"{NUM_EXAMPLES} must be an integer >= 0; got {metrics[NUM_EXAMPLES]!r}")
+    for task in tasks:
+        key = f"{task}-n"
+        if key not in metrics:
+            continue
+        n = _as_int(metrics[key])
+        if n is None or n < 0:
+            reasons.append(f"{key} must be an integer >= 0; got {metrics[key]!r}")
+            continue
+        if n > max_examples:
+            reasons.append(f"{key} {n} is implausible for one device (limit {max_examples})")
+            continue
+        if n == 0:
+            continue
+        values = []
+        for metric in (ACCURACY, UAR):
+            name = f"{task}-{metric}"
+            value = metrics.get(name)
+            if not _unit_score(value):
+                reasons.append(f"{name} must be a finite number in [0, 1]; got {value!r}")
+            values.append(value)
+        scores[task] = (n, *(float(v) if _unit_score(v) else math.nan for v in values))
+    return ({} if reasons else scores), reasons

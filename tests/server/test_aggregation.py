@@ -11,7 +11,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedser.server.aggregation import ClientUpdate, aggregate, full_index
+from fedser.server.aggregation import ClientUpdate, aggregate, capped_weights, full_index
 
 
 def head_of(name: str) -> str | None:
@@ -513,3 +513,37 @@ def test_emotion_only_client_never_changes_kws_head(data):
     # Assert
     np.testing.assert_array_equal(alone["heads.kws.weight"], state["heads.kws.weight"])
     np.testing.assert_array_equal(with_it["heads.kws.weight"], without["heads.kws.weight"])
+
+
+# ---------------------------------------------------------------- capped weights
+
+
+@pytest.mark.parametrize("counts, weights", [
+    ([10, 20, 5], [10, 20, 5]),                     # ordinary spread: every count is its weight
+    ([1, 3], [1, 3]),
+    ([10] * 9 + [10 ** 6], [10] * 9 + [40]),        # the liar counts as 4 x the lower median
+    ([10, 10 ** 6], [10, 40]),                      # two devices: the lower median is the honest one
+    ([7], [7]),
+    ([], []),
+])
+def test_capped_weights_bound_each_claim_at_four_times_the_lower_median(counts, weights):
+    # Execute / Assert
+    assert capped_weights(counts) == weights
+
+
+@pytest.mark.parametrize("counts, factor", [([3, 0], 4), ([3, -1], 4), ([3, 2.5], 4), ([3, True], 4), ([3], 0)])
+def test_capped_weights_refuses_what_is_not_a_count(counts, factor):
+    # Execute / Assert
+    with pytest.raises(ValueError, match="factor|positive integers"):
+        capped_weights(counts, factor)
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(1, 10 ** 6), min_size=1, max_size=30))
+def test_no_device_holds_more_weight_than_the_bound_allows(counts):
+    # Execute
+    weights = capped_weights(counts)
+    # Assert: never above the claim, and no one device above 4 / (4 + ceil((m - 1) / 2)) of the total
+    m = len(counts)
+    assert all(1 <= w <= n for w, n in zip(weights, counts))
+    assert max(weights) / sum(weights) <= 4 / (4 + math.ceil((m - 1) / 2)) + 1e-12

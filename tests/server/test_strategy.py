@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedser.common import keys
@@ -22,7 +25,7 @@ from fedser.common.models import ModelConfig, build_model, head_of
 from fedser.common.params import state_to_arrays
 from fedser.common.records import arrays_to_record, model_from_config, record_to_arrays
 from fedser.common.slicing import slice_state
-from fedser.server.strategy import HeteroFedAvg, NodeProfile
+from fedser.server.strategy import HeteroFedAvg, NodeProfile, RoundOutcome
 
 SPEC = FeatureSpec()
 MODEL = ModelConfig(n_features=SPEC.n_features())
@@ -639,3 +642,481 @@ def test_constructor_arguments_are_validated_together():
     for fragment in ("clip_norm", "noise_mode", "noise_multiplier", "fraction_train", "min_train_nodes",
                      "max_staleness"):
         assert fragment in text
+
+
+# ---------------------------------------------------------------- adversarial replies: nothing ends the run
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"shape": shape, "fortran_order": False, "descr": descr})
+    return buffer.getvalue()
+
+
+def _with_array(make: Callable[[str, np.ndarray], Array]):
+    """A corruption that sends the first encoder array as ``make(name, honest_array)``."""
+    def corrupt(arrays, metrics):
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        name = _first_encoder(arrays)
+        record[name] = make(name, arrays[name])
+        return RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)})
+    return corrupt
+
+
+def _empty_data(name, a):
+    return Array(dtype="float32", shape=tuple(a.shape), stype=SType.NUMPY, data=b"")
+
+
+def _huge_npy_header(name, a):
+    # declared shape and dtype are right; the npy header inside claims 2**45 float32 (128 TiB)
+    return Array(dtype="float32", shape=tuple(a.shape), stype=SType.NUMPY,
+                 data=_npy_header((2 ** 45,)) + a.tobytes())
+
+
+@pytest.mark.parametrize("corrupt, fragment", [
+    pytest.param(_with_array(_empty_data), "carries 0 bytes", id="empty-array-data"),
+    pytest.param(_with_array(_huge_npy_header), "npy header says shape (35184372088832,)", id="huge-npy-header"),
+])
+def test_an_array_that_cannot_be_decoded_is_rejected_and_the_round_goes_on(global_arrays, corrupt, fragment):
+    # Prepare: node 2 sends an Array with empty bytes (np.load: EOFError) or whose npy header
+    # claims 2**45 elements (np.load: MemoryError)
+    grid = FakeGrid(three_tiers(corrupt=corrupt))
+    strategy = make_strategy(3)
+    # Execute
+    new, metrics, _ = train_round(strategy, grid, 1, global_arrays)
+    # Assert
+    assert [n for n, _ in strategy.outcome.rejected] == [2]
+    assert fragment in strategy.outcome.rejected[0][1]
+    assert strategy.outcome.used == 2 and metrics["updates"] == 2 and new is not None
+
+
+def test_a_reply_whose_processing_fails_unexpectedly_is_rejected_not_raised(global_arrays, monkeypatch):
+    # Prepare: reading node 2's record raises something no check anticipates
+    grid = FakeGrid(three_tiers())
+    strategy = make_strategy(3)
+    messages = list(strategy.configure_train(1, arrays_to_record(global_arrays), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)
+    bad = next(r for r in replies if r.metadata.src_node_id == 2).content[keys.ARRAYS]
+
+    def count_bytes(self):
+        if self is bad:
+            raise RuntimeError("corrupt record")
+        return original(self)
+
+    original = ArrayRecord.count_bytes
+    monkeypatch.setattr(ArrayRecord, "count_bytes", count_bytes)
+    # Execute
+    strategy.aggregate_train(1, replies)
+    # Assert
+    assert strategy.outcome.rejected == [(2, "reply could not be processed: RuntimeError: corrupt record")]
+    assert strategy.outcome.used == 2
+
+
+def test_a_train_count_above_the_profiled_count_is_rejected_and_the_node_profiled_again(global_arrays):
+    # Prepare: node 2 profiled 20 examples and claims 21 when it replies
+    devices = three_tiers(corrupt=_set(keys.NUM_EXAMPLES, 21))
+    grid = FakeGrid(devices)
+    strategy = make_strategy(3)
+    # Execute
+    train_round(strategy, grid, 1, global_arrays)
+    # Assert
+    assert [n for n, _ in strategy.outcome.rejected] == [2]
+    assert "num_examples 21 is more than the 20 training examples" in strategy.outcome.rejected[0][1]
+    assert strategy.outcome.used == 2
+    # Execute: its data really grew; the next round asks it again and trains on the new count
+    devices[2].n, devices[2].corrupt = 21, None
+    train_round(strategy, grid, 2, global_arrays)
+    # Assert
+    assert devices[2].queries == 2 and strategy.profiles[2].num_examples == 21
+    assert strategy.outcome.rejected == [] and strategy.outcome.used == 3
+
+
+# ---------------------------------------------------------------- one device does not steer the model
+
+
+def _liar_cohort(mode: str = "distributed") -> tuple[FakeGrid, HeteroFedAvg]:
+    """Nine honest devices (10 examples, step +1e-3 per element) and node 10 stepping -1e-3
+    that claims 10**6 examples, in its profile and its reply alike."""
+    devices = {i: FakeDevice(n=10, value=1e-3) for i in range(1, 10)}
+    devices[10] = FakeDevice(n=10 ** 6, value=-1e-3)
+    return FakeGrid(devices), make_strategy(10, noise_mode=mode)
+
+
+def test_one_device_claiming_a_million_examples_cannot_flip_the_sign_of_the_global_step(global_arrays):
+    # Prepare
+    grid, strategy = _liar_cohort()
+    # Execute
+    new, metrics, _ = train_round(strategy, grid, 1, global_arrays)
+    # Assert: the liar counts as 4 x the lower median (40), so the step is (9*10 - 40) / 130 * 1e-3
+    step = (9 * 10 * 1e-3 - 40 * 1e-3) / (9 * 10 + 40)
+    got = record_to_arrays(new)
+    for k, g in global_arrays.items():
+        np.testing.assert_allclose(got[k] - g, step, rtol=0, atol=2e-6)
+    assert strategy.outcome.used == 10 and strategy.outcome.capped == [(10, 10 ** 6, 40)]
+    assert metrics["agg-examples"] == 9 * 10 + 40
+
+
+def test_the_reported_noise_multiplier_comes_from_the_capped_weights(global_arrays):
+    # Prepare: distributed noise for m = 10, per-device std s = z C / sqrt(10)
+    grid, strategy = _liar_cohort()
+    s = Z * CLIP / math.sqrt(10)
+    # Execute
+    train_round(strategy, grid, 1, global_arrays)
+    # Assert: the worst-covered user is the liar at its capped weight 40, not at 10**6:
+    # sqrt(9 * 10^2 + 40^2) s / (40 C), where the claimed weight would give about s / C
+    z = strategy.outcome.noise_multiplier
+    assert z == pytest.approx(math.sqrt(9 * 10 ** 2 + 40 ** 2) * s / (40 * CLIP), rel=1e-9)
+    assert z > 1.2 * s / CLIP
+
+
+def test_honest_devices_of_ordinary_sizes_keep_their_exact_weights(global_arrays):
+    # Prepare: counts within 4x of the lower median (5 -> 20) are weights as they are
+    devices = {1: FakeDevice(n=5, value=0.001), 2: FakeDevice(n=10, value=0.002), 3: FakeDevice(n=20, value=0.004)}
+    grid = FakeGrid(devices)
+    strategy = make_strategy(3)
+    # Execute
+    new, _, _ = train_round(strategy, grid, 1, global_arrays)
+    # Assert
+    want = (5 * 0.001 + 10 * 0.002 + 20 * 0.004) / 35
+    got = record_to_arrays(new)
+    for k, g in global_arrays.items():
+        np.testing.assert_allclose(got[k] - g, want, rtol=0, atol=2e-6)
+    assert strategy.outcome.capped == []
+
+
+# ---------------------------------------------------------------- evaluation replies are checked too
+
+
+GOOD_EVAL = {1: {"emotion-n": 10, "emotion-accuracy": 0.5, "emotion-uar": 0.4},
+             3: {"emotion-n": 5, "emotion-accuracy": 0.8, "emotion-uar": 0.6, "kws-n": 4,
+                 "kws-accuracy": 0.75, "kws-uar": 0.7}}
+
+
+def _evaluate(global_arrays, bad_reply: Callable[[Message], Message], profiles: bool = True):
+    """Nodes 1 and 3 evaluate honestly, node 2 replies with ``bad_reply``; returns (strategy, result)."""
+    devices = {1: FakeDevice(eval_metrics=GOOD_EVAL[1]), 3: FakeDevice(eval_metrics=GOOD_EVAL[3])}
+    grid = FakeGrid({**devices, 2: bad_reply})
+    strategy = make_strategy(3)
+    if profiles:
+        strategy.profiles = {n: NodeProfile(1.0, list(BOTH), 40) for n in (1, 2, 3)}
+    replies = grid.send_and_receive(strategy.configure_evaluate(1, arrays_to_record(global_arrays),
+                                                                ConfigRecord(), grid))
+    return strategy, strategy.aggregate_evaluate(1, replies)
+
+
+def _eval_reply(metrics: dict | None = None, record: object = None):
+    def reply(msg):
+        content = RecordDict({keys.METRICS: MetricRecord(metrics)} if metrics is not None else {})
+        if record is not None:
+            content = RecordDict({keys.METRICS: record})
+        return Message(content, reply_to=msg)
+    return reply
+
+
+@pytest.mark.parametrize("bad_reply, fragment", [
+    pytest.param(_eval_reply(record=None), "no MetricRecord", id="no-metrics-record"),
+    pytest.param(_eval_reply({"emotion-n": 10, "emotion-uar": 0.5}), "emotion-accuracy", id="no-accuracy"),
+    pytest.param(_eval_reply({"emotion-n": 10, "emotion-accuracy": math.nan, "emotion-uar": 0.5}),
+                 "emotion-accuracy must be a finite number", id="nan-accuracy"),
+    pytest.param(_eval_reply({"kws-n": 10, "kws-accuracy": 0.5, "kws-uar": math.inf}), "kws-uar", id="inf-uar"),
+    pytest.param(_eval_reply({"emotion-n": 10, "emotion-accuracy": 1.5, "emotion-uar": 0.5}), "in [0, 1]",
+                 id="accuracy-above-one"),
+    pytest.param(_eval_reply({"emotion-n": 10 ** 9, "emotion-accuracy": 0.0, "emotion-uar": 0.0}),
+                 "implausible", id="a-billion-examples"),
+    pytest.param(_eval_reply({"emotion-n": -4, "emotion-accuracy": 0.0, "emotion-uar": 0.0}),
+                 "emotion-n must be an integer >= 0", id="negative-count"),
+    pytest.param(_eval_reply({"emotion-n": 2.5, "emotion-accuracy": 0.0, "emotion-uar": 0.0}),
+                 "emotion-n must be an integer", id="fractional-count"),
+    pytest.param(_eval_reply({keys.NUM_EXAMPLES: -1}), "num-examples", id="negative-total"),
+    pytest.param(_eval_reply(record=ConfigRecord({"emotion-n": 10})), "not a MetricRecord", id="wrong-record-kind"),
+])
+def test_an_invalid_evaluation_reply_is_rejected_and_not_averaged(global_arrays, caplog, bad_reply, fragment):
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedser.server"):
+        strategy, result = _evaluate(global_arrays, bad_reply)
+    # Assert: the figures are those of nodes 1 and 3 alone
+    assert [n for n, _ in strategy.outcome.eval_rejected] == [2]
+    assert fragment in strategy.outcome.eval_rejected[0][1]
+    assert strategy.outcome.rejected == []                      # training rejections are counted apart
+    assert strategy.rejections[-1]["stage"] == "evaluate" and strategy.rejections[-1]["node"] == 2
+    assert any("evaluation from node 2" in r.getMessage() for r in caplog.records)
+    assert result["emotion-accuracy"] == pytest.approx((10 * 0.5 + 5 * 0.8) / 15)
+    assert result["emotion-uar"] == pytest.approx((10 * 0.4 + 5 * 0.6) / 15)
+    assert result["kws-accuracy"] == pytest.approx(0.75) and result["kws-n"] == 4
+    assert result["emotion-n"] == 15
+
+
+def test_an_evaluation_count_above_the_profile_is_weighted_as_the_profiled_count(global_arrays):
+    # Prepare: node 2 profiled 40 training examples and claims 5000 evaluation examples at accuracy 0
+    liar = _eval_reply({"emotion-n": 5000, "emotion-accuracy": 0.0, "emotion-uar": 0.0})
+    # Execute
+    strategy, result = _evaluate(global_arrays, liar)
+    # Assert: it counts as 40, then as 4 x the lower median of (10, 40, 5) = 40
+    assert strategy.outcome.eval_rejected == []
+    assert result["emotion-n"] == 10 + 40 + 5
+    assert result["emotion-accuracy"] == pytest.approx((10 * 0.5 + 5 * 0.8) / 55)
+
+
+def test_an_unprofiled_node_cannot_outweigh_the_others_in_evaluation(global_arrays):
+    # Prepare: nobody has been profiled; node 2 claims 900000 evaluation examples at accuracy 0
+    liar = _eval_reply({"emotion-n": 900_000, "emotion-accuracy": 0.0, "emotion-uar": 0.0})
+    # Execute
+    strategy, result = _evaluate(global_arrays, liar, profiles=False)
+    # Assert: the cohort cap, 4 x the lower median of (10, 900000, 5) = 40
+    assert result["emotion-n"] == 10 + 40 + 5
+    assert result["emotion-accuracy"] == pytest.approx((10 * 0.5 + 5 * 0.8) / 55)
+
+
+# ---------------------------------------------------------------- fuzz: generated replies, valid and malformed
+
+
+def _bytes_of(a: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, a, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _raw(a: Array, *, dtype: str | None = None, shape: tuple | None = None, stype: str | None = None,
+         data: bytes | None = None) -> Array:
+    return Array(dtype=a.dtype if dtype is None else dtype, shape=tuple(a.shape) if shape is None else shape,
+                 stype=a.stype if stype is None else stype, data=a.data if data is None else data)
+
+
+# Each fault: (draw, {name: Array}, {name: honest ndarray}, metrics, profiled count) -> RecordDict or None
+# (None: send the mutated arrays and metrics). MALFORMED faults must be rejected, VALID ones used.
+def _one(draw, arrays):
+    return draw(st.sampled_from(sorted(arrays)))
+
+
+def _array_fault(make):
+    def fault(draw, records, arrays, metrics, profiled):
+        name = _one(draw, arrays)
+        records[name] = make(draw, records[name], arrays[name])
+    return fault
+
+
+def _set_metric(key, values):
+    def fault(draw, records, arrays, metrics, profiled):
+        metrics[key] = draw(st.sampled_from(values(profiled)))
+    return fault
+
+
+def _drop_metric_fault(key):
+    def fault(draw, records, arrays, metrics, profiled):
+        del metrics[key]
+    return fault
+
+
+def _values(*values):
+    return lambda profiled: list(values)
+
+
+MALFORMED_TRAIN = {
+    "empty-data": _array_fault(lambda draw, r, a: _raw(r, data=b"")),
+    "truncated": _array_fault(lambda draw, r, a: _raw(r, data=r.data[:draw(st.integers(0, len(r.data) - 1))])),
+    "padded": _array_fault(lambda draw, r, a: _raw(r, data=r.data + draw(st.binary(min_size=1, max_size=64)))),
+    "garbage": _array_fault(lambda draw, r, a: _raw(r, data=draw(st.binary(max_size=len(r.data) + 16)))),
+    "huge-header": _array_fault(lambda draw, r, a: _raw(r, data=_npy_header((draw(st.integers(2 ** 31, 2 ** 50)),))
+                                                        + a.tobytes())),
+    "header-shape": _array_fault(lambda draw, r, a: _raw(r, data=_npy_header(a.shape + (1,)) + a.tobytes())),
+    "header-float64": _array_fault(lambda draw, r, a: _raw(r, data=_bytes_of(a.astype(np.float64)))),
+    "declared-dtype": _array_fault(lambda draw, r, a: _raw(r, dtype=draw(st.sampled_from(
+        ["float64", "float16", "int32", ">f4", "object", ""])))),
+    "declared-shape": _array_fault(lambda draw, r, a: _raw(r, shape=draw(st.sampled_from(
+        [a.shape + (1,), (a.size + 1,), tuple(d + 1 for d in a.shape) or (1,)])))),
+    "stype": _array_fault(lambda draw, r, a: _raw(r, stype=draw(st.sampled_from(["torch", "", "numpy"])))),
+    "big-endian": _array_fault(lambda draw, r, a: Array(np.ascontiguousarray(a.astype(">f4")))),
+    "non-finite": _array_fault(lambda draw, r, a: Array(np.where(np.arange(a.size).reshape(a.shape) == 0,
+                                                                 draw(st.sampled_from([np.nan, np.inf, -np.inf])),
+                                                                 a).astype(np.float32))),
+    "above-norm-bound": _array_fault(lambda draw, r, a: Array(np.full(a.shape, 1e4, dtype=np.float32))),
+    "missing-array": lambda draw, records, arrays, metrics, profiled: records.pop(_one(draw, arrays)) and None,
+    "unknown-array": lambda draw, records, arrays, metrics, profiled: records.__setitem__(
+        "encoder.extra", Array(np.zeros(draw(st.integers(1, 4)), dtype=np.float32))),
+    "num-examples": _set_metric(keys.NUM_EXAMPLES, lambda p: [0, -3, 2.5, math.nan, math.inf, 10 ** 7, p + 1, [5]]),
+    "heads": _set_metric(keys.HEADS, _values(0, 4, 8, -1, 2.5, math.nan, [1])),
+    "model-version": _set_metric(keys.MODEL_VERSION, _values(-1, 1, 7, 0.5, math.nan, [0])),
+    "tier": _set_metric(keys.TIER, _values(0.3, 2.0, math.nan, [0.5])),
+    "loss": _set_metric(keys.LOSS, _values(math.nan, math.inf, [1.0, 2.0])),
+    "epsilon": _set_metric(keys.EPSILON, _values(-1.0, math.nan, [0.5])),
+    "no-num-examples": _drop_metric_fault(keys.NUM_EXAMPLES),
+    "no-heads": _drop_metric_fault(keys.HEADS),
+    "no-model-version": _drop_metric_fault(keys.MODEL_VERSION),
+    "no-metrics-record": lambda draw, records, arrays, metrics, profiled: RecordDict(
+        {keys.ARRAYS: ArrayRecord(records)}),
+    "no-arrays-record": lambda draw, records, arrays, metrics, profiled: RecordDict(
+        {keys.METRICS: MetricRecord(metrics)}),
+    "records-swapped": lambda draw, records, arrays, metrics, profiled: RecordDict(
+        {keys.ARRAYS: ConfigRecord({"w": 1.0}), keys.METRICS: ArrayRecord(records)}),
+}
+VALID_TRAIN = {
+    "honest": lambda draw, records, arrays, metrics, profiled: None,
+    "fortran-order": _array_fault(lambda draw, r, a: Array(np.asfortranarray(a))),
+    "smaller-step": _array_fault(lambda draw, r, a: Array(
+        (a * np.float32(draw(st.floats(0.0, 1.0)))).astype(np.float32))),
+    "fewer-examples": _set_metric(keys.NUM_EXAMPLES, lambda p: [1, max(1, p // 2), p, float(p)]),
+    "other-loss-and-epsilon": lambda draw, records, arrays, metrics, profiled: metrics.update(
+        {keys.LOSS: draw(st.floats(-1e6, 1e6)), keys.EPSILON: draw(st.floats(0.0, 1e3))}),
+    "no-optional-metrics": lambda draw, records, arrays, metrics, profiled: [
+        metrics.pop(k) for k in (keys.LOSS, keys.EPSILON, keys.TIER)] and None,
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_round(global_arrays):
+    """One configured training round of three_tiers(), and each node's instruction and honest delta."""
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    devices = three_tiers()
+    grid = FakeGrid(devices)
+    strategy = make_strategy(3)
+    messages = list(strategy.configure_train(1, arrays_to_record(global_arrays), ConfigRecord(), grid))
+    honest = {}
+    for m in messages:
+        reply = devices[m.metadata.dst_node_id](m)
+        honest[m.metadata.dst_node_id] = (m, record_to_arrays(reply.content[keys.ARRAYS]),
+                                          dict(reply.content[keys.METRICS]))
+    return FuzzRound(strategy, honest, copy.deepcopy(strategy.profiles), strategy._global)
+
+
+@dataclass
+class FuzzRound:
+    """A configured round the fuzz tests rewind before each generated example."""
+
+    strategy: HeteroFedAvg
+    honest: dict[int, tuple[Message, dict[str, np.ndarray], dict]]   # node -> instruction, delta, metrics
+    profiles: dict[int, NodeProfile]
+    global_state: dict[str, np.ndarray]
+
+    def __repr__(self) -> str:  # hypothesis prints its arguments; the arrays would be megabytes
+        return f"FuzzRound(nodes={sorted(self.honest)})"
+
+    def rewind(self) -> HeteroFedAvg:
+        """The strategy as configure_train left it, so every generated round starts alike."""
+        s = self.strategy
+        s.profiles, s.model_version, s.kws_head_version = copy.deepcopy(self.profiles), 0, 0
+        s._global, s.outcome, s.rejections = self.global_state, RoundOutcome(), []
+        return s
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_generated_train_replies_never_raise_and_each_is_used_or_rejected(fuzz_round, data):
+    # Prepare: each node's reply is valid or damaged in one generated way; maybe one node replies twice
+    strategy, honest = fuzz_round.rewind(), fuzz_round.honest
+    faults = {**{k: (f, True) for k, f in MALFORMED_TRAIN.items()}, **{k: (f, False) for k, f in VALID_TRAIN.items()}}
+    replies, malformed = [], set()
+    for node, (instruction, arrays, metrics) in honest.items():
+        name = data.draw(st.sampled_from(sorted(faults)), label=f"node {node}")
+        fault, bad = faults[name]
+        records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        metrics = dict(metrics)
+        content = fault(data.draw, records, arrays, metrics, strategy.profiles[node].num_examples)
+        if content is None:
+            content = RecordDict({keys.ARRAYS: ArrayRecord(records), keys.METRICS: MetricRecord(metrics)})
+        replies.append(Message(content, reply_to=instruction))
+        if bad:
+            malformed.add(node)
+    twice = data.draw(st.sampled_from([None, *honest]), label="replies twice")
+    if twice is not None:
+        replies.append(next(r for r in replies if r.metadata.src_node_id == twice))
+    # Execute
+    new, metrics = strategy.aggregate_train(1, replies)
+    # Assert: every malformed reply rejected with a reason, every valid one used
+    rejected = [n for n, _ in strategy.outcome.rejected]
+    assert all(reason for _, reason in strategy.outcome.rejected)
+    assert malformed <= set(rejected)
+    assert len(rejected) == len(malformed) + (twice is not None)
+    assert strategy.outcome.used == len(honest) - len(malformed) == metrics["updates"]
+    assert (new is None) == (strategy.outcome.used == 0)
+
+
+def _eval_scores(draw) -> dict:
+    """Valid evaluation metrics; counts of 0 or 5..10, so neither cap binds (4 x 5 >= 10)."""
+    metrics: dict = {}
+    for task in draw(st.sets(st.sampled_from(keys.TASKS))):
+        metrics[f"{task}-n"] = draw(st.sampled_from([0, 5, 6, 7, 8, 9, 10]))
+        metrics[f"{task}-{keys.ACCURACY}"] = draw(st.floats(0.0, 1.0))
+        metrics[f"{task}-{keys.UAR}"] = draw(st.floats(0.0, 1.0))
+    metrics[keys.NUM_EXAMPLES] = sum(v for k, v in metrics.items() if k.endswith("-n"))
+    return metrics
+
+
+_BAD_SCORES = [math.nan, math.inf, -math.inf, -0.01, 1.01, 7, [0.5]]
+_BAD_COUNTS = [-1, 2.5, math.nan, math.inf, 10 ** 9, [3]]
+
+
+def _damage(draw, metrics: dict) -> object:
+    """``metrics`` made invalid in one generated way; a MetricRecord or whatever else the reply holds."""
+    task = draw(st.sampled_from(keys.TASKS))
+    how = draw(st.sampled_from(["score", "count", "missing-score", "total", "no-record", "wrong-record"]))
+    if how in ("score", "missing-score"):
+        metrics.setdefault(f"{task}-n", draw(st.integers(1, 10)))
+        if metrics[f"{task}-n"] == 0:
+            metrics[f"{task}-n"] = 1
+        key = f"{task}-{draw(st.sampled_from([keys.ACCURACY, keys.UAR]))}"
+        if how == "score":
+            metrics[key] = draw(st.sampled_from(_BAD_SCORES))
+        else:
+            metrics.pop(key, None)
+    elif how == "count":
+        metrics[f"{task}-n"] = draw(st.sampled_from(_BAD_COUNTS))
+    elif how == "total":
+        metrics[keys.NUM_EXAMPLES] = draw(st.sampled_from(_BAD_COUNTS[:4]))
+    elif how == "no-record":
+        return None
+    else:
+        return ConfigRecord({"emotion-n": 3})
+    return MetricRecord(metrics)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_generated_evaluation_replies_never_raise_and_each_is_averaged_or_rejected(fuzz_round, data):
+    # Prepare: four nodes profiled with 40 examples each, evaluating on at most 10 (no cap binds)
+    strategy = fuzz_round.rewind()
+    strategy.profiles = {n: NodeProfile(1.0, list(BOTH), 40) for n in (1, 2, 3, 4)}
+    replies, valid, malformed = [], {}, set()
+    for node in (1, 2, 3, 4):
+        instruction = Message(RecordDict({keys.CONFIG: ConfigRecord({})}), message_type=MessageType.EVALUATE,
+                              dst_node_id=node)
+        metrics = _eval_scores(data.draw)
+        if data.draw(st.booleans(), label=f"node {node} damaged"):
+            record = _damage(data.draw, metrics)
+            malformed.add(node)
+        else:
+            record = MetricRecord(metrics)
+            valid[node] = metrics
+        replies.append(Message(RecordDict({} if record is None else {keys.METRICS: record}), reply_to=instruction))
+    # Execute
+    result = strategy.aggregate_evaluate(1, replies)
+    # Assert: malformed replies rejected with a reason; the figures are the valid replies' weighted means
+    assert {n for n, _ in strategy.outcome.eval_rejected} == malformed
+    assert all(reason for _, reason in strategy.outcome.eval_rejected)
+    for task in keys.TASKS:
+        counted = [(m[f"{task}-n"], m[f"{task}-{keys.ACCURACY}"]) for m in valid.values() if m.get(f"{task}-n", 0) > 0]
+        if not counted:
+            assert result is None or f"{task}-n" not in result
+            continue
+        total = sum(n for n, _ in counted)
+        assert result[f"{task}-n"] == total
+        assert result[f"{task}-accuracy"] == pytest.approx(sum(n * a for n, a in counted) / total, abs=1e-12)
+
+
+def test_the_trimmed_mean_rule_ignores_the_liar_entirely(global_arrays):
+    # Prepare: the same cohort, combined by the robust rule (same checks, another combination).
+    from fedser.server.robust import TrimmedMeanHeteroFedAvg
+
+    devices = {i: FakeDevice(n=10, value=1e-3) for i in range(1, 10)}
+    devices[10] = FakeDevice(n=10 ** 6, value=-1e-3)
+    strategy = TrimmedMeanHeteroFedAvg(MODEL, SPEC, clip_norm=CLIP, noise_multiplier=Z, noise_mode="distributed",
+                                       train_settings={keys.LOCAL_EPOCHS: 1, keys.BATCH_SIZE: 8,
+                                                       keys.LEARNING_RATE: 0.01, keys.DP_ENABLED: False,
+                                                       "num-rounds": 5, "timeout": 5.0},
+                                       min_train_nodes=10, min_available_nodes=10, min_evaluate_nodes=10, trim=0.2)
+    # Execute
+    new, _, _ = train_round(strategy, FakeGrid(devices), 1, global_arrays)
+    # Assert: per element the two lowest and two highest of ten values go; the rest are honest.
+    got = record_to_arrays(new)
+    for k, g in global_arrays.items():
+        np.testing.assert_allclose(got[k] - g, 1e-3, rtol=0, atol=2e-6)
+    assert strategy.outcome.used == 10

@@ -1,13 +1,18 @@
 """Update validation: every reason collected, and a rejected reply never reaches the model."""
 from __future__ import annotations
 
+import io
+import math
+
 import numpy as np
 import pytest
+from flwr.app import Array
+from flwr.common.constant import SType
 
 from fedser.common.errors import UpdateRejected
 from fedser.server.aggregation import ClientUpdate, aggregate
 from fedser.common.privacy import global_norm
-from fedser.server.validation import expected_shapes, validate_update
+from fedser.server.validation import decode_update, expected_shapes, validate_evaluation, validate_update
 
 
 def head_of(name: str) -> str | None:
@@ -179,3 +184,104 @@ def test_rejected_update_never_changes_the_model():
     # And if the caller forgot to filter, aggregation refuses rather than writing NaN.
     with pytest.raises(ValueError, match="non-finite"):
         aggregate(GLOBAL, replies, head_of)
+
+
+# ---------------------------------------------------------------- decoding a reply's arrays
+
+
+def _record(arrays: dict[str, np.ndarray]) -> dict[str, Array]:
+    return {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def _header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"shape": shape, "fortran_order": False, "descr": descr})
+    return buffer.getvalue()
+
+
+def test_decode_update_returns_every_array_of_a_well_formed_reply():
+    # Prepare: one array in Fortran order, which np.save marks in its header
+    delta = _delta(0.25)
+    record = _record(delta)
+    record["encoder.weight"] = Array(np.asfortranarray(np.arange(4, dtype=np.float32).reshape(2, 2)))
+    # Execute
+    arrays, reasons = decode_update(record, EXPECTED)
+    # Assert
+    assert reasons == [] and list(arrays) == sorted(delta)
+    np.testing.assert_array_equal(arrays["encoder.weight"], np.arange(4, dtype=np.float32).reshape(2, 2))
+    np.testing.assert_array_equal(arrays["heads.kws.weight"], delta["heads.kws.weight"])
+
+
+@pytest.mark.parametrize("array, fragment", [
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype=SType.NUMPY, data=b""), "carries 0 bytes", id="empty"),
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype=SType.NUMPY, data=_header((2 ** 45,)) + bytes(16)),
+                 "npy header says shape (35184372088832,)", id="huge-header"),
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype=SType.NUMPY, data=_header((2, 2), "<f8") + bytes(16)),
+                 "dtype float64", id="header-dtype"),
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype=SType.NUMPY, data=_header((2, 2)) + bytes(12)),
+                 "bytes", id="truncated"),
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype=SType.NUMPY, data=b"\x93NUMPY\x01\x00" + bytes(24)),
+                 "npy header cannot be read", id="garbage-header"),
+    pytest.param(Array(dtype="float32", shape=(2, 2), stype="torch", data=bytes(100)), "serialization type",
+                 id="stype"),
+    pytest.param(Array(np.zeros((2, 2), dtype=np.float64)), "has dtype float64; expected float32", id="dtype"),
+    pytest.param(Array(np.zeros((2, 3), dtype=np.float32)), "has shape (2, 3); expected (2, 2) for this tier",
+                 id="shape"),
+])
+def test_decode_update_rejects_an_array_that_disagrees_with_its_slice_before_decoding_it(array, fragment):
+    # Prepare
+    record = _record(_delta())
+    record["encoder.weight"] = array
+    # Execute
+    arrays, reasons = decode_update(record, EXPECTED)
+    # Assert: named, not decoded, and the other arrays are still read
+    assert len(reasons) == 1 and "'encoder.weight'" in reasons[0] and fragment in reasons[0]
+    assert sorted(arrays) == ["heads.emotion.weight", "heads.kws.weight"]
+
+
+def test_decode_update_names_unknown_arrays_and_leaves_missing_ones_to_validate_update():
+    # Prepare
+    record = _record(_delta())
+    del record["heads.kws.weight"]
+    record["encoder.backdoor"] = Array(np.zeros(3, dtype=np.float32))
+    # Execute
+    arrays, reasons = decode_update(record, EXPECTED)
+    # Assert
+    assert reasons == ["unknown array 'encoder.backdoor': not part of this client's sub-model"]
+    assert sorted(arrays) == ["encoder.weight", "heads.emotion.weight"]
+
+
+def test_a_count_above_the_profiled_count_is_a_reason():
+    # Execute
+    reasons = _validate(_delta(), num_examples=33, profiled_examples=32)
+    # Assert
+    assert reasons == ["num_examples 33 is more than the 32 training examples the device reported in its profile"]
+    assert _validate(_delta(), num_examples=32, profiled_examples=32) == []
+
+
+# ---------------------------------------------------------------- evaluation replies
+
+
+def test_a_valid_evaluation_gives_its_scores_per_task():
+    # Execute
+    scores, reasons = validate_evaluation({"num-examples": 7, "emotion-n": 5, "emotion-accuracy": 0.6,
+                                           "emotion-uar": 0.5, "kws-n": 0, "kws-accuracy": math.nan})
+    # Assert: a task with no examples is not scored, whatever its figures say
+    assert reasons == [] and scores == {"emotion": (5, 0.6, 0.5)}
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ({"emotion-n": 5, "emotion-accuracy": math.nan, "emotion-uar": 0.5}, "emotion-accuracy must be a finite"),
+    ({"emotion-n": 5, "emotion-accuracy": 0.5}, "emotion-uar must be a finite number in [0, 1]; got None"),
+    ({"kws-n": 5, "kws-accuracy": -0.1, "kws-uar": 0.5}, "kws-accuracy"),
+    ({"kws-n": 5, "kws-accuracy": 0.5, "kws-uar": [0.5]}, "kws-uar"),
+    ({"emotion-n": 1e9, "emotion-accuracy": 0.5, "emotion-uar": 0.5}, "implausible for one device (limit 1000000)"),
+    ({"emotion-n": -1, "emotion-accuracy": 0.5, "emotion-uar": 0.5}, "emotion-n must be an integer >= 0"),
+    ({"emotion-n": 2.5, "emotion-accuracy": 0.5, "emotion-uar": 0.5}, "emotion-n must be an integer >= 0"),
+    ({"num-examples": math.inf}, "num-examples must be an integer >= 0"),
+])
+def test_an_invalid_evaluation_has_a_reason_and_no_scores(metrics, fragment):
+    # Execute
+    scores, reasons = validate_evaluation(metrics)
+    # Assert
+    assert scores == {} and any(fragment in r for r in reasons), reasons
