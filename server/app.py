@@ -70,7 +70,7 @@ class FederatedRun:
             noise_mode=settings.noise_mode, fraction_train=settings.fraction_train,
             fraction_evaluate=settings.fraction_evaluate,
             min_train_nodes=settings.min_clients, min_available_nodes=settings.min_clients,
-            min_evaluate_nodes=settings.min_clients,
+            min_evaluate_nodes=settings.min_clients, connect_timeout=settings.connect_timeout,
             train_settings={keys.LOCAL_EPOCHS: settings.local_epochs, keys.BATCH_SIZE: settings.batch_size,
                             keys.LEARNING_RATE: settings.learning_rate,
                             keys.DP_ENABLED: settings.dp, keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,

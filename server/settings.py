@@ -63,6 +63,7 @@ class RunSettings:
     eval_data: str = ""               # corpus for server-side evaluation each round
     resume: bool = False
     round_timeout: float = 600.0
+    connect_timeout: float = 3600.0   # seconds a round waits for min-clients devices to be connected
     fraction_evaluate: float = 1.0    # share of nodes asked to evaluate each round
     aggregation: str = "fedavg"       # "fedavg" (capped sample weights) or "trimmed-mean" (fedser.server.robust)
     aggregation_trim: float = 0.2     # share trimmed from each end per element by "trimmed-mean"
@@ -130,6 +131,8 @@ class RunSettings:
                 p.append(f"{key} must be a finite number > 0, got {value}")
         if self.kws_pretrain_epochs < 1:
             p.append(f"kws-pretrain-epochs must be >= 1, got {self.kws_pretrain_epochs}")
+        if not (self.connect_timeout > 0):
+            p.append(f"connect-timeout must be > 0 seconds, got {self.connect_timeout}")
         if self.aggregation not in ("fedavg", "trimmed-mean"):
             p.append(f"aggregation must be fedavg or trimmed-mean, got {self.aggregation!r}")
         if not 0 <= self.aggregation_trim < 0.5:

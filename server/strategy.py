@@ -42,6 +42,9 @@ from .validation import TaskScore, decode_update, expected_shapes, validate_eval
 
 log = logging.getLogger("fedser.server")
 
+NO_PROFILE_REPLY = "no answer to the profile query within the round timeout"
+NO_TRAIN_REPLY = "no training reply within the round timeout"
+
 def _is_number(value: object) -> bool:
     """A scalar metric (MetricRecord values may also be lists)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -88,7 +91,8 @@ class HeteroFedAvg(FedAvg):
     def __init__(self, model_config: ModelConfig, feature_spec: FeatureSpec, *, clip_norm: float,
                  noise_multiplier: float, noise_mode: str, train_settings: dict,
                  fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
-                 fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0):
+                 fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0,
+                 connect_timeout: float = math.inf):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
@@ -106,6 +110,8 @@ class HeteroFedAvg(FedAvg):
             problems.append(f"min_train_nodes must be >= 1, got {min_train_nodes}")
         if max_staleness < 0:
             problems.append(f"max_staleness must be >= 0, got {max_staleness}")
+        if not connect_timeout > 0:
+            problems.append(f"connect_timeout must be > 0 seconds, got {connect_timeout}")
         if problems:
             raise ValueError("HeteroFedAvg: " + "; ".join(problems))
         self.model_config = model_config
@@ -115,6 +121,7 @@ class HeteroFedAvg(FedAvg):
         self.noise_mode = noise_mode
         self.train_settings = dict(train_settings)
         self.max_staleness = max_staleness
+        self.connect_timeout = float(connect_timeout)
         self.profiles: dict[int, NodeProfile] = {}
         self.model_version = 0
         self.kws_head_version = 0
@@ -162,8 +169,10 @@ class HeteroFedAvg(FedAvg):
         cfg = ConfigRecord({**(plan or {}), **self._base_config(server_round)})
         msgs = [Message(RecordDict({keys.CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in todo]
+        answered = set()
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=reply.error.reason)
                 log.warning("node %s declined to profile: %s", node, reply.error.reason)
@@ -183,6 +192,9 @@ class HeteroFedAvg(FedAvg):
                 self.profiles[node] = NodeProfile(1.0, [], 0, declined=f"unknown tier {tier}")
                 continue
             self.profiles[node] = NodeProfile(tier, heads, num_examples, epsilon=epsilon)
+        for node in set(todo) - answered:
+            self.profiles[node] = NodeProfile(1.0, [], 0, declined=NO_PROFILE_REPLY)
+            log.warning("node %s did not answer the profile query within %.0f s", node, timeout)
 
     # ---- training -----------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -190,7 +202,8 @@ class HeteroFedAvg(FedAvg):
         self.outcome = RoundOutcome()
         self._global = record_to_arrays(arrays)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes),
+                                   max_wait=self.connect_timeout)
         base = {**self._base_config(server_round), **dict(config), **self.train_settings,
                 keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
                 keys.NOISE_MODE: self.noise_mode}
@@ -203,9 +216,12 @@ class HeteroFedAvg(FedAvg):
                            plan=plan)
         usable = [n for n in node_ids if n in self.profiles and not self.profiles[n].declined]
         for n in node_ids:
-            if n not in usable:
-                reason = self.profiles[n].declined if n in self.profiles else "no profile reply"
-                self.outcome.declined.append((n, reason))
+            if n in usable:
+                continue
+            if n in self.profiles and self.profiles[n].declined != NO_PROFILE_REPLY:
+                self.outcome.declined.append((n, self.profiles[n].declined))
+            else:   # silent: one timeout is all it costs; it is asked again next round
+                self.outcome.failed.append((n, NO_PROFILE_REPLY))
         self._expected_clients = max(1, len(usable))
         self.outcome.sampled = len(node_ids)
         base[keys.EXPECTED_CLIENTS] = self._expected_clients
@@ -254,10 +270,12 @@ class HeteroFedAvg(FedAvg):
         accepted: list[ClientUpdate] = []
         losses: list[float] = []
         seen: set[int] = set()
+        answered: set[int] = set()
         for reply in replies:
             node = _source(reply)
             try:
                 node = self._addressee(reply)
+                answered.add(node)
                 read = self._read_train_reply(server_round, node, reply, seen)
             except Exception as exc:  # one malformed reply must not end the run
                 self._reject(server_round, node, [f"reply could not be processed: {type(exc).__name__}: {exc}"])
@@ -266,6 +284,10 @@ class HeteroFedAvg(FedAvg):
                 accepted.append(read[0])
                 if read[1] is not None:
                     losses.append(read[1])
+        for node in sorted(set(self._sent_tiers) - answered):
+            # Flower returns what arrived by the round timeout; a silent device is a failed one.
+            self.outcome.failed.append((node, NO_TRAIN_REPLY))
+            log.warning("round %s: node %s: %s", server_round, node, NO_TRAIN_REPLY)
         weights = capped_weights([u.num_examples for u in accepted])
         updates = []
         for u, w in zip(accepted, weights):
@@ -380,7 +402,11 @@ class HeteroFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_evaluate)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes))
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes),
+                                   max_wait=self.connect_timeout)
+        # A device that failed this round (silent, or no training reply) is not waited for again.
+        failed = {n for n, _ in self.outcome.failed}
+        node_ids = [n for n in node_ids if n not in failed]
         cfg = ConfigRecord({**self._base_config(server_round), **dict(config)})
         self.outcome.bytes_sent += arrays.count_bytes() * len(node_ids)
         return [Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg}), message_type=MessageType.EVALUATE,

@@ -1120,3 +1120,49 @@ def test_the_trimmed_mean_rule_ignores_the_liar_entirely(global_arrays):
     for k, g in global_arrays.items():
         np.testing.assert_allclose(got[k] - g, 1e-3, rtol=0, atol=2e-6)
     assert strategy.outcome.used == 10
+
+
+# ---------------------------------------------------------------- silent devices and bounded waits
+
+
+class SilentGrid(FakeGrid):
+    """A FakeGrid where some devices never answer some kinds of instruction (Flower then returns
+    only the replies that arrived by the timeout)."""
+
+    def __init__(self, devices, silent: dict[int, set]):
+        super().__init__(devices)
+        self.silent = silent
+
+    def send_and_receive(self, messages, *, timeout=None):
+        heard = [m for m in messages if m.metadata.message_type not in self.silent.get(m.metadata.dst_node_id, set())]
+        self.sent += [m for m in messages if m not in heard]
+        return super().send_and_receive(heard, timeout=timeout)
+
+
+@pytest.mark.parametrize("silent_at", [MessageType.QUERY, MessageType.TRAIN])
+def test_a_silent_device_counts_as_failed_once_and_is_not_waited_for_again(silent_at, global_arrays):
+    # Prepare: three devices; the third never answers one kind of instruction.
+    from fedser.server.strategy import NO_PROFILE_REPLY, NO_TRAIN_REPLY
+
+    grid = SilentGrid({i: FakeDevice(n=10, value=1e-3) for i in (1, 2, 3)}, {3: {silent_at}})
+    strategy = make_strategy(3)
+    # Execute
+    new, _, _ = train_round(strategy, grid, 1, global_arrays)
+    evaluations = list(strategy.configure_evaluate(1, new, ConfigRecord(), grid))
+    # Assert: counted as failed with the reason; the round used the other two; no evaluation
+    # instruction goes to the silent device, so it costs one timeout, not three.
+    reason = NO_PROFILE_REPLY if silent_at == MessageType.QUERY else NO_TRAIN_REPLY
+    assert strategy.outcome.failed == [(3, reason)] and strategy.outcome.used == 2
+    assert 3 not in {m.metadata.dst_node_id for m in evaluations}
+    sent_train = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    assert (3 in sent_train) == (silent_at == MessageType.TRAIN)
+
+
+def test_waiting_for_too_few_devices_ends_with_what_it_waited_for(global_arrays):
+    # Prepare: one device connected, two needed, a short connect timeout.
+    from fedser.server.sampling import NotEnoughDevices
+
+    strategy = make_strategy(2, connect_timeout=0.5)
+    # Execute / Assert
+    with pytest.raises(NotEnoughDevices, match=r"1 device\(s\) connected, 2 needed \(min-clients\)"):
+        train_round(strategy, FakeGrid({1: FakeDevice(n=10, value=1e-3)}), 1, global_arrays)
