@@ -92,7 +92,7 @@ class HeteroFedAvg(FedAvg):
                  noise_multiplier: float, noise_mode: str, train_settings: dict,
                  fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0,
-                 connect_timeout: float = math.inf):
+                 connect_timeout: float = math.inf, weight_cap: int | None = WEIGHT_CAP_FACTOR):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
@@ -122,6 +122,8 @@ class HeteroFedAvg(FedAvg):
         self.train_settings = dict(train_settings)
         self.max_staleness = max_staleness
         self.connect_timeout = float(connect_timeout)
+        # None weighs devices by the counts they claim, as plain FedAvg does (for comparison only).
+        self.weight_cap = weight_cap
         self.profiles: dict[int, NodeProfile] = {}
         self.model_version = 0
         self.kws_head_version = 0
@@ -288,7 +290,8 @@ class HeteroFedAvg(FedAvg):
             # Flower returns what arrived by the round timeout; a silent device is a failed one.
             self.outcome.failed.append((node, NO_TRAIN_REPLY))
             log.warning("round %s: node %s: %s", server_round, node, NO_TRAIN_REPLY)
-        weights = capped_weights([u.num_examples for u in accepted])
+        counts = [u.num_examples for u in accepted]
+        weights = capped_weights(counts, self.weight_cap) if self.weight_cap is not None else counts
         updates = []
         for u, w in zip(accepted, weights):
             if w < u.num_examples:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,10 +43,14 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-@pytest.fixture(scope="module")
-def global_arrays() -> dict[str, np.ndarray]:
+def make_global_arrays() -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     return state_to_arrays(build_model(MODEL))
+
+
+@pytest.fixture(scope="module")
+def global_arrays() -> dict[str, np.ndarray]:
+    return make_global_arrays()
 
 
 # ---------------------------------------------------------------- fakes
@@ -870,6 +875,11 @@ def test_an_unprofiled_node_cannot_outweigh_the_others_in_evaluation(global_arra
 # ---------------------------------------------------------------- fuzz: generated replies, valid and malformed
 
 
+# A fast slice in the suite; bench/bench_robustness.py sets FEDSER_FUZZ_EXAMPLES for the full count.
+FUZZ_TRAIN_EXAMPLES = int(os.environ.get("FEDSER_FUZZ_EXAMPLES", 50))
+FUZZ_EVAL_EXAMPLES = int(os.environ.get("FEDSER_FUZZ_EXAMPLES", 60))
+
+
 def _bytes_of(a: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, a, allow_pickle=False)
@@ -964,7 +974,12 @@ VALID_TRAIN = {
 
 @pytest.fixture(scope="module")
 def fuzz_round(global_arrays):
-    """One configured training round of three_tiers(), and each node's instruction and honest delta."""
+    return make_fuzz_round(global_arrays)
+
+
+def make_fuzz_round(global_arrays):
+    """One configured training round of three_tiers(), and each node's instruction and honest delta
+    (also used by ``bench/bench_robustness.py`` to throw many more generated replies)."""
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     devices = three_tiers()
     grid = FakeGrid(devices)
@@ -998,7 +1013,7 @@ class FuzzRound:
         return s
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_TRAIN_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_generated_train_replies_never_raise_and_each_is_used_or_rejected(fuzz_round, data):
     # Prepare: each node's reply is valid or damaged in one generated way; maybe one node replies twice
@@ -1069,7 +1084,8 @@ def _damage(draw, metrics: dict) -> object:
     return MetricRecord(metrics)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EVAL_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_generated_evaluation_replies_never_raise_and_each_is_averaged_or_rejected(fuzz_round, data):
     # Prepare: four nodes profiled with 40 examples each, evaluating on at most 10 (no cap binds)
