@@ -52,27 +52,29 @@ class RoundSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "RoundSettings":
-        """The settings of a train instruction's ConfigRecord; ``KeyError``/``ValueError`` if one is missing or bad."""
-        return cls(epochs=int(cfg[keys.LOCAL_EPOCHS]), batch_size=int(cfg[keys.BATCH_SIZE]),
-                   learning_rate=float(cfg[keys.LEARNING_RATE]), dp=bool(cfg.get(keys.DP_ENABLED, True)),
-                   dp_max_grad_norm=float(cfg[keys.DP_MAX_GRAD_NORM]), scope=str(cfg.get(keys.TRAIN_SCOPE, "all")),
-                   clip_norm=float(cfg[keys.CLIP_NORM]), noise_multiplier=float(cfg[keys.NOISE_MULTIPLIER]),
-                   noise_mode=str(cfg[keys.NOISE_MODE]), expected_clients=int(cfg[keys.EXPECTED_CLIENTS]))
+        """The settings of a train instruction's ConfigRecord; ``KeyError``/``ValueError`` if one is missing or bad.
+
+        DP-SGD and the train scope may be left out (on, and "all"); every other setting must be there.
+        """
+        missing = [key for field, key in _CONFIG_KEYS.items() if key not in cfg and field not in ("dp", "scope")]
+        if missing:
+            raise KeyError(f"the instruction lacks {', '.join(missing)}")
+        return cls.announced(cfg)
 
     @classmethod
     def announced(cls, cfg: Mapping) -> "RoundSettings":
         """What a query says about the coming round: the keys it carries, the defaults for the rest
         (a device checks its policy against it; the train instruction itself is checked again)."""
-        d = cls()
-        return cls(epochs=int(cfg.get(keys.LOCAL_EPOCHS, d.epochs)),
-                   batch_size=int(cfg.get(keys.BATCH_SIZE, d.batch_size)),
-                   learning_rate=float(cfg.get(keys.LEARNING_RATE, d.learning_rate)),
-                   dp=bool(cfg.get(keys.DP_ENABLED, d.dp)),
-                   dp_max_grad_norm=float(cfg.get(keys.DP_MAX_GRAD_NORM, d.dp_max_grad_norm)),
-                   scope=str(cfg.get(keys.TRAIN_SCOPE, d.scope)), clip_norm=float(cfg.get(keys.CLIP_NORM, d.clip_norm)),
-                   noise_multiplier=float(cfg.get(keys.NOISE_MULTIPLIER, d.noise_multiplier)),
-                   noise_mode=str(cfg.get(keys.NOISE_MODE, d.noise_mode)),
-                   expected_clients=int(cfg.get(keys.EXPECTED_CLIENTS, d.expected_clients)))
+        defaults = cls()
+        return cls(**{field: type(getattr(defaults, field))(cfg.get(key, getattr(defaults, field)))
+                      for field, key in _CONFIG_KEYS.items()})
+
+
+# RoundSettings field -> its key in an instruction's ConfigRecord.
+_CONFIG_KEYS = {"epochs": keys.LOCAL_EPOCHS, "batch_size": keys.BATCH_SIZE, "learning_rate": keys.LEARNING_RATE,
+                "dp": keys.DP_ENABLED, "dp_max_grad_norm": keys.DP_MAX_GRAD_NORM, "scope": keys.TRAIN_SCOPE,
+                "clip_norm": keys.CLIP_NORM, "noise_multiplier": keys.NOISE_MULTIPLIER,
+                "noise_mode": keys.NOISE_MODE, "expected_clients": keys.EXPECTED_CLIENTS}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,11 @@ RULES = ("fedavg", "trimmed-mean")
 DEFAULT_TRIM = 0.2
 
 
+def _check_trim(trim: object) -> None:
+    if not (isinstance(trim, (int, float)) and 0.0 <= float(trim) < 0.5):
+        raise ValueError(f"trim must be a share in [0, 0.5), e.g. {DEFAULT_TRIM}; got {trim!r}")
+
+
 def trimmed_mean_aggregate(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[ClientUpdate],
@@ -47,8 +52,7 @@ def trimmed_mean_aggregate(
         ValueError: for ``trim`` outside [0, 0.5), a node twice, or a delta whose shape does not
         match its index.
     """
-    if not (isinstance(trim, (int, float)) and 0.0 <= float(trim) < 0.5):
-        raise ValueError(f"trim must be a share in [0, 0.5), e.g. {DEFAULT_TRIM}; got {trim!r}")
+    _check_trim(trim)
     nodes = [u.node_id for u in updates]
     if len(set(nodes)) != len(nodes):
         raise ValueError("an update per node: a node appears twice")
@@ -95,8 +99,7 @@ class TrimmedMeanHeteroFedAvg(HeteroFedAvg):
     check before it (validation, profiles, capped counts) is the same."""
 
     def __init__(self, *args, trim: float = DEFAULT_TRIM, **kwargs):
-        if not (isinstance(trim, (int, float)) and 0.0 <= float(trim) < 0.5):
-            raise ValueError(f"trim must be a share in [0, 0.5), e.g. {DEFAULT_TRIM}; got {trim!r}")
+        _check_trim(trim)
         super().__init__(*args, **kwargs)
         self.trim = float(trim)
 
