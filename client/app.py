@@ -22,6 +22,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedser.common import keys
+from fedser.common.encoders import EncoderResourceError, check_available
 from fedser.common.errors import ConfigError, FedserError, PrivacyBudgetExceeded
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope
@@ -74,6 +75,10 @@ def _instruction(msg: Message, context: Context) -> tuple[DeviceSettings, dict, 
         settings = DeviceSettings.from_node_config(dict(context.node_config), dict(context.run_config))
         cfg = msg.content[keys.CONFIG]
         model_config, spec = model_from_config(cfg)
+    # The features the server asks for must be ones this device can compute (its installed encoders).
+    with declining(keys.DECLINE_BAD_INSTRUCTION, EncoderResourceError):
+        for kind in spec.frozen_kinds():
+            check_available(kind)
     return settings, cfg, model_config, spec
 
 

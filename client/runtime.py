@@ -15,8 +15,16 @@ import torch
 
 from fedser.common.bundle import Bundle, load_bundle
 from fedser.common.errors import BundleError, ConfigError
-from fedser.common.export_format import EXTRA_FILE, METADATA_KEY, build_pipeline, detect_kind, parse_metadata
-from fedser.common.features import FeatureSpec
+from fedser.common.export_format import (
+    EXTRA_FILE,
+    METADATA_KEY,
+    build_pipeline,
+    detect_kind,
+    parse_metadata,
+    takes_features,
+)
+from fedser.common.features import FeatureSpec, FrontEnd
+from fedser.common.normalization import RunningNormalizer
 from fedser.common.keys import TASKS
 from fedser.common.models import ModelConfig
 
@@ -43,6 +51,7 @@ class Runtime:
     meta: dict
     model_config: ModelConfig | None = None
     export_info: dict | None = None
+    normalizer: RunningNormalizer | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -50,8 +59,26 @@ class Runtime:
         return [t for t in TASKS if self.labels.get(t)]
 
     def probs(self, waves: np.ndarray) -> dict[str, np.ndarray]:
-        """``(B, T)`` (or ``(T,)``) float32 at ``spec.sample_rate`` -> task -> ``(B, n_classes)``."""
+        """``(B, T)`` (or ``(T,)``) float32 at ``spec.sample_rate`` -> task -> ``(B, n_classes)``.
+
+        With frozen encoders the features are computed here and normalised with the running
+        statistics of everything this runtime has heard (``normalizer``: the device's speaker).
+        """
+        return self._run(self._inputs(waves))
+
+    def _run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def _inputs(self, waves: np.ndarray) -> np.ndarray:
+        batch = self._batch(waves)
+        if not takes_features(self.spec):
+            return batch
+        if getattr(self, "_frontend", None) is None:
+            self._frontend = FrontEnd(self.spec).eval()
+            self.normalizer = getattr(self, "normalizer", None) or RunningNormalizer()
+        with torch.inference_mode():
+            feats = self._frontend(torch.from_numpy(batch))
+            return np.ascontiguousarray(self.normalizer(feats).numpy(), dtype=np.float32)
 
     def describe(self) -> str:
         m = self.meta
@@ -79,9 +106,9 @@ class TorchRuntime(Runtime):
         self.model_config = bundle.model_config
         self.pipeline = build_pipeline(bundle)
 
-    def probs(self, waves: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            out = self.pipeline(torch.from_numpy(self._batch(waves)))
+            out = self.pipeline(torch.from_numpy(inputs))
         return {t: o.numpy() for t, o in zip(TASKS, out)}
 
 
@@ -101,9 +128,9 @@ class TorchScriptRuntime(Runtime):
         _init_from_metadata(self, parse_metadata(raw.decode() if isinstance(raw, bytes) else raw, path), path)
         self.module.eval()
 
-    def probs(self, waves: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(self._batch(waves)))
+            out = self.module(torch.from_numpy(inputs))
         return {t: o.numpy() for t, o in zip(TASKS, out)}
 
 
@@ -131,8 +158,8 @@ class OnnxRuntime(Runtime):
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def probs(self, waves: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.session.run(None, {self.input_name: self._batch(waves)})
+    def _run(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.session.run(None, {self.input_name: inputs})
         return dict(zip(self.output_names, out))
 
 

@@ -211,6 +211,9 @@ class Augmenter:
             x = feats.unsqueeze(1)  # (B, 1, F, N)
             for _ in range(self.n_freq_masks):
                 x = self.freq_masking(x)
-            for _ in range(self.n_time_masks):
-                x = self.time_masking(x)
+            # A mask never hides more than a fifth of a clip's frames: a 1 s keyword clip on
+            # speech_embedding's 80 ms grid has only 9.
+            time_param = min(self.time_masking.mask_param, feats.shape[-1] // 5)
+            for _ in range(self.n_time_masks if time_param > 0 else 0):
+                x = AF.mask_along_axis_iid(x, time_param, 0.0, 3)
         return x.squeeze(1)

@@ -16,6 +16,7 @@ from . import audio
 from .cache import FeatureCache
 from .errors import AudioError
 from .features import FeatureSpec, FrontEnd, fit_length
+from .normalization import normalize_by_speaker
 from .corpora import Utterance
 from .taxonomy import EMOTIONS, KEYWORDS
 
@@ -59,7 +60,11 @@ def _decode(u: Utterance, spec: FeatureSpec, task: str) -> np.ndarray:
 def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: str,
                     cache: FeatureCache | None = None, keep_waves: bool = False,
                     progress: bool = True, desc: str | None = None) -> TaskData:
-    """Decode and featurise every utterance of ``task``; bad files go to ``skipped``."""
+    """Decode and featurise every utterance of ``task``; bad files go to ``skipped``.
+
+    The cache holds each clip's own features; with ``spec.normalize == "speaker"`` they are
+    then standardised with each speaker's statistics over the clips given here.
+    """
     classes = HEAD_CLASSES[task]
     cache = cache or FeatureCache(None)
     frontend = FrontEnd(spec).eval()
@@ -95,9 +100,12 @@ def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: st
         ys.append(classes.index(u.label))
         speakers.append(u.speaker)
     n_frames = spec.n_frames(spec.clip_samples(task))
+    stacked = torch.from_numpy(np.stack(feats)) if feats else torch.zeros((0, spec.n_features(), n_frames))
+    if spec.normalize == "speaker":
+        stacked = normalize_by_speaker(stacked, speakers)
     return TaskData(
         task=task,
-        feats=torch.from_numpy(np.stack(feats)) if feats else torch.zeros((0, spec.n_features(), n_frames)),
+        feats=stacked,
         y=torch.tensor(ys, dtype=torch.long),
         speakers=speakers,
         waves=torch.from_numpy(np.stack(waves)) if (keep_waves and waves) else None,

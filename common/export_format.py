@@ -2,7 +2,10 @@
 
 An exported file is one self-contained inference pipeline a device can run without fedser's
 training stack: waveform in, both heads' probabilities out (``InferencePipeline``: the feature
-front end, the encoder and both heads), traced into TorchScript or ONNX. It carries its own
+front end, the encoder and both heads), traced into TorchScript or ONNX. With the default
+features (frozen public encoders, per-speaker normalisation) the file starts after the front
+end: normalised feature maps in (``takes_features``); the device runs the frozen stages from
+their own packages and keeps its running speaker statistics (``fedser.client.runtime``). It carries its own
 metadata (FeatureSpec, label sets, class order, model and KWS head versions, privacy figures,
 training corpus) in TorchScript's ``_extra_files`` (``fedser.json``) or ONNX ``metadata_props``
 (key ``fedser``). The exporter is ``fedser.tools.export``; the runtimes that load it are
@@ -89,7 +92,7 @@ class InferencePipeline(nn.Module):
     get probability 0 (logit ``-inf``), as ``training.predict`` scores with ``allowed``.
     """
 
-    def __init__(self, frontend: FrontEnd, model: MultiTaskNet, labels: dict[str, list[str]],
+    def __init__(self, frontend: nn.Module, model: MultiTaskNet, labels: dict[str, list[str]],
                  classes: dict[str, Sequence[str]]):
         super().__init__()
         self.frontend = frontend
@@ -126,9 +129,24 @@ def inference_copy(model: MultiTaskNet) -> MultiTaskNet:
     return clone
 
 
+def takes_features(spec: FeatureSpec) -> bool:
+    """Whether an exported pipeline of ``spec`` takes feature maps instead of waveforms.
+
+    Frozen public encoders run under their own runtimes (onnxruntime, openSMILE), not inside a
+    traced graph, and per-speaker normalisation needs the device's running statistics; so for
+    such specs the device computes the features (``FrontEnd`` + ``RunningNormalizer``) and the
+    exported file holds the trained part: ``(B, F, frames)`` normalised features in.
+    """
+    return bool(spec.frozen_kinds()) or spec.normalize == "speaker"
+
+
 def build_pipeline(bundle: Bundle, for_onnx: bool = False) -> InferencePipeline:
-    """The eval-mode pipeline of ``bundle`` (``DFTFrontEnd`` when ``for_onnx``)."""
-    frontend = (DFTFrontEnd if for_onnx else FrontEnd)(bundle.feature_spec).eval()
+    """The eval-mode pipeline of ``bundle`` (``DFTFrontEnd`` when ``for_onnx``; no front end at all
+    when the pipeline ``takes_features``)."""
+    if takes_features(bundle.feature_spec):
+        frontend: nn.Module = nn.Identity()
+    else:
+        frontend = (DFTFrontEnd if for_onnx else FrontEnd)(bundle.feature_spec).eval()
     return InferencePipeline(frontend, inference_copy(bundle.build_model()), bundle.labels, bundle.classes).eval()
 
 
@@ -139,8 +157,12 @@ def export_metadata(bundle: Bundle, fmt: str, verification: dict | None = None) 
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "fedser_version": fedser_version(),
-        "input": {"name": "wave", "shape": ["batch", "samples"], "dtype": "float32",
-                  "sample_rate": spec.sample_rate},
+        "input": ({"name": "features", "shape": ["batch", spec.n_features(), "frames"], "dtype": "float32",
+                   "made_by": f"the frozen stages {', '.join(spec.frozen_kinds()) or 'none'} and per-speaker "
+                              "normalisation (fedser.client.runtime)", "sample_rate": spec.sample_rate}
+                  if takes_features(spec) else
+                  {"name": "wave", "shape": ["batch", "samples"], "dtype": "float32",
+                   "sample_rate": spec.sample_rate}),
         "outputs": {t: {"shape": ["batch", len(bundle.classes[t])], "meaning": "probabilities"} for t in TASKS},
         "feature_spec": spec.to_dict(),
         "model_config": bundle.model_config.to_dict(),

@@ -7,16 +7,24 @@ trained with.
 
 Feature kinds (stacked along the feature axis in the order given in ``kinds``):
 
+- ``"speech-embedding"`` (default): Google's speech_embedding, a frozen public encoder,
+  96 rows, one frame every 80 ms (``fedser.common.encoders``).
+- ``"egemaps"`` (default): openSMILE's eGeMAPSv02 functionals, 88 rows, one per clip,
+  repeated along the frames of any sequence kind it is stacked with.
 - ``"logmel"``: log power mel spectrogram in dB (``n_mels`` rows).
 - ``"mfcc"``: DCT-II (orthonormal) of that log-mel spectrogram (``n_mfcc`` rows).
 - ``"chroma"``: chroma filterbank of the power spectrum, each frame scaled so its
   largest bin is 1 (``n_chroma`` rows).
 
-All kinds share one STFT: centred frames, zero ("constant") padding, periodic
-Hann window of ``win_length`` zero-padded to ``n_fft``, power 2. The mel
-filterbank is librosa's default (Slaney mel scale, Slaney area normalisation), so
-the raw features match ``librosa.feature.melspectrogram`` / ``power_to_db`` /
-``mfcc`` / ``chroma_stft(tuning=0)`` called with the same settings.
+The spectral kinds (log-mel, MFCC, chroma) share one STFT: centred frames, zero
+("constant") padding, periodic Hann window of ``win_length`` zero-padded to ``n_fft``,
+power 2. The mel filterbank is librosa's default (Slaney mel scale, Slaney area
+normalisation), so the raw features match ``librosa.feature.melspectrogram`` /
+``power_to_db`` / ``mfcc`` / ``chroma_stft(tuning=0)`` called with the same settings.
+Stacked with speech_embedding, spectral frames are averaged onto its 80 ms grid.
+
+The frozen kinds run once per clip under their own runtimes and are cached with the
+other features; they have no trainable weights, so nothing of them ever travels.
 """
 from __future__ import annotations
 
@@ -30,15 +38,21 @@ from typing import Any, Mapping
 import librosa
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchaudio.functional as AF
 import torchaudio.transforms as AT
 from torch import nn
 
+from . import encoders
 from .errors import ConfigError, collect
 
-KINDS = ("logmel", "mfcc", "chroma")
+SPECTRAL_KINDS = ("logmel", "mfcc", "chroma")
+FROZEN_KINDS = tuple(encoders.STAGES)
+KINDS = FROZEN_KINDS + SPECTRAL_KINDS
 TASK_SECONDS_FIELD = {"kws": "kws_seconds", "emotion": "emotion_seconds"}
-NORMALIZE_MODES = ("utterance", "none")
+# "speaker": no per-clip normalisation here; each speaker's features are standardised with that
+# speaker's own statistics (``fedser.common.normalization``). "utterance": each clip by itself.
+NORMALIZE_MODES = ("speaker", "utterance", "none")
 FIT_MODES = ("center", "random", "start")
 
 # Log floor: absolute (power 1e-10, i.e. -100 dB) and relative (80 dB below the
@@ -57,7 +71,7 @@ class FeatureSpec:
     """What features a model eats, and how long its clips are.
 
     Attributes:
-        kinds: feature kinds among ``"logmel"``, ``"mfcc"``, ``"chroma"``, stacked in this order.
+        kinds: feature kinds among ``KINDS``, stacked in this order.
         sample_rate: waveform sample rate in Hz (the front end does not resample).
         n_fft: FFT size in samples.
         win_length: analysis window in samples (``<= n_fft``); 400 = 25 ms at 16 kHz.
@@ -67,13 +81,15 @@ class FeatureSpec:
         n_chroma: chroma bins of ``"chroma"``.
         kws_seconds: clip length for the keyword-spotting task.
         emotion_seconds: clip length for the emotion task.
-        normalize: ``"utterance"`` (each feature row to zero mean, unit variance over the
-            frames of its own clip) or ``"none"``.
+        normalize: ``"speaker"`` (each feature row standardised with the statistics of its
+            speaker's own clips, after the front end: ``fedser.common.normalization``),
+            ``"utterance"`` (each row to zero mean, unit variance over the frames of its own
+            clip, inside the front end) or ``"none"``.
 
     Construction validates every field and raises ``ConfigError`` listing all problems.
     """
 
-    kinds: tuple[str, ...] = ("logmel",)
+    kinds: tuple[str, ...] = ("speech-embedding", "egemaps")
     sample_rate: int = 16000
     n_fft: int = 512
     win_length: int = 400
@@ -83,7 +99,7 @@ class FeatureSpec:
     n_chroma: int = 12
     kws_seconds: float = 1.0
     emotion_seconds: float = 3.0
-    normalize: str = "utterance"
+    normalize: str = "speaker"
 
     def __post_init__(self) -> None:
         # Accept a list (e.g. from JSON) but store a tuple so the spec stays hashable.
@@ -98,8 +114,12 @@ class FeatureSpec:
     # -- sizes ---------------------------------------------------------------
     def n_features(self) -> int:
         """Rows of the stacked feature matrix (the ``F`` of ``(B, F, frames)``)."""
-        size = {"logmel": self.n_mels, "mfcc": self.n_mfcc, "chroma": self.n_chroma}
+        size = {"logmel": self.n_mels, "mfcc": self.n_mfcc, "chroma": self.n_chroma, **encoders.STAGE_DIMS}
         return sum(size[k] for k in self.kinds)
+
+    def frozen_kinds(self) -> tuple[str, ...]:
+        """The frozen public encoder stages among ``kinds`` (computed outside torch, never trained)."""
+        return tuple(k for k in self.kinds if k in FROZEN_KINDS)
 
     def clip_samples(self, task: str) -> int:
         """Samples in one clip of ``task`` (``"kws"`` or ``"emotion"``)."""
@@ -108,8 +128,16 @@ class FeatureSpec:
         return int(round(getattr(self, TASK_SECONDS_FIELD[task]) * self.sample_rate))
 
     def n_frames(self, n_samples: int) -> int:
-        """Frames the front end yields for ``n_samples`` samples (centred STFT)."""
-        return 1 + int(n_samples) // self.hop_length
+        """Frames the front end yields for ``n_samples`` samples.
+
+        The coarsest sequence kind sets the grid: speech_embedding's 80 ms steps when it is
+        stacked, else the centred STFT's hops; eGeMAPS alone is one frame per clip.
+        """
+        if "speech-embedding" in self.kinds:
+            return encoders.embedding_frames(n_samples)
+        if any(k in SPECTRAL_KINDS for k in self.kinds):
+            return 1 + int(n_samples) // self.hop_length
+        return 1
 
     # -- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +168,16 @@ class FeatureSpec:
         """Stable 16-hex-digit hash of ``to_dict()``; equal specs have equal fingerprints."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def spec_for(kinds: str | tuple[str, ...] | list[str]) -> FeatureSpec:
+    """The spec for ``kinds`` (a tuple, or a comma-separated string as run settings carry it) with
+    their natural normalisation: per speaker when a frozen encoder is stacked, else per utterance."""
+    if isinstance(kinds, str):
+        kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    kinds = tuple(kinds)
+    frozen = any(k in FROZEN_KINDS for k in kinds)
+    return FeatureSpec(kinds=kinds, normalize="speaker" if frozen else "utterance")
 
 
 def _is_int(v: Any) -> bool:
@@ -206,9 +244,10 @@ def _coerce(v: dict[str, Any]) -> dict[str, Any]:
 
 
 class FrontEnd(nn.Module):
-    """Waveforms to stacked features, batched, entirely in torch.
+    """Waveforms to stacked features, batched.
 
-    Built like ``torchaudio.transforms.MelSpectrogram``: all settings come from the
+    The spectral kinds are computed entirely in torch (and script); the frozen encoder
+    stages run under their own runtimes, one clip at a time. Built like ``torchaudio.transforms.MelSpectrogram``: all settings come from the
     ``FeatureSpec`` given to the constructor and the filterbanks are registered
     buffers, so ``.to(device)`` moves everything and ``forward`` runs no numpy.
 
@@ -217,7 +256,8 @@ class FrontEnd(nn.Module):
         output: ``(B, F, frames)`` float32 with ``F = spec.n_features()`` and
         ``frames = spec.n_frames(T) = 1 + T // hop_length``; a ``(T,)`` input gives ``B = 1``.
 
-    Normalisation (``spec.normalize == "utterance"``, the default): every feature row
+    Normalisation (``spec.normalize == "utterance"``; the default, ``"speaker"``, happens after
+    the front end, in ``fedser.common.normalization``): every feature row
     is shifted to zero mean and scaled to unit variance over the frames of its own
     clip (standard deviation floored at ``STD_FLOOR``). It is stateless, so no
     corpus-wide statistics have to be estimated, shared or kept in sync between
@@ -241,6 +281,8 @@ class FrontEnd(nn.Module):
         self.spec = spec if spec is not None else FeatureSpec()
         s = self.spec
         self.kinds = list(s.kinds)
+        self.frozen = list(s.frozen_kinds())
+        self.has_frozen = bool(self.frozen)  # a plain bool, so forward still scripts
         self.normalize = s.normalize == "utterance"
         # Constants as attributes so TorchScript can compile forward.
         self.amin = AMIN
@@ -322,8 +364,8 @@ class FrontEnd(nn.Module):
             return self._chroma(power)
         raise ValueError(f"unknown feature kind {kind!r}; allowed: {', '.join(KINDS)}")
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` or ``(T,)`` waveform -> ``(B, F, frames)`` float32 features."""
+    def _spectral(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        # The spectral kinds in ``kinds`` order, each (B, n_kind, stft frames), from one STFT.
         power = self.power(wave)  # (B, n_freq, frames), shared by every kind
         logmel = self._logmel(power) if ("logmel" in self.kinds or "mfcc" in self.kinds) else power
         parts = []
@@ -332,16 +374,48 @@ class FrontEnd(nn.Module):
                 parts.append(logmel)
             elif kind == "mfcc":
                 parts.append(self._mfcc(logmel))
-            else:
+            elif kind == "chroma":
                 parts.append(self._chroma(power))
-        feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # (B, F, frames)
+        return parts
+
+    def _normalize(self, feats: torch.Tensor) -> torch.Tensor:
+        # Shift by the first frame before averaging: constant rows (silence) then come
+        # out exactly 0 instead of float32 rounding noise of a large mean.
+        feats = feats - feats[..., :1]
+        feats = feats - feats.mean(dim=-1, keepdim=True)
+        std = feats.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return feats / torch.clamp(std, min=self.std_floor)
+
+    @torch.jit.unused
+    def _with_frozen(self, wave):  # no annotations: TorchScript reads this signature, not the body
+        # Frozen stages run under their own runtimes, one clip at a time, without gradients.
+        n_frames = self.spec.n_frames(wave.shape[-1])
+        spectral = iter(self._spectral(wave) if len(self.frozen) < len(self.kinds) else [])
+        rows = wave.detach().cpu().numpy()
+        parts = []
+        for kind in self.kinds:
+            if kind in FROZEN_KINDS:
+                run = encoders.stage(kind)
+                part = torch.from_numpy(np.stack([run(row) for row in rows]))
+            else:
+                part = next(spectral)
+            if part.shape[-1] == 1:
+                part = part.expand(-1, -1, n_frames)  # one value per clip, repeated along the sequence
+            elif part.shape[-1] != n_frames:
+                part = F.adaptive_avg_pool1d(part, n_frames)  # onto the embedding's coarser grid
+            parts.append(part)
+        return torch.cat(parts, dim=-2).contiguous()
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` or ``(T,)`` waveform -> ``(B, F, frames)`` float32 features."""
+        wave = self._batch(wave)
+        if self.has_frozen:
+            feats = self._with_frozen(wave)
+        else:
+            parts = self._spectral(wave)
+            feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # (B, F, frames)
         if self.normalize:
-            # Shift by the first frame before averaging: constant rows (silence) then come
-            # out exactly 0 instead of float32 rounding noise of a large mean.
-            feats = feats - feats[..., :1]
-            feats = feats - feats.mean(dim=-1, keepdim=True)
-            std = feats.pow(2).mean(dim=-1, keepdim=True).sqrt()
-            feats = feats / torch.clamp(std, min=self.std_floor)
+            feats = self._normalize(feats)
         return feats
 
 

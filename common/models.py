@@ -1,10 +1,16 @@
 """Multi-task acoustic models: one shared encoder, an emotion head and a keyword head.
 
-Input is a batch of feature maps ``(B, F, T)``: ``F`` feature rows (40 log-mel by
-default, more when MFCC/chroma are stacked) and ``T`` frames of any length (1 s
-keyword clips give about 101 frames at a 10 ms hop, 3 s emotion clips about 301).
-Every encoder ends in statistics pooling over time (mean and standard deviation of
+Input is a batch of feature maps ``(B, F, T)``: by default 184 rows (speech_embedding's 96
+plus eGeMAPS' 88, ``fedser.common.features``) on an 80 ms grid (9 frames for a 1 s keyword
+clip, 34 for a 3 s emotion clip); the from-scratch encoders take 40 log-mel rows at a 10 ms
+hop. Every encoder ends in statistics pooling over time (mean and standard deviation of
 each channel), so the embedding size does not depend on ``T``.
+
+Two families of encoders (the trainable part a device trains and sends):
+
+- heads over frozen public features (default ``tcn``; ``gru``, ``mlp``): a few tens of
+  thousands of weights, the models that learn under DP;
+- from scratch over log-mel (``cnn``, ``crnn``): whole acoustic networks, kept as options.
 
 The models are DP-SGD ready by construction: GroupNorm with a fixed group *size*
 (never BatchNorm), the recurrent layer is ``opacus.layers.DPGRU``, no in-place
@@ -17,11 +23,15 @@ tiers 1.0 / 0.5 / 0.25) and rounded to a multiple of the group size; the feature
 dimension and the class counts never scale. See ``fedser.common.slicing`` for how a
 narrow model maps onto the first units of the wide one.
 
-Parameter counts (defaults: 40 features, 9 emotions, 12 keywords, measured):
+Parameter counts (9 emotions, 12 keywords; 184 features for the heads, 40 for the
+from-scratch encoders; measured):
 
 =========  =========  =========  =========
 encoder    width 1.0  width 0.5  width 0.25
 =========  =========  =========  =========
+``tcn``    50,581     22,229     10,357
+``gru``    50,709     22,293     10,389
+``mlp``    50,197     25,109     12,565
 ``cnn``    66,629     17,821     6,357
 ``crnn``   60,341     17,893     5,885
 =========  =========  =========  =========
@@ -38,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .encoders import EGEMAPS_DIM, EMBEDDING_DIM
 from .errors import ConfigError, collect
 from .keys import TASKS
 
@@ -79,18 +90,20 @@ class ModelConfig:
     first ``k`` channels of a wide layer are grouped exactly as a ``k``-channel layer);
     ``min_units`` is the floor of every scaled count. ``cmn`` subtracts each feature
     row's mean over time (per utterance) before the encoder, removing the
-    microphone/channel offset that differs between devices.
+    microphone/channel offset that differs between devices; off by default, because the
+    default features are normalised per speaker and eGeMAPS rows are constant over time.
+    The defaults are the ``tcn`` head over the default features (speech_embedding + eGeMAPS).
     """
 
-    encoder: str = "cnn"
-    n_features: int = 40
+    encoder: str = "tcn"
+    n_features: int = EMBEDDING_DIM + EGEMAPS_DIM
     width: float = 1.0
     n_emotions: int = 9
     n_keywords: int = 12
     dropout: float = 0.1
     group_size: int = 4
     min_units: int = 8
-    cmn: bool = True
+    cmn: bool = False
 
     def __post_init__(self) -> None:
         collect(_config_problems(dataclasses.asdict(self)), ConfigError, "ModelConfig")
@@ -356,6 +369,86 @@ class CRNN(Encoder):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.sequence(x)  # (B, T / 4, H)
         return stats_pool(out.transpose(1, 2))  # (B, 2H)
+
+
+@register_encoder("tcn")
+class TemporalHead(Encoder):
+    """The default: a small temporal CNN over frozen encoder features, then statistics pooling.
+
+    Two convolutions (k=3, GroupNorm) over the feature sequence (speech_embedding's 80 ms
+    steps with eGeMAPS repeated along them), dropout on the input rows. About 50k weights at
+    width 1.0 for 184 input rows: small enough that DP noise spread over them stays affordable.
+    ``(B, F, T) -> (B, 2 * C)`` with ``C = units(64)``.
+    """
+
+    channels = 64
+    kernel = 3
+    grad_sample_mode = "hooks"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.units(self.channels)
+        self.inputs = nn.Dropout(cfg.dropout)
+        self.convs = nn.Sequential(ConvNormAct(cfg.n_features, c, self.kernel, 1, cfg.group_size),
+                                   ConvNormAct(c, c, self.kernel, 1, cfg.group_size))
+        self.dim = 2 * c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stats_pool(self.convs(self.inputs(x)))  # (B, 2C)
+
+
+@register_encoder("gru")
+class RecurrentHead(Encoder):
+    """A one-layer DPGRU over frozen encoder features, then statistics pooling of its outputs.
+
+    ``(B, F, T) -> (B, 2 * H)`` with ``H = units(64)``. ``sequence`` carries the state for streaming.
+    """
+
+    hidden = 64
+    grad_sample_mode = "hooks"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from opacus.layers import DPGRU
+
+        self.hidden_size = cfg.units(self.hidden)
+        self.inputs = nn.Dropout(cfg.dropout)
+        self.gru = DPGRU(cfg.n_features, self.hidden_size, num_layers=1, batch_first=True)
+        keep_one_name_per_dpgru_weight(self)
+        self.dim = 2 * self.hidden_size
+
+    def sequence(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x`` (B, F, T), ``h`` (1, B, H) or None -> ``(out (B, T, H), h_n (1, B, H))``."""
+        return self.gru(self.inputs(x).transpose(1, 2), h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.sequence(x)  # (B, T, H)
+        return stats_pool(out.transpose(1, 2))  # (B, 2H)
+
+
+@register_encoder("mlp")
+class PooledHead(Encoder):
+    """Statistics pooling of the input first, then one hidden layer: an MLP over functionals.
+
+    ``(B, F, T) -> (B, H)`` with ``H = units(128)``: the clip's per-row mean and standard
+    deviation (``2F`` values; for eGeMAPS rows the mean is the functional itself) through
+    Linear, GroupNorm and ReLU.
+    """
+
+    hidden = 128
+    pool_blocks = 1
+    grad_sample_mode = "hooks"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.units(self.hidden)
+        self.inputs = nn.Dropout(cfg.dropout)
+        self.hidden_layer = nn.Linear(2 * cfg.n_features, h)
+        self.norm = group_norm(h, cfg.group_size)
+        self.dim = h
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.hidden_layer(self.inputs(stats_pool(x)))))  # (B, H)
 
 
 # --------------------------------------------------------------------------- the model

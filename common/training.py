@@ -186,7 +186,10 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
         raise ConfigError(f"no {task} training examples")
     torch.manual_seed(cfg.seed)
     n_classes = len(train.class_names)
-    use_waves = augmenter is not None and train.waves is not None
+    # Waveform augmentation re-extracts features every step: affordable for the spectral kinds,
+    # not for frozen encoders (and per-speaker statistics would no longer match).
+    use_waves = augmenter is not None and train.waves is not None and not spec.frozen_kinds() \
+        and spec.normalize != "speaker"
     inputs = train.waves if use_waves else train.feats
     dataset = TensorDataset(inputs, train.y)
     batch_size = min(cfg.batch_size, len(dataset))

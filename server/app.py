@@ -23,7 +23,7 @@ from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.data import HEAD_CLASSES
 from fedser.common.errors import ConfigError
 from fedser.common.fsutil import atomic_write
-from fedser.common.features import FeatureSpec
+from fedser.common.features import spec_for
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.params import state_to_arrays
 from fedser.common.privacy import UserLevelAccountant
@@ -60,7 +60,7 @@ class FederatedRun:
         self.s = settings
         self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.spec = FeatureSpec()
+        self.spec = spec_for(settings.features)
         self.model_config = ModelConfig(encoder=settings.encoder, n_features=self.spec.n_features())
         rule, extra = HeteroFedAvg, {}
         if settings.aggregation == "trimmed-mean":

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, fields
 
 from fedser.common.errors import ConfigError
+from fedser.common.features import spec_for
 from fedser.common.keys import NOISE_MODES, TRAIN_SCOPES, parse_tiers
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -47,7 +48,8 @@ class RunSettings:
     local_epochs: int = 1
     batch_size: int = 16
     learning_rate: float = 3e-3
-    encoder: str = "cnn"
+    encoder: str = "tcn"              # the trainable model over the features (fedser.common.models.ENCODERS)
+    features: str = "speech-embedding,egemaps"   # FeatureSpec kinds, comma-separated (frozen public encoders)
     seed: int = 0
     clip_norm: float = 2.0            # user-level update clipping bound C
     noise_multiplier: float = 1.0     # user-level noise multiplier z
@@ -111,6 +113,10 @@ class RunSettings:
         elif self.train_scope != "all" and not (self.kws_corpus or self.public_corpus):
             p.append(f"train-scope={self.train_scope} needs kws-corpus or public-corpus: without public "
                      "pretraining the fixed encoder weights would stay at their random initialisation")
+        try:
+            spec_for(self.features)
+        except ConfigError as exc:
+            p.append(f"features={self.features!r}: {exc}")
         if self.noise_mode not in NOISE_MODES:
             p.append(f"noise-mode must be one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):

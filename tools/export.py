@@ -32,6 +32,7 @@ from fedser.common.export_format import (
     InferencePipeline,
     build_pipeline,
     export_metadata,
+    takes_features,
 )
 from fedser.common.keys import TASKS
 
@@ -101,14 +102,15 @@ def _write_onnx(pipeline: InferencePipeline, example: Tensor, meta: dict, path: 
     except ImportError:
         raise ConfigError("ONNX export needs the onnx package: pip install 'fedser[tools]' "
                           "(or pip install onnx onnxruntime)") from None
+    name = "features" if example.dim() == 3 else "wave"
     with warnings.catch_warnings():
         # The TorchScript-based exporter: the torch.export-based one cannot yet export
         # nn.GRU with a dynamic sequence length, and it needs onnxscript.
         warnings.simplefilter("ignore")
         with torch.no_grad():
             torch.onnx.export(pipeline, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["wave"], output_names=list(TASKS),
-                              dynamic_axes={"wave": {0: "batch", 1: "samples"},
+                              input_names=[name], output_names=list(TASKS),
+                              dynamic_axes={name: {0: "batch", example.dim() - 1: "frames" if name == "features" else "samples"},
                                             **{t: {0: "batch"} for t in TASKS}})
     set_onnx_metadata(path, meta)
 
@@ -153,8 +155,11 @@ def export_bundle(bundle: Bundle, fmt: str, out: str | Path, clips: dict[str, np
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     reference = TorchRuntime(bundle, Path("<bundle>"))
-    example = torch.zeros(_TRACE_BATCH, bundle.feature_spec.clip_samples("kws"))
-    example.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    spec = bundle.feature_spec
+    n_samples = spec.clip_samples("kws")
+    shape = ((_TRACE_BATCH, spec.n_features(), spec.n_frames(n_samples)) if takes_features(spec)
+             else (_TRACE_BATCH, n_samples))
+    example = torch.zeros(shape).normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=".export-", suffix=SUFFIXES[fmt])
     os.close(fd)
     tmp = Path(tmp_name)

@@ -475,6 +475,25 @@ def test_device_declines_an_instruction_it_cannot_use(spoil, person, feature_cac
     assert not (tmp_path / "ledger.json").exists()
 
 
+def test_device_without_the_frozen_encoder_asked_for_declines_naming_the_package(person, feature_cache, tmp_path,
+                                                                                   monkeypatch):
+    # Prepare: an instruction for the default features; then this device's opensmile install is gone
+    import importlib.util
+
+    ctx = device(person, tmp_path, feature_cache, tier=0.25)
+    _, instruction = train_instruction(ctx)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opensmile" else real(name, *a))
+
+    # Execute
+    reply = app(instruction, ctx)
+
+    # Assert
+    assert reply.error.code == keys.DECLINE_BAD_INSTRUCTION
+    assert "opensmile" in reply.error.reason and "fedser[client]" in reply.error.reason
+    assert not (tmp_path / "ledger.json").exists()
+
+
 def test_wrong_tier_decline_names_both_tiers(person, feature_cache, tmp_path):
     # Prepare
     ctx = device(person, tmp_path, feature_cache, tier=0.25)

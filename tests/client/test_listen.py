@@ -24,7 +24,7 @@ from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.corpora import load_corpus
 from fedser.common.data import build_task_data
 from fedser.common.errors import ConfigError
-from fedser.common.features import FeatureSpec
+from fedser.common.features import FeatureSpec, spec_for
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.taxonomy import EMOTIONS, KEYWORDS
 from fedser.common.training import TrainConfig, train_task
@@ -44,11 +44,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def pinned_bundle(kws: str = "stop", emotion: str = "angry", encoder: str = "cnn", labels=None,
+def pinned_bundle(kws: str = "stop", emotion: str = "angry", encoder: str = "tcn", labels=None,
                   logit: float = 10.0) -> Bundle:
-    """A bundle whose heads always answer ``kws`` / ``emotion`` (probability ~1 at the default ``logit``)."""
+    """A bundle whose heads always answer ``kws`` / ``emotion`` (probability ~1 at the default ``logit``);
+    the default head over the frozen encoders, or a from-scratch encoder over log-mel."""
     torch.manual_seed(0)
-    cfg = ModelConfig(encoder=encoder)
+    spec = FeatureSpec() if encoder in ("tcn", "gru", "mlp") else spec_for("logmel")
+    cfg = ModelConfig(encoder=encoder, n_features=spec.n_features())
     model = build_model(cfg)
     with torch.no_grad():
         for task, names, pick in (("kws", KEYWORDS, kws), ("emotion", EMOTIONS, emotion)):
@@ -56,7 +58,7 @@ def pinned_bundle(kws: str = "stop", emotion: str = "angry", encoder: str = "cnn
             head.weight.zero_()
             head.bias.fill_(-logit)
             head.bias[names.index(pick)] = logit
-    return Bundle.from_model(model, cfg, FeatureSpec(), labels or ALL_LABELS,
+    return Bundle.from_model(model, cfg, spec, labels or ALL_LABELS,
                              {"model_version": 1, "kws_head_version": 1})
 
 
@@ -233,8 +235,8 @@ def test_crnn_carry_mode_never_resets(pinned):
 
 def test_primed_recurrent_step_is_the_per_clip_computation(tmp_path):
     torch.manual_seed(3)
-    cfg = ModelConfig(encoder="crnn")
-    save_bundle(Bundle.from_model(build_model(cfg), cfg, FeatureSpec(), ALL_LABELS), tmp_path)
+    cfg = ModelConfig(encoder="crnn", n_features=40)
+    save_bundle(Bundle.from_model(build_model(cfg), cfg, spec_for("logmel"), ALL_LABELS), tmp_path)
     rt = open_model(tmp_path)
     window = burst(1.0)
     step = RecurrentKWS(rt, 1280, lag=0).step(window)

@@ -7,6 +7,8 @@ from fedser.common.errors import BundleError
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model
 
+N_FEATURES = ModelConfig().n_features  # rows of the default features
+
 
 def _bundle(encoder="cnn") -> Bundle:
     torch.manual_seed(0)
@@ -27,7 +29,7 @@ def test_round_trip_keeps_weights_spec_labels_and_meta(tmp_path, encoder):
     assert back.tasks == ["kws"]
     for k, v in b.state.items():
         np.testing.assert_array_equal(back.state[k], v)
-    x = torch.randn(2, 40, 101)
+    x = torch.randn(2, N_FEATURES, 101)
     torch.testing.assert_close(back.build_model()(x, "kws"), b.build_model()(x, "kws"))
 
 

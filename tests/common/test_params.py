@@ -10,6 +10,8 @@ from fedser.common.errors import ConfigError
 from fedser.common.models import ENCODERS, ModelConfig, build_model
 from fedser.common.params import StateMismatch, arrays_to_state, state_to_arrays
 
+N_FEATURES = ModelConfig().n_features  # rows of the default features
+
 
 def _model(encoder: str = "crnn", seed: int = 0, width: float = 1.0):
     torch.manual_seed(seed)
@@ -27,7 +29,7 @@ def test_round_trip_through_arrays(encoder):
     back = state_to_arrays(target)
     assert list(back) == list(arrays) == list(source.state_dict())
     assert all(np.array_equal(back[k], arrays[k]) for k in arrays)
-    x = torch.randn(2, 40, 101)
+    x = torch.randn(2, N_FEATURES, 101)
     source.eval()
     target.eval()
     with torch.no_grad():

@@ -16,6 +16,8 @@ from fedser.common.slicing import (
     slice_state,
 )
 
+N_FEATURES = ModelConfig().n_features  # rows of the default features
+
 ENCODER_NAMES = sorted(ENCODERS)
 TIERS = (1.0, 0.5, 0.25)
 # Tiers plus arbitrary widths; every one builds a real model, so keep the set small.
@@ -48,7 +50,7 @@ def test_crnn_half_width_indices_by_hand():
     # Assert
     rows, cols, taps = index["encoder.convs.0.conv.weight"]
     assert rows.ravel().tolist() == list(range(16))
-    assert cols.ravel().tolist() == list(range(40))  # features never scale
+    assert cols.ravel().tolist() == list(range(N_FEATURES))  # features never scale
     assert taps.ravel().tolist() == list(range(5))  # neither do kernels
     rows, cols = index["encoder.gru.weight_hh_l0"]  # (3 * 96, 96): r, z, n gates
     assert rows.ravel().tolist() == list(range(0, 48)) + list(range(96, 144)) + list(range(192, 240))
@@ -83,7 +85,7 @@ def test_cnn_quarter_width_of_a_tiny_config_by_hand():
 
 
 def test_index_arrays_are_read_only():
-    (bias,) = slice_index(ModelConfig(), 0.5)["encoder.stem.norm.bias"]
+    (bias,) = slice_index(ModelConfig(encoder="cnn", n_features=40), 0.5)["encoder.stem.norm.bias"]
     with pytest.raises(ValueError):
         bias[0] = 3
 
@@ -124,7 +126,7 @@ def test_sub_state_loads_strictly_and_runs(encoder, width):
     # Execute
     arrays_to_state(slice_state(_global_state(cfg), cfg, width), sub)
     with torch.no_grad():
-        logits = sub(torch.randn(2, 40, 33), "kws")
+        logits = sub(torch.randn(2, N_FEATURES, 33), "kws")
     # Assert
     assert logits.shape == (2, 12)
     assert torch.isfinite(logits).all()
@@ -147,7 +149,7 @@ def test_global_model_zero_outside_the_slice_computes_the_sub_model(encoder, wid
     for name, ix in slice_index(cfg, width).items():
         zeros[name][ix] = sub_arrays[name]
     arrays_to_state(zeros, wide)
-    x = torch.randn(3, 40, 101)
+    x = torch.randn(3, N_FEATURES, 101)
     # Execute
     with torch.no_grad():
         got = {t: wide(x, t) for t in ("emotion", "kws")}
@@ -178,7 +180,7 @@ def test_width_above_the_global_width_is_refused():
 
 def test_slice_state_names_every_bad_entry():
     # Prepare
-    cfg = ModelConfig()
+    cfg = ModelConfig(encoder="cnn", n_features=40)
     g = _global_state(cfg)
     del g["heads.kws.bias"]
     g["encoder.stem.norm.weight"] = np.zeros(3, np.float32)

@@ -9,6 +9,8 @@ from fedser.common.models import ModelConfig, build_model, encoder_params_in_sco
 from fedser.common.privacy import SpendRecord, epsilon_of
 from fedser.common.training import TrainConfig, class_weights, evaluate_task, predict, train_task
 
+N_FEATURES = ModelConfig().n_features  # rows of the default features
+
 SPEC = FeatureSpec()
 
 
@@ -19,7 +21,7 @@ def separable(n=96, classes=(0, 1, 2), seed=0, task="kws") -> TaskData:
     """
     g = torch.Generator().manual_seed(seed)
     y = torch.tensor([classes[i % len(classes)] for i in range(n)])
-    x = torch.randn(n, 40, 101, generator=g)
+    x = torch.randn(n, N_FEATURES, 101, generator=g)
     wave = 2.0 * torch.sin(torch.arange(101) * 0.5)
     for i, c in enumerate(y.tolist()):
         x[i, 10 * (c % 4): 10 * (c % 4) + 5] += wave
@@ -90,7 +92,7 @@ def test_dp_with_target_epsilon_stays_within_it():
 
 def test_predict_respects_allowed_classes():
     model = build_model(ModelConfig())
-    pred, prob = predict(model, "kws", torch.randn(20, 40, 101), allowed=[3, 7])
+    pred, prob = predict(model, "kws", torch.randn(20, N_FEATURES, 101), allowed=[3, 7])
     assert set(pred.tolist()) <= {3, 7}
     assert np.all((prob > 0) & (prob <= 1))
 
@@ -112,7 +114,7 @@ def test_bad_training_settings_are_named(kwargs, match):
 
 
 def test_empty_training_data_is_a_clear_error():
-    empty = TaskData("kws", torch.zeros(0, 40, 101), torch.zeros(0, dtype=torch.long), [])
+    empty = TaskData("kws", torch.zeros(0, N_FEATURES, 101), torch.zeros(0, dtype=torch.long), [])
     with pytest.raises(ConfigError, match="no kws training examples"):
         train_task(build_model(ModelConfig()), "kws", empty, None, TrainConfig(epochs=1), SPEC, progress=False)
 
@@ -177,7 +179,7 @@ def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monke
     def run(max_physical: int):
         monkeypatch.setattr(training, "MAX_PHYSICAL_BATCH", max_physical)
         torch.manual_seed(0)
-        model = build_model(ModelConfig(n_features=40, width=0.25))
+        model = build_model(ModelConfig(n_features=N_FEATURES, width=0.25, dropout=0.0))
         cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, dp=True, noise_multiplier=0.0, max_grad_norm=0.5,
                           seed=3, grad_sample_mode="hooks")
         result = train_task(model, "kws", data, None, cfg, SPEC, progress=False)
@@ -190,7 +192,7 @@ def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monke
     assert [s.as_tuple() for s in r_chunked.spend] == [s.as_tuple() for s in r_whole.spend]
     assert r_chunked.epsilon == r_whole.epsilon
     torch.manual_seed(0)
-    initial = build_model(ModelConfig(n_features=40, width=0.25)).state_dict()
+    initial = build_model(ModelConfig(n_features=N_FEATURES, width=0.25, dropout=0.0)).state_dict()
     moved = [k for k in whole if not torch.equal(whole[k], initial[k])]
     assert moved, "training changed the model"
     for k in whole:

@@ -54,7 +54,7 @@ def test_width_tiers_average_each_element_over_the_devices_whose_slice_holds_it(
     # Execute
     out, _ = trimmed_mean_aggregate(g, updates, head_of, trim=0.0)
     # Assert: inside the half slice all six devices count (mean 2); outside it only the wide ones (1).
-    name = "encoder.stem.conv.weight"
+    name = "encoder.convs.0.conv.weight"
     ix = slice_index(cfg, 0.5)[name]
     step = out[name] - g[name]
     np.testing.assert_allclose(step[ix], 2.0, rtol=1e-5)

@@ -220,7 +220,7 @@ def test_example_gradients_are_each_examples_own_loss_gradient():
     spec, mc, pool = _tiny_pool()
     torch.manual_seed(0)
     model = build_model(mc)
-    names = ["encoder.stem.conv.weight", "heads.emotion.weight"]
+    names = ["encoder.convs.0.conv.weight", "heads.emotion.weight"]
     grads = example_gradients(model, pool, names)
     params = dict(model.named_parameters())
     assert grads.shape == (len(pool), sum(params[n].numel() for n in names))

@@ -43,7 +43,7 @@ def run_dir(tiny_corpus, tmp_path_factory) -> Path:
     save_bundle(Bundle.from_model(model, mc, spec, {"emotion": list(HEAD_CLASSES["emotion"])}, meta), root)
     (root / "run_settings.json").write_text(json.dumps({
         "run_dir": str(root), "num_server_rounds": 2, "min_clients": 2, "local_epochs": 1, "batch_size": 8,
-        "learning_rate": 0.003, "encoder": "cnn", "clip_norm": 2.0, "noise_multiplier": 0.0, "noise_mode": "none",
+        "learning_rate": 0.003, "encoder": "tcn", "clip_norm": 2.0, "noise_multiplier": 0.0, "noise_mode": "none",
         "user_delta": 1e-5, "dp": True, "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0}))
     eps = []
     for i in range(2):
@@ -150,7 +150,7 @@ def test_mismatched_feature_spec_is_refused(run_dir, tmp_path):
     bad = tmp_path / "bad-spec"
     shutil.copytree(run_dir, bad)
     b = load_bundle(bad)
-    spec = FeatureSpec.from_dict({**b.feature_spec.to_dict(), "n_mels": 20})
+    spec = FeatureSpec.from_dict({**b.feature_spec.to_dict(), "kinds": ["speech-embedding"]})  # 96 rows, not 184
     b.feature_spec = spec
     save_bundle(b, bad)
     with pytest.raises(AuditInputError, match="FeatureSpec"):

@@ -12,7 +12,7 @@ from fedser.common.errors import BundleError
 from fedser.client.runtime import OnnxRuntime, TorchRuntime, open_model
 from fedser.common.export_format import EXPORT_VERSION, METADATA_KEY, DFTFrontEnd, detect_kind, inference_copy
 from fedser.tools.export import export_bundle, set_onnx_metadata, verify_export
-from fedser.common.features import FeatureSpec, FrontEnd
+from fedser.common.features import FeatureSpec, FrontEnd, spec_for
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.taxonomy import EMOTIONS, KEYWORDS
 
@@ -32,11 +32,17 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def make_bundle(encoder: str = "cnn", seed: int = 0, labels=None) -> Bundle:
+# The default (a head over the frozen public encoders: normalised features in) and a recurrent
+# from-scratch encoder over log-mel (waveform in, front end inside the graph).
+ENCODER_FEATURES = {"tcn": FeatureSpec(), "crnn": spec_for("logmel")}
+
+
+def make_bundle(encoder: str = "tcn", seed: int = 0, labels=None) -> Bundle:
     torch.manual_seed(seed)
-    cfg = ModelConfig(encoder=encoder)
+    spec = ENCODER_FEATURES[encoder]
+    cfg = ModelConfig(encoder=encoder, n_features=spec.n_features())
     labels = labels or {"kws": list(KEYWORDS[:10]) + ["_unknown_"], "emotion": list(EMOTIONS[:8])}
-    return Bundle.from_model(build_model(cfg), cfg, FeatureSpec(), labels, META)
+    return Bundle.from_model(build_model(cfg), cfg, spec, labels, META)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def exports(clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
     waves, source = clips
     made = {}
-    for encoder in ("cnn", "crnn"):
+    for encoder in ENCODER_FEATURES:
         bundle = make_bundle(encoder)
         for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
             result = export_bundle(bundle, fmt, out / f"{encoder}{suffix}", waves, source)
@@ -62,7 +68,7 @@ def exports(clips, tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("encoder", ["cnn", "crnn"])
+@pytest.mark.parametrize("encoder", list(ENCODER_FEATURES))
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_matches_pytorch_on_any_length_and_batch(exports, encoder, fmt):
     bundle, path = exports[encoder, fmt]
@@ -78,7 +84,7 @@ def test_export_matches_pytorch_on_any_length_and_batch(exports, encoder, fmt):
 
 
 def test_exported_file_carries_spec_labels_versions_and_verification(exports):
-    bundle, path = exports["cnn", "onnx"]
+    bundle, path = exports["tcn", "onnx"]
     rt = open_model(path)
     assert rt.kind == "onnx" and rt.spec == bundle.feature_spec
     assert rt.labels == bundle.labels
@@ -91,7 +97,7 @@ def test_exported_file_carries_spec_labels_versions_and_verification(exports):
 
 
 def test_untrained_classes_get_probability_zero(exports):
-    bundle, path = exports["cnn", "torchscript"]
+    bundle, path = exports["tcn", "torchscript"]
     probs = open_model(path).probs(np.zeros(16000, dtype=np.float32) + 0.01)
     assert probs["kws"][0, KEYWORDS.index("_silence_")] == 0.0     # not in the bundle's kws labels
     assert probs["emotion"][0, EMOTIONS.index("boredom")] == 0.0
@@ -99,8 +105,8 @@ def test_untrained_classes_get_probability_zero(exports):
 
 
 def test_verification_reports_a_mismatch(exports, clips):
-    bundle, path = exports["cnn", "onnx"]
-    other = TorchRuntime(make_bundle("cnn", seed=1), path)  # different weights
+    bundle, path = exports["tcn", "onnx"]
+    other = TorchRuntime(make_bundle("tcn", seed=1), path)  # different weights
     check = verify_export(other, open_model(path), clips[0], "test clips")
     assert not check.ok
     assert any("max abs difference" in p for p in check.problems)
@@ -109,7 +115,7 @@ def test_verification_reports_a_mismatch(exports, clips):
 def test_dft_front_end_matches_the_stft_front_end():
     rng = np.random.default_rng(0)
     wave = torch.from_numpy((0.2 * rng.standard_normal((2, 12345))).astype(np.float32))
-    for spec in (FeatureSpec(), FeatureSpec(kinds=("logmel", "mfcc", "chroma"), win_length=512),
+    for spec in (spec_for("logmel"), FeatureSpec(kinds=("logmel", "mfcc", "chroma"), win_length=512),
                  FeatureSpec(n_fft=400, win_length=300, hop_length=100, n_mels=32)):
         ref, got = FrontEnd(spec)(wave), DFTFrontEnd(spec)(wave)
         assert got.shape == ref.shape
@@ -117,7 +123,7 @@ def test_dft_front_end_matches_the_stft_front_end():
 
 
 def test_inference_copy_swaps_dpgru_for_gru_with_the_same_outputs():
-    model = build_model(ModelConfig(encoder="crnn")).eval()
+    model = build_model(ModelConfig(encoder="crnn", n_features=40)).eval()
     copy = inference_copy(model)
     assert type(copy.encoder.gru) is torch.nn.GRU
     x = torch.randn(2, 40, 77)
@@ -147,7 +153,7 @@ def test_cli_export_without_a_corpus_verifies_on_synthetic_signals(tmp_path, cap
 
 @pytest.mark.parametrize("key", ["torchscript", "onnx"])
 def test_truncated_export_is_a_clear_error(exports, tmp_path, key):
-    _, path = exports["cnn", key]
+    _, path = exports["tcn", key]
     cut = tmp_path / path.name
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(BundleError, match="truncated or corrupt"):
@@ -155,7 +161,7 @@ def test_truncated_export_is_a_clear_error(exports, tmp_path, key):
 
 
 def test_onnx_without_fedser_metadata_says_what_is_missing(exports, tmp_path):
-    _, path = exports["cnn", "onnx"]
+    _, path = exports["tcn", "onnx"]
     bare = tmp_path / "bare.onnx"
     bare.write_bytes(path.read_bytes())
     set_onnx_metadata(bare, None)
@@ -169,7 +175,7 @@ def test_onnx_without_fedser_metadata_says_what_is_missing(exports, tmp_path):
     (lambda m: m["feature_spec"].update(n_fft=-3), "feature_spec in the metadata is invalid"),
 ])
 def test_bad_export_metadata_is_named(exports, tmp_path, change, match):
-    _, path = exports["cnn", "onnx"]
+    _, path = exports["tcn", "onnx"]
     meta = json.loads(OnnxRuntime(path).session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     change(meta)
     bad = tmp_path / "bad.onnx"

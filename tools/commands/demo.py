@@ -47,7 +47,8 @@ def add_arguments(p) -> None:
                    help="share of speakers set apart as public speech: the server pretrains on it and the "
                         "devices fine-tune under DP (0: no public speech, devices train from scratch)")
     p.add_argument("--train-scope", default=None, choices=keys.TRAIN_SCOPES,
-                   help="what devices train (default: norms with public speech and DP, else all)")
+                   help="what devices train (default: all of the small model over the frozen public encoders; "
+                        "norms or heads fine-tune part of a from-scratch encoder pretrained on public speech)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads per device (default: this machine's cores shared among the devices)")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +174,7 @@ def run(args) -> int:
     devices, test_csv, parts, test_u, public_csv = split.devices, split.test, split.parts, split.test_utterances, \
         split.public
     # Under DP the devices fine-tune a small part of the pretrained model; without DP, all of it.
-    scope = args.train_scope or ("norms" if public_csv and not args.no_dp else "all")
+    scope = args.train_scope or "all"
     print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "
           f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
           + (f"; public speech for the server's pretraining: {public_csv}" if public_csv else ""), flush=True)

@@ -13,7 +13,7 @@ from fedser.common.augment import Augmenter
 from fedser.common.bundle import Bundle, save_bundle
 from fedser.common.data import HEAD_CLASSES, build_task_data, report_skipped
 from fedser.common.errors import ConfigError
-from fedser.common.features import FeatureSpec
+from fedser.common.features import KINDS, FeatureSpec, spec_for
 from fedser.common.models import ENCODERS, ModelConfig, build_model, count_parameters
 from fedser.server.plots import confusion_png, curves_png
 from fedser.common.splits import speaker_split
@@ -33,7 +33,12 @@ def add_arguments(p) -> None:
     p.add_argument("--task", choices=("kws", "emotion"), required=True)
     add_data_arguments(p)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--encoder", choices=sorted(ENCODERS), default="cnn")
+    p.add_argument("--features", default=",".join(FeatureSpec().kinds), metavar="KIND[,KIND...]",
+                   help=f"feature kinds, stacked (default: the frozen public encoders; from scratch: logmel; "
+                        f"known: {', '.join(KINDS)})")
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=ModelConfig.encoder,
+                   help="the trained model over the features (default: tcn, a small head for the frozen "
+                        "encoders; cnn / crnn train from scratch on logmel)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0, 0.5, 0.25)")
     p.add_argument("--epochs", type=int, default=60,
                    help="at most this many epochs (cosine learning-rate schedule over them)")
@@ -80,6 +85,7 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.lr is not None and not args.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    spec = spec_for(args.features)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
@@ -92,7 +98,6 @@ def run(args) -> int:
     log(f"speaker-independent split: train {len(train_u)} / val {len(val_u)} / test {len(test_u)} utterances "
         f"({len({u.speaker for u in train_u})} / {len({u.speaker for u in val_u})} / "
         f"{len({u.speaker for u in test_u})} speakers)")
-    spec = FeatureSpec()
     cache = cache_from_args(args)
     augmenter = None
     if not args.no_augment:
