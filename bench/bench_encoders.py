@@ -1,0 +1,375 @@
+"""Models that learn under DP: frozen public encoders with small heads, against training from scratch.
+
+Every figure is on speakers the model never trained on (speaker-independent splits of the
+development corpus), printed beside its baseline from the same run:
+
+* centralized: KWS accuracy (Speech Commands, 12 classes) and emotion UAR (RAVDESS actor-
+  independent, 8 classes; EmoDB, 7) for the default (``tcn`` head over speech_embedding +
+  eGeMAPS, per-speaker normalisation), the same with global normalisation (statistics of the
+  training set), the other heads (``gru``, ``mlp``) and the from-scratch ``cnn`` over log-mel;
+* cross-corpus: train on one emotion corpus, test on the other over their shared classes;
+* DP-SGD at epsilon 8 (delta 1e-5), same head, against its plain run, and the time of a DP-SGD
+  epoch against a plain one;
+* federated: one device per speaker, each the real ClientApp (DP-SGD within its own budget of
+  epsilon 8, its ledger, update clipping) and the real strategy; then the same with user-level
+  (distributed) noise, with the user-level epsilon the server's accountant reports for the
+  population.
+
+    python bench/bench_encoders.py [--data DIR] [--sections central cross dp federated] [--rounds 10]
+    python bench/bench_encoders.py --quick      # fewer epochs and rounds, one head
+
+Features are cached under ``--cache`` (default ``.cache/bench-features``), so a second run starts
+training at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, REPO, Report, data_or_skip, load_average, load_note, machine_line, md_table
+
+SECTIONS = ("central", "cross", "dp", "federated")
+TARGETS = {"kws": 0.95, "emotion": 0.70}
+DP_EPSILON, DELTA = 8.0, 1e-5
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-features")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 10; 4 quick)")
+    p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 60; 15 quick)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class Corpora:
+    """Speaker-independent splits and their features, built once per feature spec."""
+
+    def __init__(self, data: Path, cache: Path, seed: int):
+        from fedser.common.cache import FeatureCache
+        from fedser.tools.commands.args import load_data
+
+        self.cache = FeatureCache(cache)
+        self.seed = seed
+        self.utterances = {}
+        for name, folder, task in (("kws", "speech_commands", "kws"), ("ravdess", "ravdess", "emotion"),
+                                   ("emodb", "emodb", "emotion")):
+            if (data / folder).is_dir():
+                corpus = load_data([str(data / folder)], log=lambda s: None)
+                self.utterances[name] = (task, [u for u in corpus.utterances if u.task == task])
+        self._built = {}
+
+    def split(self, name: str):
+        from fedser.common.splits import speaker_split
+
+        task, utts = self.utterances[name]
+        return task, speaker_split(utts, val=0.15, test=0.25, seed=self.seed)
+
+    def task_data(self, name: str, spec, part: str):
+        """``part`` in train / val / test / all; features normalised as ``spec`` says."""
+        from fedser.common.data import build_task_data
+
+        key = (name, spec, part)
+        if key not in self._built:
+            task, (train, val, test) = self.split(name)
+            utts = {"train": train, "val": val, "test": test, "all": train + val + test}[part]
+            self._built[key] = build_task_data(utts, spec, task, self.cache, progress=True,
+                                               desc=f"features {name}/{part}")
+        return self._built[key]
+
+
+def globally_normalised(corpora: Corpora, name: str, spec):
+    """Train / val / test normalised with the training set's statistics (the baseline of per-speaker)."""
+    from fedser.common.normalization import FeatureStats
+
+    raw = replace(spec, normalize="none")
+    parts = [corpora.task_data(name, raw, p) for p in ("train", "val", "test")]
+    stats = FeatureStats.of(parts[0].feats)
+    return [replace(d, feats=stats.apply(d.feats)) for d in parts]
+
+
+# --------------------------------------------------------------------------- centralized
+
+
+def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp: bool = False,
+               allowed=None) -> dict:
+    import torch
+
+    from fedser.common.augment import Augmenter
+    from fedser.common.models import ModelConfig, build_model, count_parameters
+    from fedser.common.training import TrainConfig, evaluate_task, train_task
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder=encoder, n_features=spec.n_features())
+    model = build_model(cfg)
+    tcfg = TrainConfig(epochs=epochs, batch_size=256 if dp else 64, lr=1e-2 if dp else 3e-3,
+                       patience=max(epochs // 4, 3), seed=seed, dp=dp,
+                       target_epsilon=DP_EPSILON if dp else None, delta=DELTA)
+    t0 = time.perf_counter()
+    result = train_task(model, train.task, train, val, tcfg, spec, Augmenter(spec, seed=seed), progress=False)
+    seconds = time.perf_counter() - t0
+    if allowed is None:
+        allowed = [train.class_names.index(c) for c in train.labels_present()]
+    report = evaluate_task(model, test, allowed)
+    return {"accuracy": report["accuracy"], "uar": report["uar"], "n": report["n"], "epsilon": result.epsilon,
+            "seconds": seconds, "epochs": len(result.history), "parameters": count_parameters(model)}
+
+
+def options(quick: bool):
+    from fedser.common.features import FeatureSpec, spec_for
+
+    default = FeatureSpec()
+    out = [("tcn over speech_embedding + eGeMAPS, per-speaker normalisation (default)", default, "tcn", "speaker"),
+           ("tcn, global normalisation", default, "tcn", "global")]
+    if not quick:
+        out += [("gru over the same", default, "gru", "speaker"), ("mlp over the same", default, "mlp", "speaker"),
+                ("cnn from scratch over log-mel", spec_for("logmel"), "cnn", "utterance")]
+    return out
+
+
+def central(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
+    for name in ("kws", "ravdess", "emodb"):
+        if name not in corpora.utterances:
+            continue
+        task = corpora.utterances[name][0]
+        metric = "accuracy" if task == "kws" else "uar"
+        for label, spec, encoder, norm in options(args.quick):
+            if norm == "global":
+                train, val, test = globally_normalised(corpora, name, spec)
+            else:
+                train, val, test = (corpora.task_data(name, spec, p) for p in ("train", "val", "test"))
+            r = train_eval(train, val, test, spec, encoder, epochs, args.seed)
+            figures[f"central/{name}/{encoder}/{norm}"] = r
+            baseline = figures[f"central/{name}/tcn/speaker"][metric]
+            target = TARGETS[task] if (encoder, norm) == ("tcn", "speaker") and name in ("kws", "ravdess") else None
+            rows.append([f"{name} centralized", label, f"{r[metric]:.3f} {metric}",
+                         "—" if (encoder, norm) == ("tcn", "speaker") else f"{100 * (r[metric] - baseline):+.1f}",
+                         f">= {target:.2f}" if target else "", f"{r['parameters']:,}", f"{r['seconds']:.0f}"])
+            print(rows[-1], file=sys.stderr, flush=True)
+
+
+def cross(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
+    from fedser.common.data import HEAD_CLASSES
+    from fedser.common.features import FeatureSpec
+
+    if not {"ravdess", "emodb"} <= set(corpora.utterances):
+        return
+    spec = FeatureSpec()
+    for source, target in (("ravdess", "emodb"), ("emodb", "ravdess")):
+        train, val = corpora.task_data(source, spec, "train"), corpora.task_data(source, spec, "val")
+        test = corpora.task_data(target, spec, "all")
+        shared = sorted(set(train.labels_present()) & set(test.labels_present()))
+        keep = [i for i, y in enumerate(test.y.tolist()) if HEAD_CLASSES["emotion"][y] in shared]
+        test = replace(test, feats=test.feats[keep], y=test.y[keep], speakers=[test.speakers[i] for i in keep])
+        allowed = [HEAD_CLASSES["emotion"].index(c) for c in shared]
+        r = train_eval(train, val, test, spec, "tcn", epochs, args.seed, allowed=allowed)
+        figures[f"cross/{source}->{target}"] = r
+        chance = 1.0 / len(shared)
+        rows.append([f"cross-corpus {source} -> {target}", f"default, {len(shared)} shared classes",
+                     f"{r['uar']:.3f} uar", f"chance {chance:.3f}", "reported", f"{r['parameters']:,}",
+                     f"{r['seconds']:.0f}"])
+        print(rows[-1], file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- DP
+
+
+def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
+    import torch
+
+    from fedser.common.features import FeatureSpec
+    from fedser.common.models import ModelConfig, build_model
+    from fedser.common.training import TrainConfig, train_task
+
+    spec = FeatureSpec()
+    for name, points in (("kws", 2), ("ravdess", 4)):
+        if name not in corpora.utterances:
+            continue
+        task = corpora.utterances[name][0]
+        metric = "accuracy" if task == "kws" else "uar"
+        train, val, test = (corpora.task_data(name, spec, p) for p in ("train", "val", "test"))
+        plain = figures.get(f"central/{name}/tcn/speaker") or train_eval(train, val, test, spec, "tcn", epochs,
+                                                                         args.seed)
+        r = train_eval(train, val, test, spec, "tcn", epochs, args.seed, dp=True)
+        figures[f"dp/{name}"] = r
+        rows.append([f"{name} DP-SGD", f"default, epsilon {r['epsilon']:.2f} (delta {DELTA:g})",
+                     f"{r[metric]:.3f} {metric}", f"{100 * (r[metric] - plain[metric]):+.1f}",
+                     f"within {points} points", f"{r['parameters']:,}", f"{r['seconds']:.0f}"])
+        print(rows[-1], file=sys.stderr, flush=True)
+    # Time of one epoch, same head and data, batch 64, without and with DP-SGD.
+    train = corpora.task_data("kws", spec, "train")
+    seconds = {}
+    for use_dp in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_features=spec.n_features()))
+        cfg = TrainConfig(epochs=3, batch_size=64, dp=use_dp, noise_multiplier=1.0 if use_dp else None)
+        seconds[use_dp] = train_task(model, "kws", train, None, cfg, spec, None, progress=False).seconds / 3
+    figures["dp/time_ratio"] = seconds[True] / seconds[False]
+    rows.append(["DP-SGD time / plain", "default head, KWS train set, batch 64, per epoch",
+                 f"{seconds[True]:.2f} s / {seconds[False]:.2f} s = {seconds[True] / seconds[False]:.2f}x", "—",
+                 "<= 1.3x", "", ""])
+    print(rows[-1], file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- federated
+
+
+class Federation:
+    """One device per training speaker, each the real ClientApp; the real strategy; in this process."""
+
+    def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int):
+        import torch
+
+        from fedser.common.corpora import write_manifest
+        from fedser.common.features import FeatureSpec
+        from fedser.common.models import ModelConfig, build_model
+        from fedser.common.params import state_to_arrays
+
+        self.task, (train, val, test) = corpora.split(name)
+        speakers = sorted({u.speaker for u in train + val})
+        self.manifests = []
+        for i, s in enumerate(speakers):
+            self.manifests.append(write_manifest([u for u in train + val if u.speaker == s],
+                                                 work / name / f"device-{i}.csv"))
+        self.spec = FeatureSpec()
+        self.model_config = ModelConfig(n_features=self.spec.n_features())
+        torch.manual_seed(seed)
+        self.init = state_to_arrays(build_model(self.model_config))
+        self.test = corpora.task_data(name, self.spec, "test")
+        self.work, self.name, self.rounds, self.user_noise = work, name, rounds, user_noise
+        self.cache = corpora.cache.root
+
+    def run(self) -> tuple[list[float], dict]:
+        from flwr.app import ConfigRecord, Context, RecordDict
+
+        from fedser.client.app import app
+        from fedser.common import keys
+        from fedser.common.models import build_model
+        from fedser.common.params import arrays_to_state
+        from fedser.common.records import arrays_to_record, record_to_arrays
+        from fedser.common.training import evaluate_task
+        from fedser.server.strategy import HeteroFedAvg
+
+        tag = f"{self.name}-z{self.user_noise:g}"
+        contexts = {i + 1: Context(run_id=1, node_id=i + 1, run_config={}, state=RecordDict(), node_config={
+            "data": str(m), "tier": 1.0, "max-epsilon": DP_EPSILON, "delta": DELTA, "cache": str(self.cache),
+            "require-dp": True, "ledger": str(self.work / "ledgers" / tag / f"device-{i}.json")})
+            for i, m in enumerate(self.manifests)}
+        n = len(contexts)
+        strategy = HeteroFedAvg(
+            self.model_config, self.spec, clip_norm=2.0, noise_multiplier=self.user_noise,
+            noise_mode="distributed" if self.user_noise > 0 else "none",
+            train_settings={keys.LOCAL_EPOCHS: 2, keys.BATCH_SIZE: 16, keys.LEARNING_RATE: 3e-3,
+                            keys.DP_ENABLED: True, keys.DP_NOISE_MULTIPLIER: 0.0, keys.DP_MAX_GRAD_NORM: 1.0,
+                            "num-rounds": self.rounds, "timeout": 600.0},
+            min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n)
+
+        class Grid:
+            def get_node_ids(self):
+                return list(contexts)
+
+            def send_and_receive(self, messages, *, timeout=None):
+                return [app(m, contexts[m.metadata.dst_node_id]) for m in messages]
+
+        arrays, curve = dict(self.init), []
+        metric = "accuracy" if self.task == "kws" else "uar"
+        model = build_model(self.model_config)
+        info = {}
+        for rnd in range(1, self.rounds + 1):
+            messages = list(strategy.configure_train(rnd, arrays_to_record(arrays), ConfigRecord(), Grid()))
+            new, metrics = strategy.aggregate_train(rnd, Grid().send_and_receive(messages))
+            if new is not None:
+                arrays = record_to_arrays(new)
+            arrays_to_state(arrays, model)
+            curve.append(float(evaluate_task(model, self.test)[metric]))
+            info = dict(metrics or {})
+            print(f"{tag} round {rnd}: {metric} {curve[-1]:.3f}", file=sys.stderr, flush=True)
+        info["devices"] = n
+        return curve, info
+
+
+def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) -> None:
+    from fedser.common.privacy import UserLevelAccountant
+
+    with tempfile.TemporaryDirectory(prefix="fedser-bench-encoders-") as tmp:
+        for name in ("kws", "ravdess"):
+            if name not in corpora.utterances:
+                continue
+            task = corpora.utterances[name][0]
+            metric = "accuracy" if task == "kws" else "uar"
+            central_figure = figures.get(f"central/{name}/tcn/speaker", {}).get(metric)
+            for user_noise, share in ((0.0, 0.95), (1.0, 0.90)):
+                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed)
+                t0 = time.perf_counter()
+                curve, info = fed.run()
+                n = info["devices"]
+                final = curve[-1]
+                user = "inf (no user-level noise)"
+                if user_noise > 0:
+                    acc = UserLevelAccountant(user_noise, n, n)
+                    acc.step(rounds)
+                    user = f"{acc.epsilon(DELTA):.2f} for these {n} people; "
+                    big = UserLevelAccountant(user_noise, 100, 10_000)
+                    big.step(rounds)
+                    user += f"{big.epsilon(DELTA):.2f} at 100 of 10,000 per round"
+                figures[f"federated/{name}/z{user_noise:g}"] = {"curve": curve, "devices": n, "user_epsilon": user}
+                ratio = f"{final / central_figure:.0%} of centralized" if central_figure else "—"
+                rows.append([f"{name} federated", f"{n} devices (one per speaker), DP-SGD epsilon <= 8 each, "
+                             f"user noise z={user_noise:g}; user epsilon {user}",
+                             f"{final:.3f} {metric} (rounds: {' '.join(f'{c:.2f}' for c in curve)})", ratio,
+                             f">= {share:.0%} of centralized", "", f"{time.perf_counter() - t0:.0f}"])
+                print(rows[-1], file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not data_or_skip(args.data, "speech_commands"):
+        return 0
+    logging.getLogger("fedser").setLevel(logging.WARNING)
+    epochs = args.epochs or (15 if args.quick else 60)
+    rounds = args.rounds or (4 if args.quick else 10)
+    load_before = load_average()
+    corpora = Corpora(args.data, args.cache, args.seed)
+    rows, figures = [], {}
+    for section, run in (("central", central), ("cross", cross), ("dp", dp), ("federated", federated)):
+        if section in args.sections:
+            run(corpora, args, rounds if section == "federated" else epochs, rows, figures)
+    load_after = load_average()
+    name = "encoders" + ("_quick" if args.quick else "")
+    rep = Report(name, "Frozen public encoders with small heads, against training from scratch")
+    rep.add(machine_line())
+    rep.add(load_note(load_before, load_after))
+    rep.add("")
+    rep.add(f"Development corpus at {args.data.name}/ (../shared/data): speaker-independent splits (15 % of "
+            f"speakers validation, 25 % test, seed {args.seed}); every figure is on the test speakers. "
+            f"Centralized: up to {epochs} epochs, early stopping on validation UAR. Federated: {rounds} rounds "
+            "of 2 local epochs, devices are the real ClientApp. Change: points against the row's baseline.")
+    rep.add("")
+    rep.add(md_table(["figure", "option", "result", "change / baseline", "target", "trained weights", "seconds"],
+                     rows, ["l", "l", "r", "r", "l", "r", "r"]))
+    path = rep.save()
+    print(path.read_text())
+    if args.json:
+        print(json.dumps(figures, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
