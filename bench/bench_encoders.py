@@ -6,7 +6,8 @@ development corpus), printed beside its baseline from the same run:
 * centralized: KWS accuracy (Speech Commands, 12 classes) and emotion UAR (RAVDESS actor-
   independent, 8 classes; EmoDB, 7) for the default (``tcn`` head over speech_embedding +
   eGeMAPS, per-speaker normalisation), the same with global normalisation (statistics of the
-  training set), the other heads (``gru``, ``mlp``) and the from-scratch ``cnn`` over log-mel;
+  training set), the other heads (``gru``, ``mlp``), the from-scratch ``cnn`` over log-mel and
+  the raw-waveform M5;
 * cross-corpus: train on one emotion corpus, test on the other over their shared classes;
 * DP-SGD at epsilon 8 (delta 1e-5), same head, against its plain run, and the time of a DP-SGD
   epoch against a plain one;
@@ -137,7 +138,8 @@ def options(quick: bool):
            ("tcn, global normalisation", default, "tcn", "global")]
     if not quick:
         out += [("gru over the same", default, "gru", "speaker"), ("mlp over the same", default, "mlp", "speaker"),
-                ("cnn from scratch over log-mel", spec_for("logmel"), "cnn", "utterance")]
+                ("cnn from scratch over log-mel", spec_for("logmel"), "cnn", "utterance"),
+                ("m5 from scratch over the raw waveform", spec_for("waveform"), "m5", "utterance")]
     return out
 
 

@@ -15,6 +15,8 @@ Feature kinds (stacked along the feature axis in the order given in ``kinds``):
 - ``"mfcc"``: DCT-II (orthonormal) of that log-mel spectrogram (``n_mfcc`` rows).
 - ``"chroma"``: chroma filterbank of the power spectrum, each frame scaled so its
   largest bin is 1 (``n_chroma`` rows).
+- ``"waveform"``: the samples themselves (one row, one frame per sample) for raw-waveform
+  encoders such as ``m5``; it stacks with no other kind.
 
 The spectral kinds (log-mel, MFCC, chroma) share one STFT: centred frames, zero
 ("constant") padding, periodic Hann window of ``win_length`` zero-padded to ``n_fft``,
@@ -48,7 +50,9 @@ from .errors import ConfigError, collect
 
 SPECTRAL_KINDS = ("logmel", "mfcc", "chroma")
 FROZEN_KINDS = tuple(encoders.STAGES)
-KINDS = FROZEN_KINDS + SPECTRAL_KINDS
+# The samples themselves, one row, for raw-waveform encoders (``m5``); stacks with nothing.
+WAVEFORM = "waveform"
+KINDS = FROZEN_KINDS + SPECTRAL_KINDS + (WAVEFORM,)
 TASK_SECONDS_FIELD = {"kws": "kws_seconds", "emotion": "emotion_seconds"}
 # "speaker": no per-clip normalisation here; each speaker's features are standardised with that
 # speaker's own statistics (``fedser.common.normalization``). "utterance": each clip by itself.
@@ -114,7 +118,8 @@ class FeatureSpec:
     # -- sizes ---------------------------------------------------------------
     def n_features(self) -> int:
         """Rows of the stacked feature matrix (the ``F`` of ``(B, F, frames)``)."""
-        size = {"logmel": self.n_mels, "mfcc": self.n_mfcc, "chroma": self.n_chroma, **encoders.STAGE_DIMS}
+        size = {"logmel": self.n_mels, "mfcc": self.n_mfcc, "chroma": self.n_chroma, WAVEFORM: 1,
+                **encoders.STAGE_DIMS}
         return sum(size[k] for k in self.kinds)
 
     def frozen_kinds(self) -> tuple[str, ...]:
@@ -133,6 +138,8 @@ class FeatureSpec:
         The coarsest sequence kind sets the grid: speech_embedding's 80 ms steps when it is
         stacked, else the centred STFT's hops; eGeMAPS alone is one frame per clip.
         """
+        if WAVEFORM in self.kinds:
+            return int(n_samples)
         if "speech-embedding" in self.kinds:
             return encoders.embedding_frames(n_samples)
         if any(k in SPECTRAL_KINDS for k in self.kinds):
@@ -199,6 +206,8 @@ def _problems(v: dict[str, Any]) -> list[str]:
         bad = [k for k in kinds if k not in KINDS]
         if bad:
             problems.append(f"kinds: unknown kind(s) {', '.join(map(repr, bad))}; allowed: {', '.join(KINDS)}")
+        if WAVEFORM in kinds and len(kinds) > 1:
+            problems.append(f"kinds: {WAVEFORM!r} is the raw samples and stacks with no other kind; got {list(kinds)}")
         dup = sorted({k for k in kinds if list(kinds).count(k) > 1 and k in KINDS})
         if dup:
             problems.append(f"kinds: {', '.join(dup)} listed more than once")
@@ -282,7 +291,8 @@ class FrontEnd(nn.Module):
         s = self.spec
         self.kinds = list(s.kinds)
         self.frozen = list(s.frozen_kinds())
-        self.has_frozen = bool(self.frozen)  # a plain bool, so forward still scripts
+        self.has_frozen = bool(self.frozen)  # plain bools, so forward still scripts
+        self.raw_waveform = self.kinds == [WAVEFORM]
         self.normalize = s.normalize == "utterance"
         # Constants as attributes so TorchScript can compile forward.
         self.amin = AMIN
@@ -409,7 +419,9 @@ class FrontEnd(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` or ``(T,)`` waveform -> ``(B, F, frames)`` float32 features."""
         wave = self._batch(wave)
-        if self.has_frozen:
+        if self.raw_waveform:
+            feats = wave.unsqueeze(1)  # (B, 1, T)
+        elif self.has_frozen:
             feats = self._with_frozen(wave)
         else:
             parts = self._spectral(wave)

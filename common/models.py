@@ -10,7 +10,8 @@ Two families of encoders (the trainable part a device trains and sends):
 
 - heads over frozen public features (default ``tcn``; ``gru``, ``mlp``): a few tens of
   thousands of weights, the models that learn under DP;
-- from scratch over log-mel (``cnn``, ``crnn``): whole acoustic networks, kept as options.
+- from scratch over log-mel (``cnn``, ``crnn``) or the raw waveform (``m5``): whole acoustic
+  networks, kept as options.
 
 The models are DP-SGD ready by construction: GroupNorm with a fixed group *size*
 (never BatchNorm), the recurrent layer is ``opacus.layers.DPGRU``, no in-place
@@ -23,8 +24,8 @@ tiers 1.0 / 0.5 / 0.25) and rounded to a multiple of the group size; the feature
 dimension and the class counts never scale. See ``fedser.common.slicing`` for how a
 narrow model maps onto the first units of the wide one.
 
-Parameter counts (9 emotions, 12 keywords; 184 features for the heads, 40 for the
-from-scratch encoders; measured):
+Parameter counts (9 emotions, 12 keywords; 184 features for the heads, 40 for ``cnn`` and
+``crnn``, one waveform row for ``m5``; measured):
 
 =========  =========  =========  =========
 encoder    width 1.0  width 0.5  width 0.25
@@ -34,6 +35,7 @@ encoder    width 1.0  width 0.5  width 0.25
 ``mlp``    50,197     25,109     12,565
 ``cnn``    66,629     17,821     6,357
 ``crnn``   60,341     17,893     5,885
+``m5``     27,157     8,213      2,773
 =========  =========  =========  =========
 """
 from __future__ import annotations
@@ -449,6 +451,34 @@ class PooledHead(Encoder):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(self.hidden_layer(self.inputs(stats_pool(x)))))  # (B, H)
+
+
+@register_encoder("m5")
+class M5(Encoder):
+    """M5, the raw-waveform CNN of Dai et al. (2017), with GroupNorm instead of BatchNorm.
+
+    Takes the ``"waveform"`` feature kind ``(B, 1, T)``: a wide strided first convolution
+    (80 samples, stride 16) learns its own filterbank, then three k=3 convolutions, each
+    followed by max-pooling by 4, then statistics pooling. The end-to-end KWS model trained from
+    scratch; kept to show what the frozen encoders buy. ``(B, 1, T) -> (B, 2 * C)``, ``C = units(64)``.
+    """
+
+    channels = (32, 32, 64, 64)
+    grad_sample_mode = "hooks"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = [cfg.units(n) for n in self.channels]
+        gs = cfg.group_size
+        # ceil_mode: a clip shorter than the pooling still leaves one frame to pool.
+        layers: list[nn.Module] = [ConvNormAct(cfg.n_features, c[0], 80, 16, gs), nn.MaxPool1d(4, ceil_mode=True)]
+        for i in range(1, len(c)):
+            layers += [ConvNormAct(c[i - 1], c[i], 3, 1, gs), nn.MaxPool1d(4, ceil_mode=True)]
+        self.layers = nn.Sequential(*layers)
+        self.dim = 2 * c[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stats_pool(self.layers(x))  # (B, 2C)
 
 
 # --------------------------------------------------------------------------- the model

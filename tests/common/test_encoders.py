@@ -1,7 +1,6 @@
 """Frozen public encoder stages: parity with the packages' own pipelines, shapes, bad audio, missing files."""
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedser.common.errors import ConfigError
-from fedser.common.features import FeatureSpec, FrontEnd, fit_length
+from fedser.common.features import FeatureSpec, FrontEnd, fit_length, spec_for
 
 SR = 16000
 # Parity tolerances of raw (pre-normalisation) features against librosa, float32 input.
@@ -321,3 +321,15 @@ def test_fit_length_rejects_unknown_mode():
     # Execute / Assert
     with pytest.raises(ConfigError, match="center, random, start"):
         fit_length(np.zeros(10, np.float32), 5, "middle")
+
+
+def test_waveform_kind_is_the_clip_itself_and_stacks_with_nothing():
+    spec = spec_for("waveform")
+    wave = torch.from_numpy(_test_wave(0.5))
+
+    out = FrontEnd(spec)(wave)
+
+    assert out.shape == (1, 1, wave.numel()) == (1, spec.n_features(), spec.n_frames(wave.numel()))
+    assert abs(float(out.mean())) < 1e-4 and abs(float(out.std(unbiased=False)) - 1) < 1e-3  # per clip
+    with pytest.raises(ConfigError, match="stacks with no other kind"):
+        FeatureSpec(kinds=("waveform", "logmel"))
