@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 10; 4 quick)")
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 60; 15 quick)")
+    p.add_argument("--max-devices", type=int, default=24,
+                   help="federated devices at most (one per speaker; more speakers are dealt among them)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -231,9 +233,11 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
 
 
 class Federation:
-    """One device per training speaker, each the real ClientApp; the real strategy; in this process."""
+    """One device per training speaker (speakers dealt round-robin when there are more than
+    ``max_devices``), each the real ClientApp; the real strategy; in this process."""
 
-    def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int):
+    def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int,
+                 max_devices: int):
         import torch
 
         from fedser.common.corpora import write_manifest
@@ -243,10 +247,11 @@ class Federation:
 
         self.task, (train, val, test) = corpora.split(name)
         speakers = sorted({u.speaker for u in train + val})
-        self.manifests = []
-        for i, s in enumerate(speakers):
-            self.manifests.append(write_manifest([u for u in train + val if u.speaker == s],
-                                                 work / name / f"device-{i}.csv"))
+        n = min(len(speakers), max_devices)
+        owner = {s: i % n for i, s in enumerate(speakers)}
+        self.speakers_per_device = len(speakers) / n
+        self.manifests = [write_manifest([u for u in train + val if owner[u.speaker] == i],
+                                         work / name / f"device-{i}.csv") for i in range(n)]
         self.spec = FeatureSpec()
         self.model_config = ModelConfig(n_features=self.spec.n_features())
         torch.manual_seed(seed)
@@ -257,6 +262,7 @@ class Federation:
 
     def run(self) -> tuple[list[float], dict]:
         from flwr.app import ConfigRecord, Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
 
         from fedser.client.app import app
         from fedser.common import keys
@@ -266,6 +272,8 @@ class Federation:
         from fedser.common.training import evaluate_task
         from fedser.server.strategy import HeteroFedAvg
 
+        # Flower stamps messages with the running task's identity; in this process there is none.
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
         tag = f"{self.name}-z{self.user_noise:g}"
         contexts = {i + 1: Context(run_id=1, node_id=i + 1, run_config={}, state=RecordDict(), node_config={
             "data": str(m), "tier": 1.0, "max-epsilon": DP_EPSILON, "delta": DELTA, "cache": str(self.cache),
@@ -301,6 +309,7 @@ class Federation:
             info = dict(metrics or {})
             print(f"{tag} round {rnd}: {metric} {curve[-1]:.3f}", file=sys.stderr, flush=True)
         info["devices"] = n
+        info["speakers_per_device"] = self.speakers_per_device
         return curve, info
 
 
@@ -315,7 +324,7 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
             metric = "accuracy" if task == "kws" else "uar"
             central_figure = figures.get(f"central/{name}/tcn/speaker", {}).get(metric)
             for user_noise, share in ((0.0, 0.95), (1.0, 0.90)):
-                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed)
+                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices)
                 t0 = time.perf_counter()
                 curve, info = fed.run()
                 n = info["devices"]
@@ -330,7 +339,9 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                     user += f"{big.epsilon(DELTA):.2f} at 100 of 10,000 per round"
                 figures[f"federated/{name}/z{user_noise:g}"] = {"curve": curve, "devices": n, "user_epsilon": user}
                 ratio = f"{final / central_figure:.0%} of centralized" if central_figure else "—"
-                rows.append([f"{name} federated", f"{n} devices (one per speaker), DP-SGD epsilon <= 8 each, "
+                per = info["speakers_per_device"]
+                who = "one per speaker" if per == 1 else f"{per:.1f} speakers each"
+                rows.append([f"{name} federated", f"{n} devices ({who}), DP-SGD epsilon <= 8 each, "
                              f"user noise z={user_noise:g}; user epsilon {user}",
                              f"{final:.3f} {metric} (rounds: {' '.join(f'{c:.2f}' for c in curve)})", ratio,
                              f">= {share:.0%} of centralized", "", f"{time.perf_counter() - t0:.0f}"])

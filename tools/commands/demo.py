@@ -102,16 +102,34 @@ def _pretraining_rows(out: Path) -> list[str]:
             f"| what devices trained (train-scope) | {settings.get('train_scope', 'all')} |"]
 
 
+def _trend(curve: list[float]) -> str:
+    """How held-out accuracy moved over the rounds, in words."""
+    if len(curve) < 2:
+        return "measured once"
+    steps = [b - a for a, b in zip(curve, curve[1:])]
+    if all(d > 0 for d in steps):
+        return f"rose every round ({curve[0]:.3f} to {curve[-1]:.3f})"
+    if curve[-1] > curve[0]:
+        return f"rose from {curve[0]:.3f} to {curve[-1]:.3f}, not every round"
+    return f"did not rise ({curve[0]:.3f} to {curve[-1]:.3f})"
+
+
 def report(out: Path, audit: Path | None = None) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     rows, summary = metrics["rounds"], metrics["summary"]
     last = rows[-1] if rows else {}
     lines = ["# fedser demo report", "",
              f"{len(rows)} rounds; global model evaluated on held-out speakers (server-side).", "",
-             "| task | accuracy | UAR |", "|---|---:|---:|"]
+             "| task | accuracy | UAR | accuracy by round |", "|---|---:|---:|---|"]
+    trends = []
     for task in ("kws", "emotion"):
         if f"server-{task}-accuracy" in last:
-            lines.append(f"| {task} | {last[f'server-{task}-accuracy']:.3f} | {last[f'server-{task}-uar']:.3f} |")
+            curve = [r[f"server-{task}-accuracy"] for r in rows if r.get(f"server-{task}-accuracy") is not None]
+            lines.append(f"| {task} | {last[f'server-{task}-accuracy']:.3f} | {last[f'server-{task}-uar']:.3f} | "
+                         f"{' -> '.join(f'{a:.3f}' for a in curve)} |")
+            trends.append(f"{task} {_trend(curve)}")
+    if trends:
+        lines += ["", f"Held-out accuracy over the rounds: {'; '.join(trends)}."]
     eps = summary.get("user-epsilon")
     max_dev = max((r.get("max-device-epsilon") or 0.0 for r in rows), default=0.0)
     sent = sum(r.get("bytes-sent") or 0 for r in rows)
