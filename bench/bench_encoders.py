@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 60; 15 quick)")
     p.add_argument("--max-devices", type=int, default=24,
                    help="federated devices at most (one per speaker; more speakers are dealt among them)")
+    p.add_argument("--encoders", nargs="+", default=None, metavar="NAME",
+                   help="centralized rows of these encoders only (the default's row is still the baseline)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -152,12 +154,19 @@ def central(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> N
         task = corpora.utterances[name][0]
         metric = "accuracy" if task == "kws" else "uar"
         for label, spec, encoder, norm in options(args.quick):
+            if args.encoders and encoder not in args.encoders:
+                continue
             if norm == "global":
                 train, val, test = globally_normalised(corpora, name, spec)
             else:
                 train, val, test = (corpora.task_data(name, spec, p) for p in ("train", "val", "test"))
             r = train_eval(train, val, test, spec, encoder, epochs, args.seed)
             figures[f"central/{name}/{encoder}/{norm}"] = r
+            if f"central/{name}/tcn/speaker" not in figures:  # this run's own baseline
+                default = options(True)[0][1]
+                figures[f"central/{name}/tcn/speaker"] = train_eval(
+                    *(corpora.task_data(name, default, p) for p in ("train", "val", "test")), default, "tcn",
+                    epochs, args.seed)
             baseline = figures[f"central/{name}/tcn/speaker"][metric]
             target = TARGETS[task] if (encoder, norm) == ("tcn", "speaker") and name in ("kws", "ravdess") else None
             rows.append([f"{name} centralized", label, f"{r[metric]:.3f} {metric}",
@@ -237,27 +246,43 @@ class Federation:
     ``max_devices``), each the real ClientApp; the real strategy; in this process."""
 
     def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int,
-                 max_devices: int):
+                 max_devices: int, public_share: float = 0.0):
         import torch
 
+        from fedser.common.augment import Augmenter
         from fedser.common.corpora import write_manifest
+        from fedser.common.data import build_task_data
         from fedser.common.features import FeatureSpec
         from fedser.common.models import ModelConfig, build_model
         from fedser.common.params import state_to_arrays
+        from fedser.common.training import TrainConfig, train_task
 
         self.task, (train, val, test) = corpora.split(name)
         speakers = sorted({u.speaker for u in train + val})
-        n = min(len(speakers), max_devices)
-        owner = {s: i % n for i, s in enumerate(speakers)}
-        self.speakers_per_device = len(speakers) / n
-        self.manifests = [write_manifest([u for u in train + val if owner[u.speaker] == i],
-                                         work / name / f"device-{i}.csv") for i in range(n)]
         self.spec = FeatureSpec()
         self.model_config = ModelConfig(n_features=self.spec.n_features())
         torch.manual_seed(seed)
-        self.init = state_to_arrays(build_model(self.model_config))
+        model = build_model(self.model_config)
+        self.public_speakers = 0
+        if public_share > 0:
+            # The server's public speech: every k-th speaker, never a device; it pretrains the model
+            # (no DP: public data) before the first round, as `fedser-server start --public-corpus` does.
+            public = set(speakers[::max(1, round(1 / public_share))])
+            speakers = [s for s in speakers if s not in public]
+            self.public_speakers = len(public)
+            data = build_task_data([u for u in train + val if u.speaker in public], self.spec, self.task,
+                                   corpora.cache, progress=False)
+            train_task(model, self.task, data, None, TrainConfig(epochs=30, seed=seed), self.spec,
+                       Augmenter(self.spec, seed=seed), progress=False)
+        self.init = state_to_arrays(model)
+        n = min(len(speakers), max_devices)
+        owner = {s: i % n for i, s in enumerate(speakers)}
+        self.speakers_per_device = len(speakers) / n
+        self.manifests = [write_manifest([u for u in train + val if owner.get(u.speaker) == i],
+                                         work / name / f"device-{i}.csv") for i in range(n)]
         self.test = corpora.task_data(name, self.spec, "test")
         self.work, self.name, self.rounds, self.user_noise = work, name, rounds, user_noise
+        self.tag = f"{name}-z{user_noise:g}-p{public_share:g}"
         self.cache = corpora.cache.root
 
     def run(self) -> tuple[list[float], dict]:
@@ -274,7 +299,7 @@ class Federation:
 
         # Flower stamps messages with the running task's identity; in this process there is none.
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
-        tag = f"{self.name}-z{self.user_noise:g}"
+        tag = self.tag
         contexts = {i + 1: Context(run_id=1, node_id=i + 1, run_config={}, state=RecordDict(), node_config={
             "data": str(m), "tier": 1.0, "max-epsilon": DP_EPSILON, "delta": DELTA, "cache": str(self.cache),
             "require-dp": True, "ledger": str(self.work / "ledgers" / tag / f"device-{i}.json")})
@@ -314,6 +339,7 @@ class Federation:
 
 
 def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) -> None:
+    from fedser.common.features import FeatureSpec
     from fedser.common.privacy import UserLevelAccountant
 
     with tempfile.TemporaryDirectory(prefix="fedser-bench-encoders-") as tmp:
@@ -322,10 +348,14 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                 continue
             task = corpora.utterances[name][0]
             metric = "accuracy" if task == "kws" else "uar"
-            central_figure = figures.get(f"central/{name}/tcn/speaker", {}).get(metric)
-            for user_noise, share in ((0.0, 0.95), (1.0, 0.90)):
-                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices)
+            if f"central/{name}/tcn/speaker" not in figures:  # this run's own centralized baseline
+                spec = FeatureSpec()
+                figures[f"central/{name}/tcn/speaker"] = train_eval(
+                    *(corpora.task_data(name, spec, p) for p in ("train", "val", "test")), spec, "tcn", 60, args.seed)
+            central_figure = figures[f"central/{name}/tcn/speaker"][metric]
+            for public, user_noise, share in ((0.0, 0.0, 0.95), (0.2, 0.0, 0.95), (0.2, 1.0, 0.90)):
                 t0 = time.perf_counter()
+                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices, public)
                 curve, info = fed.run()
                 n = info["devices"]
                 final = curve[-1]
@@ -333,15 +363,18 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                 if user_noise > 0:
                     acc = UserLevelAccountant(user_noise, n, n)
                     acc.step(rounds)
-                    user = f"{acc.epsilon(DELTA):.2f} for these {n} people; "
+                    user = f"{acc.epsilon(DELTA):.1f} for these {n} devices; "
                     big = UserLevelAccountant(user_noise, 100, 10_000)
                     big.step(rounds)
-                    user += f"{big.epsilon(DELTA):.2f} at 100 of 10,000 per round"
-                figures[f"federated/{name}/z{user_noise:g}"] = {"curve": curve, "devices": n, "user_epsilon": user}
+                    user += f"{big.epsilon(DELTA):.2f} with 100 of 10,000 sampled per round"
+                figures[f"federated/{name}/z{user_noise:g}/public{public:g}"] = {
+                    "curve": curve, "devices": n, "user_epsilon": user, "public_speakers": fed.public_speakers}
                 ratio = f"{final / central_figure:.0%} of centralized" if central_figure else "—"
                 per = info["speakers_per_device"]
                 who = "one per speaker" if per == 1 else f"{per:.1f} speakers each"
-                rows.append([f"{name} federated", f"{n} devices ({who}), DP-SGD epsilon <= 8 each, "
+                start = (f"pretrained by the server on {fed.public_speakers} public speakers" if public
+                         else "from scratch")
+                rows.append([f"{name} federated", f"{n} devices ({who}), {start}, DP-SGD epsilon <= 8 each, "
                              f"user noise z={user_noise:g}; user epsilon {user}",
                              f"{final:.3f} {metric} (rounds: {' '.join(f'{c:.2f}' for c in curve)})", ratio,
                              f">= {share:.0%} of centralized", "", f"{time.perf_counter() - t0:.0f}"])
@@ -365,7 +398,8 @@ def main(argv=None) -> int:
         if section in args.sections:
             run(corpora, args, rounds if section == "federated" else epochs, rows, figures)
     load_after = load_average()
-    name = "encoders" + ("_quick" if args.quick else "")
+    name = "encoders" + ("" if set(args.sections) == set(SECTIONS) else "_" + "_".join(args.sections)) \
+        + ("_quick" if args.quick else "")
     rep = Report(name, "Frozen public encoders with small heads, against training from scratch")
     rep.add(machine_line())
     rep.add(load_note(load_before, load_after))

@@ -5,7 +5,7 @@ device (or a centralized run) from using the rest of its data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -68,7 +68,9 @@ def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: st
     classes = HEAD_CLASSES[task]
     cache = cache or FeatureCache(None)
     frontend = FrontEnd(spec).eval()
-    fp = spec.fingerprint()
+    # The cache holds what the front end computes per clip: speaker normalisation comes after it,
+    # so "speaker" and "none" share entries.
+    fp = (replace(spec, normalize="none") if spec.normalize == "speaker" else spec).fingerprint()
     feats, waves, ys, speakers, skipped = [], [], [], [], []
     items = [u for u in utterances if u.task == task]
     for u in tqdm(items, desc=desc or f"features ({task})", disable=not progress, unit="clip", leave=False):

