@@ -136,10 +136,11 @@ def test_demo_finishes_and_writes_a_complete_run_directory(demo_run):
     report = (out / "report.md").read_text()
     assert f"{ROUNDS} rounds" in report and "user-level epsilon" in report
     # By default the server pretrains on the public share of the speakers; the devices fine-tune
-    # the heads and normalisation layers.
+    # the whole small model over the frozen encoders, and the report says how accuracy moved.
     assert (out / "devices" / "public.csv").stat().st_size > 0
     assert f"| server pretraining on public speech | {out / 'devices' / 'public.csv'} |" in report
-    assert "| what devices trained (train-scope) | norms |" in report
+    assert "| what devices trained (train-scope) | all |" in report
+    assert "Held-out accuracy over the rounds: kws " in report
     assert "run complete" in (out / "progress.log").read_text()
 
 
