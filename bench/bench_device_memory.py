@@ -7,7 +7,7 @@ Each row is a fresh process, so nothing one measurement loads inflates another:
 * ``import ClientApp``: ``fedser.client.app`` (torch, torchaudio, Opacus, Flower);
 * ``ClientApp round``: what ``flwr-clientapp`` does on a device in one round, through the real
   ClientApp: the server's own strategy builds the query and train instructions, then the
-  ClientApp profiles the device, trains one DP-SGD round on its data (default ``cnn`` model,
+  ClientApp profiles the device, trains one DP-SGD round on its data (default model,
   Opacus, ledger written) and evaluates the new model;
 * ``ClientApp round, 1 thread``: the same with ``torch.set_num_threads(1)``, as on a small board.
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{now()}; {machine_line()}", "",
         f"Device data: {len(corpus.utterances)} utterances of {len(corpus.speakers())} speaker(s) "
         f"({', '.join(sorted(corpus.tasks()))}); tier {args.tier}; {args.epochs} local epoch(s), batch 16, "
-        "DP-SGD on, default cnn model.", "",
+        "DP-SGD on, default model.", "",
         table, "",
         f"Peak of a training round: {worst:.0f} MiB, target < {TARGET_MB:.0f} MiB: "
         f"{'met' if worst < TARGET_MB else 'NOT met'}.", "",
