@@ -52,6 +52,7 @@ class Runtime:
     model_config: ModelConfig | None = None
     export_info: dict | None = None
     normalizer: RunningNormalizer | None = None
+    _frontend: FrontEnd | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -73,9 +74,10 @@ class Runtime:
         batch = self._batch(waves)
         if not takes_features(self.spec):
             return batch
-        if getattr(self, "_frontend", None) is None:
+        if self._frontend is None:
             self._frontend = FrontEnd(self.spec).eval()
-            self.normalizer = getattr(self, "normalizer", None) or RunningNormalizer()
+        if self.normalizer is None:
+            self.normalizer = RunningNormalizer()
         with torch.inference_mode():
             feats = self._frontend(torch.from_numpy(batch))
             return np.ascontiguousarray(self.normalizer(feats).numpy(), dtype=np.float32)

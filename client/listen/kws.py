@@ -21,6 +21,7 @@ import torch
 
 from fedser.client.runtime import TorchRuntime
 from fedser.common.errors import ConfigError
+from fedser.common.export_format import takes_features
 from fedser.common.models import stats_pool
 
 
@@ -39,8 +40,9 @@ class RecurrentKWS:
     def __init__(self, runtime: TorchRuntime, hop_samples: int, lag: int = 2):
         model = runtime.pipeline.model
         encoder = model.encoder
-        if not (hasattr(encoder, "convs") and hasattr(encoder, "gru")):
-            raise ConfigError(f"recurrent streaming needs a 'crnn' encoder; this model uses {model.cfg.encoder!r}")
+        if not (hasattr(encoder, "convs") and hasattr(encoder, "gru")) or takes_features(runtime.spec):
+            raise ConfigError(f"recurrent streaming needs a 'crnn' encoder over spectral features; this model "
+                              f"uses {model.cfg.encoder!r} over {', '.join(runtime.spec.kinds)}")
         self.model, self.encoder = model, encoder
         self.frontend = runtime.pipeline.frontend
         self.mask = runtime.pipeline.mask_kws

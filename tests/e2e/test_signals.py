@@ -26,7 +26,11 @@ from fedser.server.checkpoint import load_checkpoint
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 HOST = "127.0.0.1"
-GONE_WITHIN = 20.0   # seconds from the signal until no process of the tree is left
+# Seconds from the signal until no process of the tree is left. By design every launcher sends SIGTERM,
+# then SIGKILL after 10 s (measured alone: 3-6 s); the margin is for a loaded 2-core CI, where the
+# other test worker is extracting features at the same time. What the drills catch is a process
+# that never goes.
+GONE_WITHIN = 45.0
 
 
 def _listening(port: int) -> bool:
