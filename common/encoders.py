@@ -166,10 +166,8 @@ class EGeMAPS:
         return values[:, None]
 
 
-STAGES: dict[str, Callable[[], object]] = {"speech-embedding": SpeechEmbedding, "egemaps": EGeMAPS}
-STAGE_DIMS = {"speech-embedding": EMBEDDING_DIM, "egemaps": EGEMAPS_DIM}
-# Stages that summarise a whole clip in one frame; stacked with a sequence they repeat along it.
-UTTERANCE_LEVEL = frozenset({"egemaps"})
+STAGES: dict[str, type] = {"speech-embedding": SpeechEmbedding, "egemaps": EGeMAPS}
+STAGE_DIMS = {kind: cls.dim for kind, cls in STAGES.items()}
 
 _loaded: dict[str, object] = {}
 _lock = threading.Lock()
@@ -200,7 +198,3 @@ def check_available(kind: str) -> None:
     else:
         raise EncoderResourceError(f"unknown frozen encoder {kind!r}; this fedser knows {', '.join(STAGES)}")
 
-
-def stage_frames(kind: str, n_samples: int) -> int:
-    """Frames stage ``kind`` yields for a clip of ``n_samples``."""
-    return 1 if kind in UTTERANCE_LEVEL else embedding_frames(n_samples)

@@ -385,7 +385,6 @@ class TemporalHead(Encoder):
 
     channels = 64
     kernel = 3
-    grad_sample_mode = "hooks"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -407,7 +406,6 @@ class RecurrentHead(Encoder):
     """
 
     hidden = 64
-    grad_sample_mode = "hooks"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -439,7 +437,6 @@ class PooledHead(Encoder):
 
     hidden = 128
     pool_blocks = 1
-    grad_sample_mode = "hooks"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -464,7 +461,6 @@ class M5(Encoder):
     """
 
     channels = (32, 32, 64, 64)
-    grad_sample_mode = "hooks"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

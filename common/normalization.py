@@ -91,14 +91,18 @@ class FeatureStats:
         return stats
 
 
-def speaker_stats(feats: torch.Tensor, speakers: Sequence[str]) -> dict[str, FeatureStats]:
-    """Each speaker's statistics over their own clips of ``feats`` ``(N, F, T)``."""
+def _clips_by_speaker(feats: torch.Tensor, speakers: Sequence[str]) -> dict[str, list[int]]:
     if len(speakers) != feats.shape[0]:
         raise ConfigError(f"{feats.shape[0]} clips but {len(speakers)} speaker names")
     index: dict[str, list[int]] = {}
     for i, s in enumerate(speakers):
         index.setdefault(s, []).append(i)
-    return {s: FeatureStats.of(feats[rows]) for s, rows in index.items()}
+    return index
+
+
+def speaker_stats(feats: torch.Tensor, speakers: Sequence[str]) -> dict[str, FeatureStats]:
+    """Each speaker's statistics over their own clips of ``feats`` ``(N, F, T)``."""
+    return {s: FeatureStats.of(feats[rows]) for s, rows in _clips_by_speaker(feats, speakers).items()}
 
 
 def normalize_by_speaker(feats: torch.Tensor, speakers: Sequence[str],
@@ -110,12 +114,11 @@ def normalize_by_speaker(feats: torch.Tensor, speakers: Sequence[str],
     """
     if feats.shape[0] == 0:
         return feats
-    per_speaker = speaker_stats(feats, speakers)
     pooled = fallback if fallback is not None else FeatureStats.of(feats)
     out = torch.empty_like(feats)
     thin = []
-    for speaker, stats in per_speaker.items():
-        rows = [i for i, s in enumerate(speakers) if s == speaker]
+    for speaker, rows in _clips_by_speaker(feats, speakers).items():
+        stats = FeatureStats.of(feats[rows])
         if stats.clips < MIN_CLIPS:
             thin.append(speaker)
             stats = pooled
