@@ -29,7 +29,7 @@ from fedser.common.augment import Augmenter
 from fedser.common.data import TaskData
 from fedser.common.errors import ConfigError, UpdateRejected, collect
 from fedser.common.features import FeatureSpec
-from fedser.common.models import encoder_params_in_scope, head_of
+from fedser.common.models import trained_entries
 from fedser.common.params import state_to_arrays
 from fedser.common.privacy import SpendRecord, global_norm, update_noise_std, update_settings_problems
 from fedser.common.training import TrainConfig, train_task
@@ -122,7 +122,7 @@ def train_round(model: torch.nn.Module, global_arrays: Mapping[str, np.ndarray],
     if settings.dp and sample_noise is None:
         raise ConfigError("train_round: DP-SGD needs the noise multiplier the ledger planned")
     seed = secrets.randbits(62) if seed is None else int(seed)
-    trained = encoder_params_in_scope(model, settings.scope)   # ConfigError for an unknown scope
+    trained = trained_entries(model, settings.scope)   # ConfigError for an unknown scope
     losses, steps, spend = [], 0, []
     torch.manual_seed(seed)
     for task, examples in data.items():
@@ -136,7 +136,7 @@ def train_round(model: torch.nn.Module, global_arrays: Mapping[str, np.ndarray],
         spend += list(result.spend)
     local = state_to_arrays(model)
     local_delta = {k: (local[k] - np.asarray(global_arrays[k])).astype(np.float32) for k in global_arrays}
-    frozen = [k for k in local_delta if head_of(k) is None and k not in trained]
+    frozen = [k for k in local_delta if k not in trained]
     sent, stats = privatize_update(local_delta, clip_norm=settings.clip_norm,
                                    noise_multiplier=settings.noise_multiplier, mode=settings.noise_mode,
                                    expected_clients=settings.expected_clients, rng=rng, frozen=frozen)

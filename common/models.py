@@ -582,6 +582,13 @@ def encoder_params_in_scope(model: nn.Module, scope: str) -> set[str]:
     return names
 
 
+def trained_entries(model: nn.Module, scope: str) -> set[str]:
+    """State entries a device trains, clips and noises under ``scope``: every head and the encoder
+    parameters in scope. The others (frozen weights, buffers) travel as zeros without noise."""
+    heads = {name for name in model.state_dict() if head_of(name) is not None}
+    return heads | encoder_params_in_scope(model, scope)
+
+
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d)
 
 

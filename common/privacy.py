@@ -415,3 +415,57 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     n = float(n_params)
     sq = c * c + 2.0 * c * s * math.sqrt(2.0 * x) + s * s * (n + 2.0 * math.sqrt(n * x) + 2.0 * x)
     return math.sqrt(sq)
+
+
+
+def noise_shape(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray], noise_std: float) -> float:
+    """Mean absolute coordinate of ``arrays`` in units of ``noise_std``: sqrt(2/pi) ~ 0.798 for pure noise.
+
+    An honest privatized update is mostly N(0, s^2) noise. An update crafted without noise but
+    sized like one (the norm check cannot tell them apart) has the shape of a training step
+    instead, a few large weights and many near zero, and so a smaller mean (Geary's normality
+    test with the scale known). Compare with :func:`noise_shape_bounds`.
+    """
+    if not (_is_real(noise_std) and math.isfinite(noise_std) and noise_std > 0):
+        raise ConfigError(f"noise_shape: noise_std={noise_std!r} must be a finite number > 0")
+    values = arrays.values() if isinstance(arrays, Mapping) else arrays
+    total, n = 0.0, 0
+    for a in values:
+        v = np.asarray(a, dtype=np.float64).ravel()
+        total += float(np.abs(v).sum())
+        n += v.size
+    if n == 0:
+        raise ConfigError("noise_shape: no coordinates to test")
+    return total / (n * float(noise_std))
+
+
+def noise_shape_bounds(n_noisy: int, clip_norm: float, noise_std: float,
+                       tail: float = 1e-6) -> tuple[float, float]:
+    """The interval :func:`noise_shape` of an honest update leaves with probability at most ``tail``.
+
+    An honest update has coordinates u_i + e_i with ||u|| <= C and e_i ~ N(0, s^2) independent.
+    In units of s, T = mean_i |v_i + g_i| with v = u / s, g ~ N(0, I_n):
+
+    * E T: h(v) = E|v + g| is convex, even and h'' = 2 phi <= 2 / sqrt(2 pi), so
+      sqrt(2/pi) <= E T <= sqrt(2/pi) + ||v||^2 / (n sqrt(2 pi)): the signal only widens the top;
+    * T is (1 / sqrt(n))-Lipschitz in g, so it leaves E T by t with probability at most
+      exp(-n t^2 / 2) on each side (Gaussian concentration); t = sqrt(2 ln(2 / tail) / n).
+
+    The interval narrows like 1 / sqrt(n): tens of thousands of noisy weights give about +-0.024,
+    which a noise-free training step sized like the noise (mean about 0.74) falls outside of;
+    for a handful of weights it is wide and says little.
+    """
+    problems = []
+    if not _is_int(n_noisy) or n_noisy < 1:
+        problems.append(f"n_noisy={n_noisy!r} must be an integer >= 1")
+    for name, value in (("clip_norm", clip_norm), ("noise_std", noise_std)):
+        if not (_is_real(value) and math.isfinite(value) and value > 0):
+            problems.append(f"{name}={value!r} must be a finite number > 0")
+    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
+        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    collect(problems, ConfigError, prefix="noise_shape_bounds")
+    n = float(n_noisy)
+    centre = math.sqrt(2.0 / math.pi)
+    signal = (float(clip_norm) / float(noise_std)) ** 2 / (n * math.sqrt(2.0 * math.pi))
+    t = math.sqrt(2.0 * math.log(2.0 / float(tail)) / n)
+    return centre - t, centre + signal + t

@@ -30,15 +30,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedser.common import keys
 from fedser.common.features import FeatureSpec
-from fedser.common.models import ModelConfig, head_of
+from fedser.common.models import ModelConfig, build_model, head_of, trained_entries
 from fedser.common.privacy import max_expected_norm, update_noise_std
 from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
 from fedser.common.slicing import slice_index, slice_state
 
-from .aggregation import WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate, capped_weights
+from .aggregation import EVAL_WEIGHT_CAP_FACTOR, WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate, capped_weights
 from .sampling import sample_nodes
 from .user_privacy import Contribution, round_noise_multiplier
-from .validation import TaskScore, decode_update, expected_shapes, validate_evaluation, validate_update
+from .validation import (TaskScore, UpdateNoise, decode_update, expected_shapes, validate_evaluation,
+                         validate_update)
 
 log = logging.getLogger("fedser.server")
 
@@ -120,6 +121,9 @@ class HeteroFedAvg(FedAvg):
         self.noise_multiplier = float(noise_multiplier) if noise_mode != "none" else 0.0
         self.noise_mode = noise_mode
         self.train_settings = dict(train_settings)
+        # What devices train (and noise) under the run's scope; the rest must arrive as zeros.
+        self.trained_entries = frozenset(trained_entries(
+            build_model(model_config), str(self.train_settings.get(keys.TRAIN_SCOPE, "all"))))
         self.max_staleness = max_staleness
         self.connect_timeout = float(connect_timeout)
         # None weighs devices by the counts they claim, as plain FedAvg does (for comparison only).
@@ -296,8 +300,8 @@ class HeteroFedAvg(FedAvg):
         for u, w in zip(accepted, weights):
             if w < u.num_examples:
                 self.outcome.capped.append((u.node_id, u.num_examples, w))
-                log.warning("round %s: node %s claims %s examples; weighted as %s (%s x the cohort's lower "
-                            "median)", server_round, u.node_id, u.num_examples, w, WEIGHT_CAP_FACTOR)
+                log.info("round %s: node %s claims %s examples; weighted as %s (%s x the cohort's lower "
+                         "median)", server_round, u.node_id, u.num_examples, w, self.weight_cap)
             updates.append(replace(u, num_examples=w))
         self.outcome.used = len(updates)
         self.outcome.max_device_epsilon = max((p.epsilon for p in self.profiles.values()), default=0.0)
@@ -365,16 +369,19 @@ class HeteroFedAvg(FedAvg):
         # Declared shapes and dtypes are checked before anything is decoded.
         arrays, reasons = decode_update(record, shapes)
         unreadable = set(record.keys()) - set(arrays)
-        n_params = int(sum(int(np.prod(s)) for s in shapes.values()))
+        noise = UpdateNoise(self.trained_entries, update_noise_std(
+            self.clip_norm, self.noise_multiplier, self.noise_mode, self._expected_clients), self.clip_norm)
+        n_noisy = max(1, int(sum(int(np.prod(s)) for k, s in shapes.items() if k in noise.trained)))
         bound = max_expected_norm(self.clip_norm, self.noise_multiplier, self.noise_mode,
-                                  self._expected_clients, n_params)
+                                  self._expected_clients, n_noisy)
         profile = self.profiles.get(node)
         reasons += validate_update(arrays, {k: s for k, s in shapes.items() if k not in unreadable},
                                    max_norm=bound, current_model_version=self.model_version,
                                    reply_model_version=m.get(keys.MODEL_VERSION),
                                    num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
                                    max_staleness=self.max_staleness,
-                                   profiled_examples=profile.num_examples if profile is not None else None)
+                                   profiled_examples=profile.num_examples if profile is not None else None,
+                                   noise=noise)
         reported_tier = m.get(keys.TIER)
         if reported_tier is not None and not _is_number(reported_tier):
             reasons.append(f"tier {reported_tier!r} in the reply is not a number")
@@ -428,8 +435,9 @@ class HeteroFedAvg(FedAvg):
           its training count, and on no more than that count for any holdout up to one half.
           A count above the profiled training count is weighted as that count; nodes not yet
           profiled (profiles come from training rounds) have only the cohort cap;
-        - across the nodes evaluating a task, by :func:`fedser.server.aggregation.capped_weights`,
-          as for training, so no node outweighs the others by claiming more.
+        - across the nodes evaluating a task, by :func:`fedser.server.aggregation.capped_weights`
+          at ``EVAL_WEIGHT_CAP_FACTOR`` x the lower median, so no node outweighs the others by
+          claiming more.
 
         ``<task>-n`` reports the weights the means were taken with.
         """
@@ -470,7 +478,8 @@ class HeteroFedAvg(FedAvg):
             entries = [(node, scores[task]) for node, scores in scored if task in scores]
             if not entries:
                 continue
-            weights = capped_weights([self._profiled_cap(node, n) for node, (n, _, _) in entries])
+            weights = capped_weights([self._profiled_cap(node, n) for node, (n, _, _) in entries],
+                                     EVAL_WEIGHT_CAP_FACTOR)
             total = float(sum(weights))
             for position, metric in ((1, keys.ACCURACY), (2, keys.UAR)):
                 out[f"{task}-{metric}"] = sum(w * e[1][position] for w, e in zip(weights, entries)) / total

@@ -12,16 +12,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from fedser.common.keys import ACCURACY, HEAD_BITS, NUM_EXAMPLES, TASKS, UAR
-from fedser.common.privacy import exceeds_bound, global_norm
+from fedser.common.privacy import exceeds_bound, global_norm, noise_shape, noise_shape_bounds
 from fedser.common.records import decode_array
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
+    "NOISE_SHAPE_TAIL",
     "TaskScore",
+    "UpdateNoise",
     "decode_update",
     "expected_shapes",
     "validate_evaluation",
@@ -90,6 +93,40 @@ def _as_int(value) -> int | None:
     return int(value)
 
 
+NOISE_SHAPE_TAIL = 1e-6
+"""How often the noise-shape check may refuse an honest update (the norm check uses the same)."""
+
+
+@dataclass(frozen=True)
+class UpdateNoise:
+    """What the run's instruction makes an honest update hold.
+
+    ``trained``: the entries a device trains, clips and noises (``models.trained_entries``);
+    every other entry must arrive as exact zeros. ``noise_std``: the user-level noise on each
+    trained weight (0 when the run adds none). ``clip_norm``: C.
+    """
+    trained: frozenset[str]
+    noise_std: float
+    clip_norm: float
+
+
+def _noise_reasons(parts: Mapping[str, np.ndarray], noise: UpdateNoise) -> list[str]:
+    reasons = [f"array {name!r} is outside the run's train scope but changed: it must arrive as zeros"
+               for name in sorted(set(parts) - noise.trained) if np.any(parts[name])]
+    noisy = [parts[name] for name in sorted(noise.trained & set(parts))]
+    n = sum(a.size for a in noisy)
+    if noise.noise_std > 0 and n:
+        shape = noise_shape(noisy, noise.noise_std)
+        low, high = noise_shape_bounds(n, noise.clip_norm, noise.noise_std, NOISE_SHAPE_TAIL)
+        if not low <= shape <= high:
+            reasons.append(
+                f"update does not look like the noise the run adds: mean |weight| is {shape:.4f} noise "
+                f"std over {n} weights, outside [{low:.4f}, {high:.4f}] where an honest update lies "
+                f"with probability 1 - {NOISE_SHAPE_TAIL:g}"
+            )
+    return reasons
+
+
 def validate_update(
     arrays: Mapping[str, np.ndarray],
     expected: Mapping[str, tuple[int, ...]],
@@ -103,6 +140,7 @@ def validate_update(
     max_examples: int = DEFAULT_MAX_EXAMPLES,
     max_staleness: int = 0,
     profiled_examples: int | None = None,
+    noise: UpdateNoise | None = None,
 ) -> list[str]:
     """Every reason to reject one client reply; ``[]`` when it may be aggregated.
 
@@ -123,6 +161,10 @@ def validate_update(
         profiled_examples: the training examples the device reported when it was profiled;
             it trains on what it holds, so a larger ``num_examples`` is a false claim (or
             data that grew since, which a fresh profile will show).
+        noise: what an honest update holds under the run's scope and noise; ``None`` skips
+            those checks. Untrained entries must be zeros; with noise, the trained weights
+            must look like it (:func:`fedser.common.privacy.noise_shape`), which refuses a
+            noise-free update sized to pass the norm bound.
     """
     if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a finite number > 0 or None; got {max_norm!r}")
@@ -165,6 +207,8 @@ def validate_update(
                 f"update L2 norm {norm:.6g} exceeds the bound {max_norm:.6g} "
                 "(clipping norm plus noise allowance)"
             )
+    if noise is not None:
+        reasons += _noise_reasons(finite_parts, noise)
 
     version = _as_int(reply_model_version)
     if version is None:

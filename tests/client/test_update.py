@@ -11,7 +11,8 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from fedser.client.update import UpdateStats, privatize_update
-from fedser.common.privacy import exceeds_bound, global_norm, max_expected_norm
+from fedser.common.privacy import (exceeds_bound, global_norm, max_expected_norm, noise_shape,
+                                   noise_shape_bounds, update_noise_std)
 from fedser.common.errors import ConfigError, UpdateRejected
 
 
@@ -245,6 +246,63 @@ def test_bound_validates_its_arguments():
     with pytest.raises(ConfigError) as err:
         max_expected_norm(1.0, 1.0, "local", 1, n_params=0, tail=1.5)
     assert "n_params=0" in str(err.value) and "tail=1.5" in str(err.value)
+
+
+# -- the server's noise-shape check -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_honest_noised_updates_have_the_shape_of_noise_and_noise_free_ones_sized_like_it_do_not(mode):
+    # Prepare: steps heavier-tailed than noise (Laplace weights), as training steps are, clipped to C
+    c, z, m, n = 1.0, 1.0, 10, 20_000
+    s = update_noise_std(c, z, mode, m)
+    low, high = noise_shape_bounds(n, c, s)
+    honest, crafted = [], []
+    for seed in range(20):
+        step = {"w": _rng(seed).laplace(size=n).astype(np.float32)}
+        out, _ = privatize_update(step, c, z, mode, m, _rng(1000 + seed))
+        honest.append(noise_shape(out, s))
+        # the attacker's step, noise-free, at the norm an honest update has: the norm check passes it
+        size = 0.999 * max_expected_norm(c, z, mode, m, n_params=n) / global_norm(step)
+        crafted.append({k: v * np.float32(size) for k, v in step.items()})
+    # Assert
+    assert all(low <= h <= high for h in honest)
+    assert all(not exceeds_bound(global_norm(a), max_expected_norm(c, z, mode, m, n_params=n)) for a in crafted)
+    assert all(noise_shape(a, s) < low for a in crafted)
+    flat = {"w": np.full(n, s, dtype=np.float32)}   # every weight one noise std: too even for noise
+    assert noise_shape(flat, s) > high
+
+
+def test_the_whole_clip_norm_on_one_weight_keeps_an_honest_update_inside_the_shape_bounds():
+    # Prepare: the most concentrated signal an honest device can send, under the smallest noise
+    c, z, m, n = 1.0, 0.5, 100, 5_000
+    s = update_noise_std(c, z, "distributed", m)
+    low, high = noise_shape_bounds(n, c, s)
+    step = {"w": np.zeros(n, dtype=np.float32)}
+    step["w"][0] = 50.0
+    # Execute
+    shapes = [noise_shape(privatize_update(step, c, z, "distributed", m, _rng(seed))[0], s) for seed in range(50)]
+    # Assert
+    assert all(low <= v <= high for v in shapes)
+
+
+def test_pure_noise_leaves_the_shape_bounds_no_more_often_than_their_tail():
+    # The bounds are conservative: at tail 0.2, fewer than 20 % of 300 pure-noise draws fall outside.
+    n, s = 2_000, 0.3
+    low, high = noise_shape_bounds(n, 1.0, s, tail=0.2)
+    outside = sum(not low <= noise_shape([_rng(seed).normal(0.0, s, n)], s) <= high for seed in range(300))
+    assert outside < 0.2 * 300
+
+
+def test_shape_functions_validate_their_arguments():
+    with pytest.raises(ConfigError) as err:
+        noise_shape_bounds(0, -1.0, math.nan, tail=1.0)
+    for fragment in ("n_noisy=0", "clip_norm=-1.0", "noise_std=nan", "tail=1.0"):
+        assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match="noise_std"):
+        noise_shape({"w": np.ones(3)}, 0.0)
+    with pytest.raises(ConfigError, match="no coordinates"):
+        noise_shape({}, 1.0)
 
 
 # -- the device round -------------------------------------------------------------------------

@@ -519,16 +519,22 @@ def test_emotion_only_client_never_changes_kws_head(data):
 
 
 @pytest.mark.parametrize("counts, weights", [
-    ([10, 20, 5], [10, 20, 5]),                     # ordinary spread: every count is its weight
-    ([1, 3], [1, 3]),
-    ([10] * 9 + [10 ** 6], [10] * 9 + [40]),        # the liar counts as 4 x the lower median
-    ([10, 10 ** 6], [10, 40]),                      # two devices: the lower median is the honest one
+    ([10, 20, 5], [10, 10, 5]),                     # above the lower median counts as it; below keeps its count
+    ([1, 3], [1, 1]),
+    ([10] * 9 + [10 ** 6], [10] * 10),              # the liar counts as a typical honest device
+    ([10, 10 ** 6], [10, 10]),                      # two devices: the lower median is the honest one
     ([7], [7]),
     ([], []),
 ])
-def test_capped_weights_bound_each_claim_at_four_times_the_lower_median(counts, weights):
+def test_capped_weights_bound_each_claim_at_the_lower_median(counts, weights):
     # Execute / Assert
     assert capped_weights(counts) == weights
+
+
+def test_a_larger_factor_keeps_an_ordinary_spread_exact_and_still_bounds_the_liar():
+    # Execute / Assert
+    assert capped_weights([10, 20, 5], factor=4) == [10, 20, 5]
+    assert capped_weights([10] * 9 + [10 ** 6], factor=4) == [10] * 9 + [40]
 
 
 @pytest.mark.parametrize("counts, factor", [([3, 0], 4), ([3, -1], 4), ([3, 2.5], 4), ([3, True], 4), ([3], 0)])
@@ -543,7 +549,7 @@ def test_capped_weights_refuses_what_is_not_a_count(counts, factor):
 def test_no_device_holds_more_weight_than_the_bound_allows(counts):
     # Execute
     weights = capped_weights(counts)
-    # Assert: never above the claim, and no one device above 4 / (4 + ceil((m - 1) / 2)) of the total
+    # Assert: never above the claim, and no one device above 1 / (1 + ceil((m - 1) / 2)) of the total
     m = len(counts)
     assert all(1 <= w <= n for w, n in zip(weights, counts))
-    assert max(weights) / sum(weights) <= 4 / (4 + math.ceil((m - 1) / 2)) + 1e-12
+    assert max(weights) / sum(weights) <= 1 / (1 + math.ceil((m - 1) / 2)) + 1e-12

@@ -26,6 +26,7 @@ from fedser.client.app import app as client_app
 from fedser.common.bundle import load_bundle
 from fedser.common.models import build_model
 from fedser.common.params import state_to_arrays
+from fedser.common.privacy import update_noise_std
 from fedser.common.records import arrays_to_record
 from fedser.server.app import FederatedRun
 from fedser.server.checkpoint import load_checkpoint
@@ -268,7 +269,8 @@ def test_resume_counts_each_round_once_in_the_server_and_device_accounts(runs):
 
 
 class ScriptedDevice:
-    """Answers like a device without training: its update is a small constant in every element sent."""
+    """Answers like a device without training: its update is a small constant in every element sent,
+    plus the user-level noise the instruction asks for."""
 
     def __init__(self, tier: float, heads_mask: int, value: float = 1e-4):
         self.tier, self.heads_mask, self.value = tier, heads_mask, value
@@ -280,7 +282,11 @@ class ScriptedDevice:
                                                                 "num-examples": 10})}), reply_to=msg)
         if kind == MessageType.TRAIN:
             cfg = msg.content["config"]
-            arrays = {k: np.full(v.shape, self.value, dtype=np.float32) for k, v in msg.content["arrays"].items()}
+            std = update_noise_std(cfg["clip-norm"], cfg["noise-multiplier"], cfg["noise-mode"],
+                                   cfg["expected-clients"])
+            rng = np.random.default_rng(int(cfg["model-version"]))
+            arrays = {k: (np.full(v.shape, self.value) + rng.normal(0.0, std, v.shape)).astype(np.float32)
+                      for k, v in msg.content["arrays"].items()}
             metrics = {"num-examples": 10, "heads": self.heads_mask, "tier": self.tier,
                        "model-version": int(cfg["model-version"]), "loss": 1.0, "epsilon": 0.5}
             return Message(RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(metrics)}),

@@ -24,6 +24,7 @@ from fedser.common import keys
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, head_of
 from fedser.common.params import state_to_arrays
+from fedser.common.privacy import update_noise_std
 from fedser.common.records import arrays_to_record, model_from_config, record_to_arrays
 from fedser.common.slicing import slice_state
 from fedser.server.strategy import HeteroFedAvg, NodeProfile, RoundOutcome
@@ -61,7 +62,8 @@ class FakeDevice:
     """Answers the three instructions as a well-behaved fedser device would, unless told otherwise.
 
     Its update is the constant ``value`` in every element it was sent (so the L2 norm is
-    ``value * sqrt(elements)``), scaled to L2 norm ``step`` when ``value`` is None.
+    ``value * sqrt(elements)``), scaled to L2 norm ``step`` when ``value`` is None, plus the
+    user-level noise the instruction asks for (unless ``noise`` is False).
     """
 
     tier: float = 1.0
@@ -73,6 +75,7 @@ class FakeDevice:
     train_error: int | None = None
     corrupt: Callable[[dict, dict], object] | None = None
     eval_metrics: dict | None = None
+    noise: bool = True
     queries: int = 0
     instructions: list[Message] = field(default_factory=list)
 
@@ -95,6 +98,11 @@ class FakeDevice:
             size = sum(a.size for a in sent.values())
             value = self.value if self.value is not None else self.step / math.sqrt(size)
             arrays = {k: np.full(a.shape, value, dtype=np.float32) for k, a in sent.items()}
+            std = update_noise_std(cfg[keys.CLIP_NORM], cfg[keys.NOISE_MULTIPLIER], cfg[keys.NOISE_MODE],
+                                   cfg[keys.EXPECTED_CLIENTS])
+            if std > 0 and self.noise:   # what a device adds on top of its clipped update
+                rng = np.random.default_rng(len(self.instructions))
+                arrays = {k: (v + rng.normal(0.0, std, v.shape)).astype(np.float32) for k, v in arrays.items()}
             metrics = {keys.NUM_EXAMPLES: self.n, keys.HEADS: keys.heads_to_mask(self.heads), keys.TIER: self.tier,
                        keys.MODEL_VERSION: int(cfg[keys.MODEL_VERSION]), keys.LOSS: 1.5, keys.EPSILON: 0.75}
             content = None
@@ -533,7 +541,7 @@ def test_full_width_replies_give_the_example_weighted_mean_delta(global_arrays):
     devices = {1: FakeDevice(n=1, value=0.001), 2: FakeDevice(n=3, value=0.003)}
     grid = FakeGrid(devices)
     strategy = HeteroFedAvg(MODEL, SPEC, clip_norm=10.0, noise_multiplier=0.0, noise_mode="none",
-                            train_settings={}, min_train_nodes=2, min_available_nodes=2)
+                            train_settings={}, min_train_nodes=2, min_available_nodes=2, weight_cap=4)
     # Execute
     new, _, _ = train_round(strategy, grid, 1, global_arrays)
     # Assert: every element moves by (1 * 0.001 + 3 * 0.003) / 4 = 0.0025
@@ -748,17 +756,17 @@ def _liar_cohort(mode: str = "distributed") -> tuple[FakeGrid, HeteroFedAvg]:
 
 
 def test_one_device_claiming_a_million_examples_cannot_flip_the_sign_of_the_global_step(global_arrays):
-    # Prepare
-    grid, strategy = _liar_cohort()
+    # Prepare: no user-level noise, so the step is exact
+    grid, strategy = _liar_cohort("none")
     # Execute
     new, metrics, _ = train_round(strategy, grid, 1, global_arrays)
-    # Assert: the liar counts as 4 x the lower median (40), so the step is (9*10 - 40) / 130 * 1e-3
-    step = (9 * 10 * 1e-3 - 40 * 1e-3) / (9 * 10 + 40)
+    # Assert: the liar counts as the lower median (10), so the step is (9*10 - 10) / 100 * 1e-3
+    step = (9 * 10 * 1e-3 - 10 * 1e-3) / (9 * 10 + 10)
     got = record_to_arrays(new)
     for k, g in global_arrays.items():
         np.testing.assert_allclose(got[k] - g, step, rtol=0, atol=2e-6)
-    assert strategy.outcome.used == 10 and strategy.outcome.capped == [(10, 10 ** 6, 40)]
-    assert metrics["agg-examples"] == 9 * 10 + 40
+    assert strategy.outcome.used == 10 and strategy.outcome.capped == [(10, 10 ** 6, 10)]
+    assert metrics["agg-examples"] == 9 * 10 + 10
 
 
 def test_the_reported_noise_multiplier_comes_from_the_capped_weights(global_arrays):
@@ -767,26 +775,26 @@ def test_the_reported_noise_multiplier_comes_from_the_capped_weights(global_arra
     s = Z * CLIP / math.sqrt(10)
     # Execute
     train_round(strategy, grid, 1, global_arrays)
-    # Assert: the worst-covered user is the liar at its capped weight 40, not at 10**6:
-    # sqrt(9 * 10^2 + 40^2) s / (40 C), where the claimed weight would give about s / C
+    # Assert: every user at its capped weight 10, not the liar at 10**6:
+    # sqrt(10 * 10^2) s / (10 C), where the claimed weight would give about s / C
     z = strategy.outcome.noise_multiplier
-    assert z == pytest.approx(math.sqrt(9 * 10 ** 2 + 40 ** 2) * s / (40 * CLIP), rel=1e-9)
+    assert z == pytest.approx(math.sqrt(10 * 10 ** 2) * s / (10 * CLIP), rel=1e-9)
     assert z > 1.2 * s / CLIP
 
 
-def test_honest_devices_of_ordinary_sizes_keep_their_exact_weights(global_arrays):
-    # Prepare: counts within 4x of the lower median (5 -> 20) are weights as they are
+def test_devices_above_the_lower_median_count_as_it_and_the_others_keep_their_counts(global_arrays):
+    # Prepare: counts 5, 10, 20; the lower median is 10
     devices = {1: FakeDevice(n=5, value=0.001), 2: FakeDevice(n=10, value=0.002), 3: FakeDevice(n=20, value=0.004)}
     grid = FakeGrid(devices)
-    strategy = make_strategy(3)
+    strategy = make_strategy(3, noise_mode="none")   # no user-level noise: the mean is exact
     # Execute
     new, _, _ = train_round(strategy, grid, 1, global_arrays)
     # Assert
-    want = (5 * 0.001 + 10 * 0.002 + 20 * 0.004) / 35
+    want = (5 * 0.001 + 10 * 0.002 + 10 * 0.004) / 25
     got = record_to_arrays(new)
     for k, g in global_arrays.items():
         np.testing.assert_allclose(got[k] - g, want, rtol=0, atol=2e-6)
-    assert strategy.outcome.capped == []
+    assert strategy.outcome.capped == [(3, 20, 10)]
 
 
 # ---------------------------------------------------------------- evaluation replies are checked too
@@ -1119,12 +1127,12 @@ def test_fuzz_generated_evaluation_replies_never_raise_and_each_is_averaged_or_r
 
 
 def test_the_trimmed_mean_rule_ignores_the_liar_entirely(global_arrays):
-    # Prepare: the same cohort, combined by the robust rule (same checks, another combination).
+    # Prepare: the same cohort without noise, combined by the robust rule (same checks, another combination).
     from fedser.server.robust import TrimmedMeanHeteroFedAvg
 
     devices = {i: FakeDevice(n=10, value=1e-3) for i in range(1, 10)}
     devices[10] = FakeDevice(n=10 ** 6, value=-1e-3)
-    strategy = TrimmedMeanHeteroFedAvg(MODEL, SPEC, clip_norm=CLIP, noise_multiplier=Z, noise_mode="distributed",
+    strategy = TrimmedMeanHeteroFedAvg(MODEL, SPEC, clip_norm=CLIP, noise_multiplier=Z, noise_mode="none",
                                        train_settings={keys.LOCAL_EPOCHS: 1, keys.BATCH_SIZE: 8,
                                                        keys.LEARNING_RATE: 0.01, keys.DP_ENABLED: False,
                                                        "num-rounds": 5, "timeout": 5.0},

@@ -12,7 +12,8 @@ from flwr.common.constant import SType
 from fedser.common.errors import UpdateRejected
 from fedser.server.aggregation import ClientUpdate, aggregate
 from fedser.common.privacy import global_norm
-from fedser.server.validation import decode_update, expected_shapes, validate_evaluation, validate_update
+from fedser.server.validation import (UpdateNoise, decode_update, expected_shapes, validate_evaluation,
+                                     validate_update)
 
 
 def head_of(name: str) -> str | None:
@@ -34,6 +35,7 @@ HALF_INDEX = {
     "heads.kws.weight": np.ix_(np.arange(12), np.arange(2)),
 }
 EXPECTED = expected_shapes(HALF_INDEX)
+HEADS = ("heads.emotion.weight", "heads.kws.weight")
 
 
 def _delta(value: float = 0.01) -> dict[str, np.ndarray]:
@@ -101,6 +103,12 @@ def _keep(arrays):
         (_keep, {"heads_mask": 0}, "heads mask 0 is invalid"),
         (_keep, {"heads_mask": 4}, "heads mask 4 is invalid"),
         (_keep, {"heads_mask": None}, "heads mask None is invalid"),
+        # a run training only the heads: the encoder must arrive as zeros
+        (_keep, {"noise": UpdateNoise(frozenset(HEADS), 0.0, 1.0)},
+         "'encoder.weight' is outside the run's train scope but changed"),
+        # the run adds noise of std 100; a step of 0.01 per weight carries none of it
+        (_keep, {"noise": UpdateNoise(frozenset(EXPECTED), 100.0, 1.0), "max_norm": None},
+         "does not look like the noise the run adds"),
     ],
 )
 def test_each_defect_is_named(change, overrides, fragment):
@@ -114,6 +122,17 @@ def test_each_defect_is_named(change, overrides, fragment):
     # Assert: exactly this one defect is reported.
     assert len(reasons) == 1, reasons
     assert fragment in reasons[0]
+
+
+def test_an_update_that_carries_the_runs_noise_and_zeros_outside_its_scope_is_valid():
+    # Prepare: the run trains the heads only and adds noise of std 0.5 to them
+    rng = np.random.default_rng(0)
+    arrays = {k: (rng.normal(0.0, 0.5, v.shape) if k in HEADS else np.zeros_like(v)).astype(np.float32)
+              for k, v in _delta().items()}
+    # Execute
+    reasons = _validate(arrays, max_norm=None, noise=UpdateNoise(frozenset(HEADS), 0.5, 1.0))
+    # Assert
+    assert reasons == []
 
 
 def test_all_reasons_are_collected():
