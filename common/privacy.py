@@ -469,3 +469,34 @@ def noise_shape_bounds(n_noisy: int, clip_norm: float, noise_std: float,
     signal = (float(clip_norm) / float(noise_std)) ** 2 / (n * math.sqrt(2.0 * math.pi))
     t = math.sqrt(2.0 * math.log(2.0 / float(tail)) / n)
     return centre - t, centre + signal + t
+
+
+def noise_energy_bounds(n: int, clip_norm: float, noise_std: float, tail: float = 1e-6) -> tuple[float, float]:
+    """The interval ||x||^2 / s^2 of an honest noised array of ``n`` weights leaves with probability at most ``tail``.
+
+    x = u + e with ||u|| <= C (an array holds at most the whole clipped step) and e ~ N(0, s^2 I_n).
+    With c = C / s and y = ln(4 / tail) (``tail`` split over the two sides and, on each side, over
+    the chi-square and cross terms): ||e||^2 / s^2 ~ chi^2_n lies in [n - 2 sqrt(n y),
+    n + 2 sqrt(n y) + 2 y] (Laurent & Massart 2000, Lemma 1), 2 <u, e> / s^2 in
+    +-2 c sqrt(2 y), and ||u||^2 / s^2 in [0, c^2].
+
+    Every array a device trains carries its own noise, so each must hold about n s^2 of energy:
+    an array left out of the noise (sent as zeros, or as a step smaller than the noise) falls
+    below, and a step sized like the noise but spread over the arrays as training spreads it,
+    not in proportion to their sizes, falls outside on one array or another.
+    """
+    problems = []
+    if not _is_int(n) or n < 1:
+        problems.append(f"n={n!r} must be an integer >= 1")
+    for name, value in (("clip_norm", clip_norm), ("noise_std", noise_std)):
+        if not (_is_real(value) and math.isfinite(value) and value > 0):
+            problems.append(f"{name}={value!r} must be a finite number > 0")
+    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
+        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    collect(problems, ConfigError, prefix="noise_energy_bounds")
+    c = float(clip_norm) / float(noise_std)
+    y = math.log(4.0 / float(tail))
+    cross = 2.0 * c * math.sqrt(2.0 * y)
+    low = n - 2.0 * math.sqrt(n * y) - cross
+    high = n + 2.0 * math.sqrt(n * y) + 2.0 * y + cross + c * c
+    return low, high

@@ -136,10 +136,10 @@ def capped_weights(counts: Sequence[int], factor: int = WEIGHT_CAP_FACTOR) -> li
       devices could be the liar's own claim);
     - the default factor 1 gives a liar exactly the weight of the typical honest device: lying
       gains nothing over sending the same update honestly, so one attacker's reach is its
-      1/m share. A factor of 4 kept honest cohorts of ordinary spread weighted exactly, but
-      let one liar among twenty equal devices take 4/23 of the step: a flipped update then
-      cost 3.5 accuracy points in ``bench/bench_robustness.py`` against 1.2 for the same
-      update at its honest weight;
+      1/m share (``bench/bench_robustness.py``: a flipped update claiming 10**6 examples among
+      twenty devices moves the final accuracy as much as the same update at an honest count).
+      A factor of 4 kept honest cohorts of ordinary spread weighted exactly, but let one liar
+      among twenty equal devices take 4/23 of every step instead of 1/20;
     - devices below the median keep their counts, so small devices still count for less;
       devices above it count as the median (what the DP-FedAvg cap does at n_cap = median);
     - one device then holds at most f / (f + ceil((m - 1) / 2)) of the total weight of m

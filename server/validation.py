@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedser.common.keys import ACCURACY, HEAD_BITS, NUM_EXAMPLES, TASKS, UAR
-from fedser.common.privacy import exceeds_bound, global_norm, noise_shape, noise_shape_bounds
+from fedser.common.privacy import exceeds_bound, global_norm, noise_energy_bounds, noise_shape, noise_shape_bounds
 from fedser.common.records import decode_array
 
 __all__ = [
@@ -94,7 +94,7 @@ def _as_int(value) -> int | None:
 
 
 NOISE_SHAPE_TAIL = 1e-6
-"""How often the noise-shape check may refuse an honest update (the norm check uses the same)."""
+"""How often the noise checks together may refuse an honest update (the norm check has its own 1e-6)."""
 
 
 @dataclass(frozen=True)
@@ -113,17 +113,31 @@ class UpdateNoise:
 def _noise_reasons(parts: Mapping[str, np.ndarray], noise: UpdateNoise) -> list[str]:
     reasons = [f"array {name!r} is outside the run's train scope but changed: it must arrive as zeros"
                for name in sorted(set(parts) - noise.trained) if np.any(parts[name])]
-    noisy = [parts[name] for name in sorted(noise.trained & set(parts))]
+    names = sorted(noise.trained & set(parts))
+    noisy = [parts[name] for name in names]
     n = sum(a.size for a in noisy)
-    if noise.noise_std > 0 and n:
-        shape = noise_shape(noisy, noise.noise_std)
-        low, high = noise_shape_bounds(n, noise.clip_norm, noise.noise_std, NOISE_SHAPE_TAIL)
-        if not low <= shape <= high:
+    if noise.noise_std <= 0 or not n:
+        return reasons
+    # NOISE_SHAPE_TAIL is shared: half for the shape of the whole update, half over its arrays.
+    tail = NOISE_SHAPE_TAIL / 2
+    s = noise.noise_std
+    for name, a in zip(names, noisy):
+        if not a.size:
+            continue
+        energy = float(np.sum(np.square(a, dtype=np.float64))) / (s * s)
+        low, high = noise_energy_bounds(a.size, noise.clip_norm, s, tail / len(names))
+        if not low <= energy <= high:
             reasons.append(
-                f"update does not look like the noise the run adds: mean |weight| is {shape:.4f} noise "
-                f"std over {n} weights, outside [{low:.4f}, {high:.4f}] where an honest update lies "
-                f"with probability 1 - {NOISE_SHAPE_TAIL:g}"
+                f"array {name!r} does not carry the noise the run adds: its squared norm is {energy:.4g} "
+                f"noise variances over {a.size} weights, outside [{max(low, 0.0):.4g}, {high:.4g}]"
             )
+    shape = noise_shape(noisy, s)
+    low, high = noise_shape_bounds(n, noise.clip_norm, s, tail)
+    if not low <= shape <= high:
+        reasons.append(
+            f"update does not look like the noise the run adds: mean |weight| is {shape:.4f} noise "
+            f"std over {n} weights, outside [{low:.4f}, {high:.4f}]"
+        )
     return reasons
 
 
@@ -162,9 +176,10 @@ def validate_update(
             it trains on what it holds, so a larger ``num_examples`` is a false claim (or
             data that grew since, which a fresh profile will show).
         noise: what an honest update holds under the run's scope and noise; ``None`` skips
-            those checks. Untrained entries must be zeros; with noise, the trained weights
-            must look like it (:func:`fedser.common.privacy.noise_shape`), which refuses a
-            noise-free update sized to pass the norm bound.
+            those checks. Untrained entries must be zeros; with noise, every trained array
+            must carry its share of it (:func:`fedser.common.privacy.noise_energy_bounds`) and
+            the weights together must look like it (:func:`fedser.common.privacy.noise_shape`),
+            which refuses a noise-free update sized to pass the norm bound.
     """
     if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm must be a finite number > 0 or None; got {max_norm!r}")

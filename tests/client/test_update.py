@@ -11,8 +11,8 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from fedser.client.update import UpdateStats, privatize_update
-from fedser.common.privacy import (exceeds_bound, global_norm, max_expected_norm, noise_shape,
-                                   noise_shape_bounds, update_noise_std)
+from fedser.common.privacy import (exceeds_bound, global_norm, max_expected_norm, noise_energy_bounds,
+                                   noise_shape, noise_shape_bounds, update_noise_std)
 from fedser.common.errors import ConfigError, UpdateRejected
 
 
@@ -294,6 +294,22 @@ def test_pure_noise_leaves_the_shape_bounds_no_more_often_than_their_tail():
     assert outside < 0.2 * 300
 
 
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_each_noised_array_carries_its_share_of_the_noise_and_an_unnoised_one_does_not(mode):
+    # Prepare: the whole clipped step on the small array, the worst case for its bounds
+    c, z, m = 1.0, 1.0, 10
+    s = update_noise_std(c, z, mode, m)
+    step = {"big": np.zeros(5_000, dtype=np.float32), "small": np.full(50, 10.0, dtype=np.float32)}
+    for seed in range(50):
+        out, _ = privatize_update(step, c, z, mode, m, _rng(seed))
+        for name, a in out.items():
+            low, high = noise_energy_bounds(a.size, c, s)
+            # Assert
+            assert low <= float(np.sum(a.astype(np.float64) ** 2)) / s**2 <= high, (name, seed)
+    low, _ = noise_energy_bounds(5_000, c, s)
+    assert low > 0   # so an array sent without its noise (zeros, or a step below it) is refused
+
+
 def test_shape_functions_validate_their_arguments():
     with pytest.raises(ConfigError) as err:
         noise_shape_bounds(0, -1.0, math.nan, tail=1.0)
@@ -303,6 +319,9 @@ def test_shape_functions_validate_their_arguments():
         noise_shape({"w": np.ones(3)}, 0.0)
     with pytest.raises(ConfigError, match="no coordinates"):
         noise_shape({}, 1.0)
+    with pytest.raises(ConfigError) as err:
+        noise_energy_bounds(0, 1.0, -2.0)
+    assert "n=0" in str(err.value) and "noise_std=-2.0" in str(err.value)
 
 
 # -- the device round -------------------------------------------------------------------------

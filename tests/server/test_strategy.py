@@ -929,7 +929,16 @@ def _values(*values):
     return lambda profiled: list(values)
 
 
+def _noise_free(draw, records, arrays, metrics, profiled):
+    """Every weight set to the update's RMS: the honest norm, none of the run's noise."""
+    rms = np.float32(math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays.values())
+                               / sum(a.size for a in arrays.values())))
+    sign = draw(st.sampled_from([1.0, -1.0]))
+    records.update({k: Array(np.full(a.shape, sign * rms, dtype=np.float32)) for k, a in arrays.items()})
+
+
 MALFORMED_TRAIN = {
+    "noise-free-at-the-honest-norm": _noise_free,
     "empty-data": _array_fault(lambda draw, r, a: _raw(r, data=b"")),
     "truncated": _array_fault(lambda draw, r, a: _raw(r, data=r.data[:draw(st.integers(0, len(r.data) - 1))])),
     "padded": _array_fault(lambda draw, r, a: _raw(r, data=r.data + draw(st.binary(min_size=1, max_size=64)))),
@@ -970,8 +979,9 @@ MALFORMED_TRAIN = {
 VALID_TRAIN = {
     "honest": lambda draw, records, arrays, metrics, profiled: None,
     "fortran-order": _array_fault(lambda draw, r, a: Array(np.asfortranarray(a))),
+    # the step (the array's mean: FakeDevice steps every weight alike) scaled down, the noise kept
     "smaller-step": _array_fault(lambda draw, r, a: Array(
-        (a * np.float32(draw(st.floats(0.0, 1.0)))).astype(np.float32))),
+        (a - np.float32(1.0 - draw(st.floats(0.0, 1.0))) * a.mean()).astype(np.float32))),
     "fewer-examples": _set_metric(keys.NUM_EXAMPLES, lambda p: [1, max(1, p // 2), p, float(p)]),
     "other-loss-and-epsilon": lambda draw, records, arrays, metrics, profiled: metrics.update(
         {keys.LOSS: draw(st.floats(-1e6, 1e6)), keys.EPSILON: draw(st.floats(0.0, 1e3))}),
