@@ -118,14 +118,14 @@ class LoopbackGrid:
         return replies
 
 
-def strategy(rounds: int = 3, epochs: int = 1, dp: bool = True) -> HeteroFedAvg:
+def strategy(rounds: int = 3, epochs: int = 1, dp: bool = True, scope: str = "all") -> HeteroFedAvg:
     """The server's strategy with the ServerApp's default settings (see ``server.app``)."""
     return HeteroFedAvg(
         MODEL, SPEC, clip_norm=2.0, noise_multiplier=1.0, noise_mode="distributed",
         min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1,
         train_settings={keys.LOCAL_EPOCHS: epochs, keys.BATCH_SIZE: 16, keys.LEARNING_RATE: 3e-3,
                         keys.DP_ENABLED: dp, keys.DP_NOISE_MULTIPLIER: 0.0, "num-rounds": rounds,
-                        keys.DP_MAX_GRAD_NORM: 1.0, keys.TRAIN_SCOPE: "all", "timeout": 60.0})
+                        keys.DP_MAX_GRAD_NORM: 1.0, keys.TRAIN_SCOPE: scope, "timeout": 60.0})
 
 
 def global_model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -135,9 +135,10 @@ def global_model(seed: int = 0) -> dict[str, np.ndarray]:
     return state_to_arrays(build_model(MODEL))
 
 
-def train_instruction(ctx: Context, rounds: int = 3, epochs: int = 1) -> tuple[HeteroFedAvg, Message]:
+def train_instruction(ctx: Context, rounds: int = 3, epochs: int = 1,
+                      scope: str = "all") -> tuple[HeteroFedAvg, Message]:
     """The training message the server sends ``ctx`` in round 1 (after profiling it)."""
-    s = strategy(rounds, epochs)
+    s = strategy(rounds, epochs, scope=scope)
     messages = list(s.configure_train(1, arrays_to_record(global_model()), ConfigRecord(), LoopbackGrid(ctx)))
     assert len(messages) == 1, s.outcome
     return s, messages[0]
@@ -238,14 +239,12 @@ def test_a_partial_scope_update_leaves_the_rest_of_the_encoder_exactly_as_broadc
                                                                                      tmp_path):
     # Prepare: the server asks for partial training, with distributed user-level noise on.
     ctx = device(person, tmp_path, feature_cache)
-    s, instruction = train_instruction(ctx)
-    cfg = dict(instruction.content[keys.CONFIG])
-    assert cfg[keys.TRAIN_SCOPE] == "all"  # the default
-    partial = with_content(instruction, config={**cfg, keys.TRAIN_SCOPE: scope})
+    s, instruction = train_instruction(ctx, scope=scope)
+    assert instruction.content[keys.CONFIG][keys.TRAIN_SCOPE] == scope
     trained = encoder_params_in_scope(build_model(MODEL), scope)
 
     # Execute
-    reply = app(partial, ctx)
+    reply = app(instruction, ctx)
 
     # Assert: no change and no noise outside the scope; the heads and the scope moved; DP spend recorded.
     assert not reply.has_error(), reply.error.reason if reply.has_error() else None
@@ -256,6 +255,11 @@ def test_a_partial_scope_update_leaves_the_rest_of_the_encoder_exactly_as_broadc
     assert scalar_metrics(reply.content[keys.METRICS], TRAIN_METRICS)[keys.EPSILON] > 0
     s.aggregate_train(1, [reply])
     assert (s.outcome.used, s.outcome.rejected) == (1, [])
+    # a server that expected the whole encoder to train finds those arrays without their noise
+    everything = strategy(scope="all")
+    everything.configure_train(1, arrays_to_record(global_model()), ConfigRecord(), LoopbackGrid(ctx))
+    everything.aggregate_train(1, [reply])
+    assert everything.outcome.used == 0 and "does not carry the noise" in everything.outcome.rejected[0][1]
 
 
 def test_query_and_evaluate_replies_hold_only_scalar_metrics(person, feature_cache, tmp_path):
