@@ -417,14 +417,14 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     return math.sqrt(sq)
 
 
-
 def noise_shape(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray], noise_std: float) -> float:
     """Mean absolute coordinate of ``arrays`` in units of ``noise_std``: sqrt(2/pi) ~ 0.798 for pure noise.
 
     An honest privatized update is mostly N(0, s^2) noise. An update crafted without noise but
     sized like one (the norm check cannot tell them apart) has the shape of a training step
-    instead, a few large weights and many near zero, and so a smaller mean (Geary's normality
-    test with the scale known). Compare with :func:`noise_shape_bounds`.
+    instead: flatter than noise (Adam moves every weight by about the same amount) or spikier
+    (a few large weights, many near zero), so its mean departs from sqrt(2/pi) (Geary's
+    normality test with the scale known). Compare with :func:`noise_shape_bounds`.
     """
     if not (_is_real(noise_std) and math.isfinite(noise_std) and noise_std > 0):
         raise ConfigError(f"noise_shape: noise_std={noise_std!r} must be a finite number > 0")
@@ -451,8 +451,7 @@ def noise_shape_bounds(n_noisy: int, clip_norm: float, noise_std: float,
     * T is (1 / sqrt(n))-Lipschitz in g, so it leaves E T by t with probability at most
       exp(-n t^2 / 2) on each side (Gaussian concentration); t = sqrt(2 ln(2 / tail) / n).
 
-    The interval narrows like 1 / sqrt(n): tens of thousands of noisy weights give about +-0.024,
-    which a noise-free training step sized like the noise (mean about 0.74) falls outside of;
+    The interval narrows like 1 / sqrt(n): tens of thousands of noisy weights give about +-0.025,
     for a handful of weights it is wide and says little.
     """
     problems = []

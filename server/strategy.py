@@ -35,7 +35,8 @@ from fedser.common.privacy import max_expected_norm, update_noise_std
 from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
 from fedser.common.slicing import slice_index, slice_state
 
-from .aggregation import EVAL_WEIGHT_CAP_FACTOR, WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate, capped_weights
+from .aggregation import (EVAL_WEIGHT_CAP_FACTOR, WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate,
+                          capped_weights)
 from .sampling import sample_nodes
 from .user_privacy import Contribution, round_noise_multiplier
 from .validation import (TaskScore, UpdateNoise, decode_update, expected_shapes, validate_evaluation,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedser.common.keys import ACCURACY, HEAD_BITS, NUM_EXAMPLES, TASKS, UAR
-from fedser.common.privacy import exceeds_bound, global_norm, noise_energy_bounds, noise_shape, noise_shape_bounds
+from fedser.common.privacy import (exceeds_bound, global_norm, noise_energy_bounds, noise_shape,
+                                   noise_shape_bounds)
 from fedser.common.records import decode_array
 
 __all__ = [
