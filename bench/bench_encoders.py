@@ -134,6 +134,19 @@ def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp:
             "seconds": seconds, "epochs": len(result.history), "parameters": count_parameters(model)}
 
 
+def default_baseline(corpora: Corpora, name: str, figures: dict, epochs: int, seed: int) -> dict:
+    """The default's centralized figures on corpus ``name``: this run's own, trained now if no
+    section has trained them yet (kept in ``figures`` for the sections after)."""
+    from fedser.common.features import FeatureSpec
+
+    key = f"central/{name}/tcn/speaker"
+    if key not in figures:
+        spec = FeatureSpec()
+        figures[key] = train_eval(*(corpora.task_data(name, spec, p) for p in ("train", "val", "test")), spec,
+                                  "tcn", epochs, seed)
+    return figures[key]
+
+
 def options(quick: bool):
     from fedser.common.features import FeatureSpec, spec_for
 
@@ -162,12 +175,7 @@ def central(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> N
                 train, val, test = (corpora.task_data(name, spec, p) for p in ("train", "val", "test"))
             r = train_eval(train, val, test, spec, encoder, epochs, args.seed)
             figures[f"central/{name}/{encoder}/{norm}"] = r
-            if f"central/{name}/tcn/speaker" not in figures:  # this run's own baseline
-                default = options(True)[0][1]
-                figures[f"central/{name}/tcn/speaker"] = train_eval(
-                    *(corpora.task_data(name, default, p) for p in ("train", "val", "test")), default, "tcn",
-                    epochs, args.seed)
-            baseline = figures[f"central/{name}/tcn/speaker"][metric]
+            baseline = default_baseline(corpora, name, figures, epochs, args.seed)[metric]
             target = TARGETS[task] if (encoder, norm) == ("tcn", "speaker") and name in ("kws", "ravdess") else None
             rows.append([f"{name} centralized", label, f"{r[metric]:.3f} {metric}",
                          "—" if (encoder, norm) == ("tcn", "speaker") else f"{100 * (r[metric] - baseline):+.1f}",
@@ -215,8 +223,7 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
         task = corpora.utterances[name][0]
         metric = "accuracy" if task == "kws" else "uar"
         train, val, test = (corpora.task_data(name, spec, p) for p in ("train", "val", "test"))
-        plain = figures.get(f"central/{name}/tcn/speaker") or train_eval(train, val, test, spec, "tcn", epochs,
-                                                                         args.seed)
+        plain = default_baseline(corpora, name, figures, epochs, args.seed)
         r = train_eval(train, val, test, spec, "tcn", epochs, args.seed, dp=True)
         figures[f"dp/{name}"] = r
         rows.append([f"{name} DP-SGD", f"default, epsilon {r['epsilon']:.2f} (delta {DELTA:g})",
@@ -339,7 +346,6 @@ class Federation:
 
 
 def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) -> None:
-    from fedser.common.features import FeatureSpec
     from fedser.common.privacy import UserLevelAccountant
 
     with tempfile.TemporaryDirectory(prefix="fedser-bench-encoders-") as tmp:
@@ -348,11 +354,7 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                 continue
             task = corpora.utterances[name][0]
             metric = "accuracy" if task == "kws" else "uar"
-            if f"central/{name}/tcn/speaker" not in figures:  # this run's own centralized baseline
-                spec = FeatureSpec()
-                figures[f"central/{name}/tcn/speaker"] = train_eval(
-                    *(corpora.task_data(name, spec, p) for p in ("train", "val", "test")), spec, "tcn", 60, args.seed)
-            central_figure = figures[f"central/{name}/tcn/speaker"][metric]
+            central_figure = default_baseline(corpora, name, figures, 60, args.seed)[metric]
             for public, user_noise, share in ((0.0, 0.0, 0.95), (0.2, 0.0, 0.95), (0.2, 1.0, 0.90)):
                 t0 = time.perf_counter()
                 fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices, public)

@@ -63,6 +63,19 @@ def _check_mode(mode: Any, problems: list[str]) -> None:
         problems.append(f"mode={mode!r} must be one of {NOISE_MODES}")
 
 
+def _check_positive(value: Any, problems: list[str], name: str) -> None:
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        problems.append(f"{name}={value!r} must be a finite number > 0")
+
+
+def _check_tail_bound(n: Any, tail: Any, problems: list[str], name: str) -> None:
+    """The size ``name`` and the probability ``tail`` a concentration bound is asked for."""
+    if not _is_int(n) or n < 1:
+        problems.append(f"{name}={n!r} must be an integer >= 1")
+    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
+        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+
+
 # ---------------------------------------------------------------------------------------------
 # accounting
 
@@ -402,10 +415,7 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     up by 2x fails it; for a handful of parameters the chi tail is wide and scaling is harder to see.
     """
     problems = update_settings_problems(clip_norm, noise_multiplier, mode, expected_clients)
-    if not _is_int(n_params) or n_params < 1:
-        problems.append(f"n_params={n_params!r} must be an integer >= 1")
-    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
-        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    _check_tail_bound(n_params, tail, problems, "n_params")
     collect(problems, ConfigError, prefix="max_expected_norm")
     c = float(clip_norm)
     s = update_noise_std(clip_norm, noise_multiplier, mode, expected_clients)
@@ -417,6 +427,15 @@ def max_expected_norm(clip_norm: float, noise_multiplier: float, mode: str, expe
     return math.sqrt(sq)
 
 
+def _noise_bound_problems(n: Any, clip_norm: Any, noise_std: Any, tail: Any, n_name: str) -> list[str]:
+    """What is wrong with the arguments of a bound on an honest noised update."""
+    problems: list[str] = []
+    _check_tail_bound(n, tail, problems, n_name)
+    _check_positive(clip_norm, problems, "clip_norm")
+    _check_positive(noise_std, problems, "noise_std")
+    return problems
+
+
 def noise_shape(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray], noise_std: float) -> float:
     """Mean absolute coordinate of ``arrays`` in units of ``noise_std``: sqrt(2/pi) ~ 0.798 for pure noise.
 
@@ -426,8 +445,9 @@ def noise_shape(arrays: Mapping[str, np.ndarray] | Iterable[np.ndarray], noise_s
     (a few large weights, many near zero), so its mean departs from sqrt(2/pi) (Geary's
     normality test with the scale known). Compare with :func:`noise_shape_bounds`.
     """
-    if not (_is_real(noise_std) and math.isfinite(noise_std) and noise_std > 0):
-        raise ConfigError(f"noise_shape: noise_std={noise_std!r} must be a finite number > 0")
+    problems = []
+    _check_positive(noise_std, problems, "noise_std")
+    collect(problems, ConfigError, prefix="noise_shape")
     values = arrays.values() if isinstance(arrays, Mapping) else arrays
     total, n = 0.0, 0
     for a in values:
@@ -454,14 +474,7 @@ def noise_shape_bounds(n_noisy: int, clip_norm: float, noise_std: float,
     The interval narrows like 1 / sqrt(n): tens of thousands of noisy weights give about +-0.025,
     for a handful of weights it is wide and says little.
     """
-    problems = []
-    if not _is_int(n_noisy) or n_noisy < 1:
-        problems.append(f"n_noisy={n_noisy!r} must be an integer >= 1")
-    for name, value in (("clip_norm", clip_norm), ("noise_std", noise_std)):
-        if not (_is_real(value) and math.isfinite(value) and value > 0):
-            problems.append(f"{name}={value!r} must be a finite number > 0")
-    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
-        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    problems = _noise_bound_problems(n_noisy, clip_norm, noise_std, tail, "n_noisy")
     collect(problems, ConfigError, prefix="noise_shape_bounds")
     n = float(n_noisy)
     centre = math.sqrt(2.0 / math.pi)
@@ -484,14 +497,7 @@ def noise_energy_bounds(n: int, clip_norm: float, noise_std: float, tail: float 
     below, and a step sized like the noise but spread over the arrays as training spreads it,
     not in proportion to their sizes, falls outside on one array or another.
     """
-    problems = []
-    if not _is_int(n) or n < 1:
-        problems.append(f"n={n!r} must be an integer >= 1")
-    for name, value in (("clip_norm", clip_norm), ("noise_std", noise_std)):
-        if not (_is_real(value) and math.isfinite(value) and value > 0):
-            problems.append(f"{name}={value!r} must be a finite number > 0")
-    if not _is_real(tail) or not 0.0 < float(tail) < 1.0:
-        problems.append(f"tail={tail!r} must be a probability in (0, 1), e.g. 1e-6")
+    problems = _noise_bound_problems(n, clip_norm, noise_std, tail, "n")
     collect(problems, ConfigError, prefix="noise_energy_bounds")
     c = float(clip_norm) / float(noise_std)
     y = math.log(4.0 / float(tail))
