@@ -162,7 +162,8 @@ def start(args) -> int:
     if missing:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not Path(args.data).exists():
-        raise ConfigError(f"--data {args.data}: no such file or folder")
+        raise ConfigError(f"--data {args.data}: no such file or folder (in a container: mount the device's data "
+                          "volume there)")
     if not args.insecure and not args.root_cert:
         raise ConfigError("TLS needs --root-cert CA.pem (the server's ca.pem), or --insecure for plain text")
     if args.root_cert and not Path(args.root_cert).is_file():

@@ -14,9 +14,11 @@ imports this module from its deploy folder (``--deploy-dir``); nothing here impo
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class Engine:
 
     argv: list[str]
     logs: str
+    publishes_ports: bool = True    # the namespace runner publishes nothing on the host
 
 
 # ---------------------------------------------------------------- compose files
@@ -107,6 +110,64 @@ def compose_env(testbed: Path, rounds: int, min_clients: int, local_epochs: int)
     return env
 
 
+# ---------------------------------------------------------------- before anything starts
+
+def _host_port(spec) -> int | None:
+    """The host side of a ``ports:`` entry (``"9092:9092"``, ``"127.0.0.1:9092:9092"``, long form); None if unpublished."""
+    if isinstance(spec, dict):
+        published = spec.get("published")
+        return int(published) if published not in (None, "") else None
+    parts = str(spec).split("/")[0].split(":")
+    return int(parts[-2]) if len(parts) >= 2 and parts[-2] else None
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something on this host already listens on TCP ``port`` (a bind on all addresses fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
+
+
+def preflight(files: list[Path], env: dict[str, str], testbed: Path, check_ports: bool = True) -> list[str]:
+    """What would stop the project once its containers start, each naming the service and the fix.
+
+    A missing secret file, a missing or empty data volume and a published port already taken on
+    this host: a container engine reports the first as a bare path (or makes an empty folder for
+    a missing bind mount, so the device fails later inside its container) and the last as a bind
+    error of the engine's proxy. Checked here on the merged compose files, before any container.
+    """
+    from compose import load_compose   # beside this file; reads the files as compose does
+
+    doc = load_compose(files, env)
+    project = Path(doc["project_dir"])   # relative paths in the files are relative to it, as in compose
+    prepare = f"run `fedser testbed prepare --out {testbed} --force` (new keys for every service)"
+    problems = []
+    for name, svc in doc["services"].items():
+        for secret in svc.get("secrets", []):
+            key = secret.get("source") if isinstance(secret, dict) else secret
+            path = (doc["secrets"].get(key) or {}).get("file")
+            if path and not (project / path).is_file():
+                problems.append(f"service {name}: secret {key} is missing ({path}): {prepare}, "
+                                f"or put the file back")
+        for volume in svc.get("volumes", []):
+            source, _, target = str(volume).partition(":")
+            target = target.split(":")[0]
+            if target == "/data" and not (project / source / "data.csv").is_file():
+                problems.append(f"service {name}: no data volume at {source} (mounted at /data, with data.csv): "
+                                f"{prepare}, or `--data CORPUS` to give it recordings")
+        for spec in svc.get("ports", []) if check_ports else ():
+            port = _host_port(spec)
+            if port is not None and port_in_use(port):
+                problems.append(f"service {name}: host port {port} is already in use (another SuperLink or test "
+                                f"bed?): stop what holds it (`ss -ltnp sport = :{port}`), or publish another "
+                                f"port with FEDSER_FLEET_PORT=<free port>")
+    return problems
+
+
 # ---------------------------------------------------------------- the engine
 
 def docker_compose() -> list[str] | None:
@@ -137,7 +198,7 @@ def choose_engine(files: list[Path], testbed: Path, runner: str = "auto") -> Eng
                           "install Docker, or run as root with --runner netns")
     workdir = testbed / NETNS_WORKDIR
     return Engine([sys.executable, str(NETNS_RUNNER), "up", *file_args, "--workdir", str(workdir)],
-                  str(workdir / "logs"))
+                  str(workdir / "logs"), publishes_ports=False)
 
 
 def run_until_done(argv: list[str], env: dict[str, str]) -> int:

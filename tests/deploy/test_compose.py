@@ -316,6 +316,79 @@ def test_up_lists_the_bed_files_and_picks_an_engine(deploy_testbed, tmp_path, mo
     assert env["FEDSER_TESTBED"] == str(tmp_path) and env["FEDSER_ROUNDS"] == "2" and env["FEDSER_UID"]
 
 
+@pytest.fixture()
+def fresh_bed(tiny_corpus, tmp_path):
+    out = tmp_path / "testbed"
+    testbed.prepare(out, 3, [str(tiny_corpus / "commands"), str(tiny_corpus / "emotion")], test=0.0,
+                    deploy_dir=DEPLOY)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preflight_names_the_service_and_the_fix_for_each_problem(fresh_bed, deploy_testbed):
+    # Prepare: a secret gone, a device without its data, the Fleet API's host port taken.
+    import socket
+
+    files = deploy_testbed.compose_files(fresh_bed)
+    env = deploy_testbed.compose_env(fresh_bed, rounds=1, min_clients=3, local_epochs=1)
+    clean = deploy_testbed.preflight(files, {**env, "FEDSER_FLEET_PORT": str(_free_port())}, fresh_bed)
+    (fresh_bed / "secrets" / "client-2.key").unlink()
+    (fresh_bed / "client-3" / "data" / "data.csv").unlink()
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+
+    # Execute
+    try:
+        problems = deploy_testbed.preflight(files, {**env, "FEDSER_FLEET_PORT": str(port)}, fresh_bed)
+        unpublished = deploy_testbed.preflight(files, {**env, "FEDSER_FLEET_PORT": str(port)}, fresh_bed,
+                                               check_ports=False)
+    finally:
+        holder.close()
+
+    # Assert: nothing for a prepared bed; then one line per problem, each naming its service and a fix.
+    assert clean == []
+    assert len(problems) == 3, problems
+    taken, secret, data = sorted(problems, key=lambda p: ("superlink" not in p, p))
+    assert secret.startswith("service client-2: secret client-2.key is missing") and "testbed prepare" in secret
+    assert data.startswith("service client-3: no data volume at ") and "--data CORPUS" in data
+    assert taken.startswith(f"service superlink: host port {port} is already in use") and "FEDSER_FLEET_PORT" in taken
+    assert unpublished == [secret, data], "the namespace runner publishes no host port"
+
+
+@pytest.mark.parametrize("spec, port", [("9092:9092", 9092), ("127.0.0.1:9093:9092", 9093), ("9092", None),
+                                        ("9094:9092/tcp", 9094), ({"target": 9092, "published": "9095"}, 9095),
+                                        ({"target": 9092}, None)])
+def test_preflight_reads_every_form_of_a_published_port(deploy_testbed, spec, port):
+    assert deploy_testbed._host_port(spec) == port
+
+
+def test_up_refuses_a_bed_that_cannot_start_before_any_container(fresh_bed, deploy_testbed, monkeypatch, capsys):
+    # Prepare: an engine that must never be reached.
+    from fedser.tools.cli import main
+
+    (fresh_bed / "secrets" / "ca.pem").unlink()
+    monkeypatch.setattr(deploy_testbed, "docker_compose", lambda: ["docker", "compose"])
+    monkeypatch.setattr(deploy_testbed, "run_until_done", lambda *a: pytest.fail("the engine was started"))
+    monkeypatch.setenv("FEDSER_FLEET_PORT", str(_free_port()))
+
+    # Execute
+    code = main(["testbed", "up", "--testbed", str(fresh_bed), "--rounds", "1", "--deploy-dir", str(DEPLOY)])
+
+    # Assert: every service that mounts the CA is named.
+    err = capsys.readouterr().err
+    assert code == 2 and "the test bed cannot start" in err
+    assert all(f"service {name}: secret ca.pem is missing" in err for name in SERVICES), err
+
+
 def test_netns_runner_script_prints_the_merged_project(tmp_path):
     # Execute: the script's own entry point, as the docs run it (its modules import each other from deploy/).
     done = subprocess.run([sys.executable, str(DEPLOY / "netns_runner.py"), "config", "-f", str(BASE), "-f", str(DEV)],
@@ -356,9 +429,10 @@ def test_dockerfiles_are_multi_stage_pinned_unprivileged_and_install_one_extra(r
 
     # Assert
     assert len(stages) >= 2, "multi-stage: a builder, and a runtime that copies its result"
+    base = re.search(r"^ARG BASE=(\S+)$", path.read_text(), re.M)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base.group(1)), base
     for stage in stages:
-        image = stage[0].split()[1]
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+        assert stage[0].split()[1] == "${BASE}", "every stage builds on the one base a build may replace"
     runtime = stages[-1]
     users = [ln.split()[1] for ln in runtime if ln.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
@@ -368,6 +442,26 @@ def test_dockerfiles_are_multi_stage_pinned_unprivileged_and_install_one_extra(r
     assert "download.pytorch.org/whl/cpu" in text and "torch==2.11.0" in text
     assert "-c constraints.txt" in text and "constraints.txt" in text.split("COPY pyproject.toml", 1)[1].split("\n")[0]
     assert "pip install" not in "\n".join(runtime), "the runtime stage installs nothing itself"
+    # An air-gapped build: every install takes the wheelhouse options and sees the wheelhouse.
+    installs = [ln for ln in text.splitlines() if "pip install" in ln]
+    assert len(installs) == 2 and all("${PIP_ARGS}" in ln and "--mount=type=bind,source=deploy/wheels" in ln
+                                      for ln in installs), installs
+    assert (REPO / "deploy" / "wheels" / "README.md").is_file()
+
+
+def test_compose_build_arguments_default_to_the_dockerfiles_own(compose):
+    # Prepare: the build arguments as compose reads them with no FEDSER_* variable set.
+    doc = compose.load_compose([BASE], {})
+
+    # Assert: a plain `docker compose up --build` builds exactly what `docker build` builds.
+    for name, svc in doc["services"].items():
+        text = (REPO / svc["build"]["dockerfile"]).read_text()
+        defaults = {m.group(1): m.group(2).strip('"') for m in re.finditer(r"^ARG (\w+)=(.*)$", text, re.M)}
+        assert svc["build"]["args"] == defaults, name
+    air_gapped = compose.load_compose([BASE], {"FEDSER_BASE_IMAGE": "localhost/base:1", "FEDSER_TORCH_INDEX": "",
+                                               "FEDSER_PIP_ARGS": "--no-index --find-links /wheels"})
+    assert air_gapped["services"]["client-1"]["build"]["args"] == {
+        "BASE": "localhost/base:1", "PIP_ARGS": "--no-index --find-links /wheels", "TORCH_INDEX": ""}
 
 
 def test_dockerignore_keeps_the_build_context_small():

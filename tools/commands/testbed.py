@@ -250,6 +250,9 @@ def up(args) -> int:
     files = bed.compose_files(testbed, args.dev)
     env = {**os.environ, **bed.compose_env(testbed, args.rounds, min_clients, args.local_epochs)}
     engine = bed.choose_engine(files, testbed, args.runner)
+    problems = bed.preflight(files, env, testbed, check_ports=engine.publishes_ports)
+    if problems:
+        raise ConfigError("the test bed cannot start: " + "; ".join(problems))
     print(" ".join(engine.argv), flush=True)
     code = bed.run_until_done(engine.argv, env)
     run_dir = testbed / "run"
