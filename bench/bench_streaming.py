@@ -159,9 +159,9 @@ def per_clip(runtime, stream: Stream, sr: int) -> list[tuple[bool, float]]:
 
 
 def run_listener(runtime, wave: np.ndarray, cfg: ListenConfig) -> tuple[list, float, float]:
-    """Keyword events, wall seconds and CPU seconds for one stream, fed in 100 ms chunks."""
+    """Keyword events, wall seconds and CPU seconds for one stream, fed in chunks of one hop."""
     listener = Listener(runtime, cfg, notice=lambda s: None)
-    chunk = runtime.spec.sample_rate // 10
+    chunk = listener.hop
     events = []
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, wave.size, chunk):
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{len({u.speaker for u in utts})} speakers not seen in training; {n_words} command words per "
                    f"SNR plus {UNKNOWN_SHARE:.0%} non-keywords, words at {WORD_DBFS:.0f} dBFS, gaps "
                    f"{GAP[0]}-{GAP[1]} s, noise beds from {', '.join(noises)}; threshold {cfg.threshold}, "
-                   f"refractory {cfg.refractory_s} s, smoothing {cfg.smooth_s} s, hop {cfg.hop_s} s.")
+                   f"refractory {cfg.refractory_s} s, smoothing {cfg.smooth_s} s, hop {cfg.hop_s} s, "
+                   f"{cfg.vad.kind} VAD unless the mode says otherwise.")
 
         def clip(u) -> np.ndarray:
             return trim(audio.load(u.path, sample_rate=sr, max_seconds=2.0), sr)
@@ -301,12 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         noise_s = sum(n.size for _, n in noise_streams) / sr
 
         clips = {i: per_clip(bundle_rt, st, sr) for i, st in enumerate(streams)}
-        modes = ["window"] + (["state", "carry"] if enc == "crnn" else [])
+        # The default (window, Silero VAD), the energy VAD beside it, crnn's recurrent modes.
+        settings = [("window", "silero"), ("window", "energy")] + ([("state", "silero"), ("carry", "silero")]
+                                                                   if enc == "crnn" else [])
         rows, rtf_rows = [], []
         done: dict[tuple[str, float], dict] = {}
-        for mode in modes:
-            r = done[mode, cfg.threshold] = evaluate(bundle_rt, streams, noise_streams, replace(cfg, recurrent=mode),
-                                                     clips)
+        for recurrent, vad in settings:
+            mode = f"{recurrent}, {vad} VAD"
+            r = evaluate(bundle_rt, streams, noise_streams,
+                         replace(cfg, recurrent=recurrent, vad=replace(cfg.vad, kind=vad)), clips)
+            if vad == cfg.vad.kind:
+                done[recurrent, cfg.threshold] = r
             for snr, a in r["snr"].items():
                 lat = np.array(a["latency"] or [np.nan])
                 rows.append([mode, f"{snr:.0f} dB", a["commands"], pct(a["clip_ok"], a["commands"]),
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"Threshold {cfg.threshold}. Per-clip accuracy: top-1 of the 1 s of the same stream centred on "
                    f"the word; 'p >= threshold': top-1 right and at least as confident as a detection must be.")
         report.add("")
-        report.add(md_table(["mode", "SNR", "command words", "per-clip accuracy", "per-clip, p >= threshold",
+        report.add(md_table(["mode / VAD", "SNR", "command words", "per-clip accuracy", "per-clip, p >= threshold",
                              "streaming detection", "detection - per-clip (points)", "wrong keyword",
                              "false alarms / h", "latency median (s)", "latency p90 (s)"], rows))
         sweep = []
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                           pct(tot["hits"], tot["commands"]), pct(tot["subs"], tot["commands"]),
                           f"{tot['false_alarms'] / speech_h:.0f}", f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f}"])
         report.add("")
-        report.add("Threshold sweep (window mode, all SNRs):")
+        report.add(f"Threshold sweep (window mode, {cfg.vad.kind} VAD, all SNRs):")
         report.add("")
         report.add(md_table(["threshold", "per-clip accuracy", "per-clip, p >= threshold", "streaming detection",
                              "wrong keyword", "false alarms / h (speech streams)", "false alarms / h (noise only)"],
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{sum(w for w, _ in timing) / sample_s:.4f}"])
         report.add("")
         report.add("Real-time factor of the whole listener (processing time / audio time; 1 torch / ONNX Runtime "
-                   "thread; streams fed in 100 ms chunks; target <= 0.05). CPU time is what the listener needs of "
+                   f"thread; streams fed in {cfg.hop_s * 1000:.0f} ms chunks; target <= 0.05). CPU time is what the listener needs of "
                    "one core; wall time also counts waiting for a core on this shared machine:")
         report.add("")
         report.add(md_table(["model", "audio (s)", "real-time factor (CPU)", "real-time factor (wall)"], rtf_rows))

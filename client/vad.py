@@ -1,18 +1,26 @@
-"""Energy voice-activity detection with an adaptive noise floor, for streams.
+"""Voice-activity detection for streams: Silero's neural VAD (default) or an energy detector.
 
-``EnergyVAD`` cuts a stream into short frames (20 ms), measures each frame's energy
-in dB (after a DC-blocking high-pass, so a DC offset reads as silence) and compares
-it with a running estimate of the noise floor:
+Both cut a stream into short frames, decide per frame whether it is voiced, and turn the
+decisions into segments the same way (``Segmenter``): a segment opens after ``onset_s`` of
+voiced frames, closes ``hangover_s`` after the last one, or is cut at ``max_segment_s`` so a
+stream of loud noise still yields segment ends (where recurrent state is reset).
+
+``SileroVAD`` (the default, ``kind="silero"``) asks Silero VAD (the ``silero-vad`` wheel ships
+the model; MIT) for the speech probability of each 32 ms frame at 16 kHz, carrying the
+network's recurrent state across frames. A frame is voiced at ``speech_threshold`` and, inside
+a segment, down to 0.15 below it (Silero's own hysteresis). It tells speech from loud
+non-speech: running water, a dish rack, music.
+
+``EnergyVAD`` (``kind="energy"``, no model) measures each frame's energy in dB (after a
+DC-blocking high-pass, so a DC offset reads as silence) and compares it with a running
+estimate of the noise floor:
 
 - the floor is the minimum, over the last ``floor_window_s`` seconds, of the frame
   power smoothed over about ``smooth_s`` (minimum statistics): it follows a change of
   background noise within that window, speech (which always has quieter moments
   between syllables) does not lift it far, and one odd quiet frame does not pin it;
 - a frame is voiced when it is ``threshold_db`` above the floor and above an absolute
-  level (``min_level_db``, dB re full scale) under which nothing counts as speech;
-- a segment opens after ``onset_s`` of voiced frames and closes ``hangover_s`` after
-  the last one, or is cut at ``max_segment_s`` so a stream of loud noise still yields
-  segment ends (where recurrent state is reset).
+  level (``min_level_db``, dB re full scale) under which nothing counts as speech.
 
 Everything is causal and kept across ``process`` calls, so a stream can be fed in
 chunks of any size. The same samples fed in different chunkings give the same result.
@@ -28,12 +36,24 @@ from scipy.signal import lfilter
 from fedser.common.errors import ConfigError, collect
 
 LEVEL_EPS = 1e-10  # -100 dB: digital silence
+VAD_KINDS = ("silero", "energy")
+SILERO_RATES = {16000: 512, 8000: 256}   # the frame Silero VAD takes at each rate (32 ms)
+SILERO_HYSTERESIS = 0.15                 # a segment stays open down to this much below the threshold
+SILERO_PACKAGE = "silero-vad"
+SILERO_MODEL = "silero_vad.onnx"         # the wheel's 16/8 kHz model (data folder of silero_vad)
 
 
 @dataclass(frozen=True)
 class VADConfig:
-    """Settings of ``EnergyVAD`` (times in seconds, levels in dB)."""
+    """Settings of the VAD (times in seconds, levels in dB).
 
+    ``kind`` picks the detector; ``speech_threshold`` is Silero's, ``frame_s`` and the level
+    settings are the energy detector's; the segment settings (``onset_s``, ``hangover_s``,
+    ``max_segment_s``) are both's.
+    """
+
+    kind: str = "silero"
+    speech_threshold: float = 0.5
     frame_s: float = 0.02
     threshold_db: float = 6.0
     min_level_db: float = -60.0
@@ -52,6 +72,11 @@ class VADConfig:
                 problems.append(f"{name}: expected > 0; got {getattr(self, name)!r}")
         if not self.hangover_s >= 0:
             problems.append(f"hangover_s: expected >= 0; got {self.hangover_s!r}")
+        if self.kind not in VAD_KINDS:
+            problems.append(f"kind: expected one of {', '.join(VAD_KINDS)}; got {self.kind!r}")
+        if not SILERO_HYSTERESIS < self.speech_threshold < 1:
+            problems.append(f"speech_threshold: expected a probability in ({SILERO_HYSTERESIS}, 1); "
+                            f"got {self.speech_threshold!r}")
         collect(problems, ConfigError, "VADConfig")
 
 
@@ -67,36 +92,28 @@ class Segment:
         return self.end - self.start
 
 
-class EnergyVAD:
-    """Causal energy VAD over a mono stream at ``sample_rate``.
+class Segmenter:
+    """Causal segments from per-frame voice decisions over a mono stream at ``sample_rate``.
 
     ``process(samples)`` consumes any number of samples and returns the segments that
     closed during them. ``active``, ``segment_start`` and ``last_voiced`` describe the
-    segment in progress; ``flush()`` closes it at the end of the stream.
+    segment in progress; ``flush()`` closes it at the end of the stream. Subclasses say how
+    long a frame is (``frame_samples``) and whether it is voiced (``_voiced``).
     """
 
-    def __init__(self, sample_rate: int, config: VADConfig | None = None):
+    def __init__(self, sample_rate: int, frame_samples: int, config: VADConfig):
         self.sr = int(sample_rate)
-        self.cfg = config or VADConfig()
-        c = self.cfg
-        self.frame = max(1, int(round(c.frame_s * self.sr)))
+        self.cfg = c = config
+        self.frame = max(1, int(frame_samples))
         self.frame_s = self.frame / self.sr
         self.onset_frames = max(1, int(round(c.onset_s / self.frame_s)))
         self.hang_frames = int(round(c.hangover_s / self.frame_s))
         self.max_frames = max(1, int(round(c.max_segment_s / self.frame_s)))
-        self.floor_frames = max(1, int(round(c.floor_window_s / self.frame_s)))
-        self.alpha = float(np.exp(-self.frame_s / c.smooth_s))  # one-pole power smoothing per frame
-        # One-pole DC blocker y[n] = x[n] - x[n-1] + r y[n-1].
-        r = float(np.exp(-2 * np.pi * c.dc_cutoff_hz / self.sr))
-        self._b, self._a = np.array([1.0, -1.0]), np.array([1.0, -r])
         self.reset()
 
     def reset(self) -> None:
-        self._zi = np.zeros(1)
         self._pending = np.zeros(0, dtype=np.float32)
         self.frames = 0                    # frames consumed
-        self._levels: deque[float] = deque(maxlen=self.floor_frames)  # smoothed frame levels (dB)
-        self._smooth_power: float | None = None
         self.run = 0                       # consecutive voiced frames
         self.silent = 0                    # unvoiced frames since the last voiced one (in a segment)
         self.active = False
@@ -105,21 +122,22 @@ class EnergyVAD:
         self.last_voiced: float | None = None  # end time of the last voiced frame
 
     @property
-    def floor_db(self) -> float:
-        """Current noise floor (dB re full scale): the quietest smoothed level in the floor window."""
-        return min(self._levels) if self._levels else 10 * np.log10(LEVEL_EPS)
-
-    @property
     def time(self) -> float:
         """Seconds of the stream consumed so far (whole frames)."""
         return self.frames * self.frame_s
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        """The samples the frames are cut from (a causal filter may keep state here)."""
+        return x.astype(np.float32)
+
+    def _voiced(self, frame: np.ndarray) -> bool:
+        raise NotImplementedError
 
     def process(self, samples: np.ndarray) -> list[Segment]:
         """Feed ``(n,)`` samples; return the segments that ended within them."""
         x = np.asarray(samples, dtype=np.float64).reshape(-1)
         if x.size:
-            y, self._zi = lfilter(self._b, self._a, x, zi=self._zi)
-            self._pending = np.concatenate([self._pending, y.astype(np.float32)])
+            self._pending = np.concatenate([self._pending, self._prepare(x)])
         closed = []
         n = self._pending.size // self.frame
         for i in range(n):
@@ -130,13 +148,7 @@ class EnergyVAD:
         return closed
 
     def _step(self, frame: np.ndarray) -> Segment | None:
-        c = self.cfg
-        power = float(np.mean(np.square(frame, dtype=np.float64)))
-        e = float(10.0 * np.log10(power + LEVEL_EPS))
-        self._smooth_power = power if self._smooth_power is None else (
-            self.alpha * self._smooth_power + (1 - self.alpha) * power)
-        self._levels.append(float(10.0 * np.log10(self._smooth_power + LEVEL_EPS)))
-        voiced = e > self.floor_db + c.threshold_db and e > c.min_level_db
+        voiced = self._voiced(frame)
         self.frames += 1
         t_end = self.time
         closed = None
@@ -170,3 +182,99 @@ class EnergyVAD:
     def flush(self) -> list[Segment]:
         """End of stream: close the segment in progress, if any."""
         return [self._close()] if self.active and self.last_voiced is not None else []
+
+
+class EnergyVAD(Segmenter):
+    """Energy against an adaptive noise floor (module docstring), 20 ms frames by default."""
+
+    def __init__(self, sample_rate: int, config: VADConfig | None = None):
+        c = config or VADConfig(kind="energy")
+        frame = max(1, int(round(c.frame_s * sample_rate)))
+        self.floor_frames = max(1, int(round(c.floor_window_s / (frame / sample_rate))))
+        self.alpha = float(np.exp(-(frame / sample_rate) / c.smooth_s))  # one-pole power smoothing per frame
+        # One-pole DC blocker y[n] = x[n] - x[n-1] + r y[n-1].
+        r = float(np.exp(-2 * np.pi * c.dc_cutoff_hz / sample_rate))
+        self._b, self._a = np.array([1.0, -1.0]), np.array([1.0, -r])
+        super().__init__(sample_rate, frame, c)
+
+    def reset(self) -> None:
+        super().reset()
+        self._zi = np.zeros(1)
+        self._levels: deque[float] = deque(maxlen=self.floor_frames)  # smoothed frame levels (dB)
+        self._smooth_power: float | None = None
+
+    @property
+    def floor_db(self) -> float:
+        """Current noise floor (dB re full scale): the quietest smoothed level in the floor window."""
+        return min(self._levels) if self._levels else 10 * np.log10(LEVEL_EPS)
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        y, self._zi = lfilter(self._b, self._a, x, zi=self._zi)
+        return y.astype(np.float32)
+
+    def _voiced(self, frame: np.ndarray) -> bool:
+        c = self.cfg
+        power = float(np.mean(np.square(frame, dtype=np.float64)))
+        e = float(10.0 * np.log10(power + LEVEL_EPS))
+        self._smooth_power = power if self._smooth_power is None else (
+            self.alpha * self._smooth_power + (1 - self.alpha) * power)
+        self._levels.append(float(10.0 * np.log10(self._smooth_power + LEVEL_EPS)))
+        return e > self.floor_db + c.threshold_db and e > c.min_level_db
+
+
+def load_silero_model():
+    """Silero VAD's ONNX model from the ``silero-vad`` wheel, under ONNX Runtime (one thread).
+
+    ``ConfigError`` naming the package when it is not installed or its model file is missing
+    or unreadable.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        # Importing silero_vad sets torch's thread count to 1 for the whole process: undone here.
+        from silero_vad.utils_vad import OnnxWrapper
+    except ImportError as err:
+        raise ConfigError(f"the neural VAD needs the {SILERO_PACKAGE} package ({err}): pip install "
+                          f"'fedser[client]', or choose the energy VAD") from None
+    finally:
+        torch.set_num_threads(threads)
+    from importlib import resources
+
+    path = resources.files("silero_vad.data").joinpath(SILERO_MODEL)
+    try:
+        return OnnxWrapper(str(path), force_onnx_cpu=True)
+    except Exception as err:   # onnxruntime raises its own exception types for a missing or corrupt file
+        raise ConfigError(f"Silero VAD's model {path} cannot be loaded ({type(err).__name__}: {err}): reinstall "
+                          f"it with pip install --force-reinstall {SILERO_PACKAGE}") from None
+
+
+class SileroVAD(Segmenter):
+    """Silero VAD's speech probability per 32 ms frame (module docstring); 16 or 8 kHz."""
+
+    def __init__(self, sample_rate: int, config: VADConfig | None = None, model=None):
+        if int(sample_rate) not in SILERO_RATES:
+            raise ConfigError(f"Silero VAD runs at {' or '.join(map(str, SILERO_RATES))} Hz, not {sample_rate}: "
+                              "resample the stream, or choose the energy VAD")
+        self.model = model if model is not None else load_silero_model()
+        self.probability = 0.0          # of the latest frame
+        super().__init__(sample_rate, SILERO_RATES[int(sample_rate)], config or VADConfig())
+
+    def reset(self) -> None:
+        super().reset()
+        self.model.reset_states()
+        self.probability = 0.0
+
+    def _voiced(self, frame: np.ndarray) -> bool:
+        import torch
+
+        with torch.no_grad():
+            self.probability = float(self.model(torch.from_numpy(np.ascontiguousarray(frame)), self.sr))
+        threshold = self.cfg.speech_threshold
+        return self.probability >= (threshold - SILERO_HYSTERESIS if self.active else threshold)
+
+
+def make_vad(sample_rate: int, config: VADConfig | None = None) -> Segmenter:
+    """The VAD ``config.kind`` names (Silero's by default)."""
+    config = config or VADConfig()
+    return SileroVAD(sample_rate, config) if config.kind == "silero" else EnergyVAD(sample_rate, config)

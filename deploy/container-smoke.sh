@@ -202,6 +202,11 @@ for role in server client; do
   size=$(podman image inspect -f '{{.Size}}' fedser-$role:0.1.0)
   printf 'fedser-%s:0.1.0  %s MB  built in %ss\n' "$role" "$(( size / 1000000 ))" "${BUILD_S[$role]}"
 done
+# Where the size goes: PyPI's torch for x86-64 is the CUDA build; PyTorch's CPU index (the
+# Dockerfiles' default where it is reachable) has neither the nvidia libraries nor triton.
+podman run --rm --entrypoint sh fedser-client:0.1.0 -c \
+  'cd /opt/venv/lib/python3.11/site-packages && du -sm torch nvidia triton onnxruntime opensmile 2>/dev/null; du -sm /opt/venv' \
+  2>/dev/null | awk '{printf "  %-60s %6s MB\n", $2, $1}'
 printf 'base %s; federation: %s rounds with a server restart, %ss from compose up\n' "$BASE_IMAGE" "$ROUNDS" "${RUN_S:-?}"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 if (( FAILED )); then echo "RESULT: FAILED"; exit 1; fi

@@ -14,6 +14,7 @@ from typing import BinaryIO, TextIO
 import torch
 
 from fedser.client.runtime import open_model
+from fedser.client.vad import VAD_KINDS, VADConfig
 from fedser.common.errors import ConfigError
 
 from .listener import RECURRENT_MODES, Event, ListenConfig, Listener, to_stderr
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="window (default): re-run the whole window each hop; crnn bundles only: state = carry "
                         "the GRU state within voiced segments, reset at their end; carry = never reset (only "
                         "to measure what the reset is worth)")
+    p.add_argument("--vad", choices=VAD_KINDS, default=VADConfig().kind,
+                   help="voice-activity detector: Silero's neural VAD (default), or energy over a noise floor")
     p.add_argument("--no-emotion", action="store_true", help="do not classify the emotion of segments")
     p.add_argument("--no-keywords", action="store_true", help="do not spot keywords")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: TextIO 
     to_stderr(f"model: {runtime.describe()}")
     cfg = ListenConfig(hop_s=args.hop, threshold=args.threshold, refractory_s=args.refractory,
                        smooth_s=args.smooth, keywords=not args.no_keywords, emotion=not args.no_emotion,
-                       recurrent=args.recurrent)
+                       recurrent=args.recurrent, vad=VADConfig(kind=args.vad))
     sr = runtime.spec.sample_rate
     if args.mic:
         chunks = mic_chunks(sr, block_s=cfg.hop_s, device=args.device)

@@ -1,10 +1,12 @@
 """On-device streaming inference: keywords as they are spoken, the emotion of each utterance.
 
-A ``Listener`` consumes a 16 kHz mono stream in hops (100 ms by default):
+A ``Listener`` consumes a 16 kHz mono stream in hops (80 ms by default: the step of the
+speech embedding the default model reads):
 
 1. Conditioning: NaN/Inf samples become 0 (with a notice) and a one-pole high-pass at
    ``dc_cutoff_hz`` removes any DC offset, so neither reaches the model or the VAD.
-2. Voice activity: ``EnergyVAD`` (adaptive noise floor) opens and closes voiced segments.
+2. Voice activity: Silero's neural VAD (``fedser.client.vad``; or the energy detector,
+   ``vad.kind="energy"``) opens and closes voiced segments.
 3. Keywords: while voice was heard in the last ``voice_recent_s`` (the newer half of
    the window; scoring starts once the stream has filled one window), the keyword head
    scores the window, the last KWS clip length (1 s) of audio. Windows holding only the
@@ -43,7 +45,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from fedser.client.runtime import Runtime, TorchRuntime
-from fedser.client.vad import EnergyVAD, Segment, VADConfig
+from fedser.client.vad import Segment, VADConfig, make_vad
 from fedser.common.errors import ConfigError, collect
 from fedser.common.features import fit_length
 from fedser.common.taxonomy import SILENCE, UNKNOWN
@@ -110,7 +112,7 @@ class ListenConfig:
     steps). ``threshold`` is the smoothed keyword probability needed to report it.
     """
 
-    hop_s: float = 0.1
+    hop_s: float = 0.08
     threshold: float = 0.5
     refractory_s: float = 0.8
     smooth_s: float = 0.1
@@ -171,7 +173,7 @@ class Listener:
             unit *= RecurrentKWS.frames_per_step(runtime.pipeline.model.encoder)
         self.hop = max(unit, int(round(cfg.hop_s * self.sr / unit)) * unit)
         self.recurrent = RecurrentKWS(runtime, self.hop) if self.mode in ("state", "carry") else None
-        self.vad = EnergyVAD(self.sr, cfg.vad)
+        self.vad = make_vad(self.sr, cfg.vad)
         self.classes = runtime.classes["kws"]
         self.keyword_idx = np.array([i for i, c in enumerate(self.classes) if c not in NOT_KEYWORDS])
         self.n_smooth = max(1, int(round(cfg.smooth_s * self.sr / self.hop)))

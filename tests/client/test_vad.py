@@ -1,8 +1,16 @@
-"""Energy VAD: segments where the voice is, nothing in silence, DC or steady noise."""
+"""Voice-activity detection: segments where the voice is, nothing in silence, DC or noise.
+
+The energy detector is checked on synthetic voiced-like bursts; Silero's neural VAD (the
+default) on synthesized speech, where it must also ignore those bursts and loud noise.
+"""
+import sys
+
 import numpy as np
 import pytest
+import soundfile as sf
 
-from fedser.client.vad import EnergyVAD, VADConfig
+from fedser.client import vad as vad_module
+from fedser.client.vad import EnergyVAD, SileroVAD, VADConfig, make_vad
 from fedser.common.errors import ConfigError
 
 SR = 16000
@@ -86,3 +94,76 @@ def test_chunking_does_not_change_the_result():
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="hangover_s"):
         VADConfig(hangover_s=-1)
+
+
+def test_silero_settings_are_named():
+    with pytest.raises(ConfigError, match="kind") as err:
+        VADConfig(kind="webrtc", speech_threshold=1.5)
+    assert "speech_threshold" in str(err.value)
+    with pytest.raises(ConfigError, match="16000 or 8000 Hz, not 44100"):
+        SileroVAD(44100)
+
+
+# --------------------------------------------------------------------------- Silero VAD
+
+
+@pytest.fixture(scope="module")
+def spoken(tiny_corpus):
+    """Two synthesized sentences in a quiet noise bed, 1 s apart: (wave, spoken intervals)."""
+    clips = sorted((tiny_corpus / "emotion").rglob("*.wav"))[:2]
+    wave, truth = [noise(1.0)], []
+    t = 1.0
+    for i, path in enumerate(clips):
+        x, sr = sf.read(path, dtype="float32")
+        assert sr == SR
+        wave += [x + noise(x.size / SR + 1.0, seed=i + 1)[:x.size], noise(1.0, seed=i + 5)]
+        truth.append((t, t + x.size / SR))
+        t += x.size / SR + 1.0
+    return np.concatenate(wave), truth
+
+
+def _overlaps(seg, interval) -> bool:
+    return seg.start < interval[1] and seg.end > interval[0]
+
+
+def test_default_vad_is_silero_and_finds_each_sentence(spoken):
+    wave, truth = spoken
+    vad = make_vad(SR)
+    segs = run(vad, wave)
+    assert isinstance(vad, SileroVAD) and vad.frame == 512
+    # Every segment lies on speech, and every sentence is covered by segments for most of its length.
+    assert segs and all(any(_overlaps(s, iv) for iv in truth) for s in segs), (segs, truth)
+    for start, end in truth:
+        covered = sum(max(0.0, min(s.end, end) - max(s.start, start)) for s in segs)
+        assert covered >= 0.6 * (end - start), (segs, truth)
+
+
+def test_silero_ignores_what_only_sounds_loud(spoken):
+    # An appliance's beeps and a burst of loud noise open segments in the energy detector, not in Silero's.
+    t = np.arange(int(0.4 * SR)) / SR
+    beep = (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    beeps = np.concatenate([noise(1.0)] + [np.concatenate([beep, noise(0.6, seed=k)]) for k in range(4)])
+    loud = np.concatenate([noise(1.0), noise(3.0, -20.0, seed=3), noise(1.0)])
+    assert run(EnergyVAD(SR), beeps) and run(EnergyVAD(SR), loud)
+    assert run(SileroVAD(SR), beeps) == []
+    assert run(SileroVAD(SR), loud) == []
+    assert run(SileroVAD(SR), np.zeros(3 * SR, dtype=np.float32)) == []
+
+
+def test_silero_chunking_and_reset_do_not_change_the_result(spoken):
+    wave, _ = spoken
+    vad = SileroVAD(SR)
+    a = run(vad, wave, chunk=1280)
+    vad.reset()
+    b = run(vad, wave, chunk=777)
+    assert a == b and a
+
+
+def test_a_missing_silero_package_or_model_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "silero_vad.utils_vad", None)    # as if not installed
+    with pytest.raises(ConfigError, match="needs the silero-vad package"):
+        SileroVAD(SR)
+    monkeypatch.undo()
+    monkeypatch.setattr(vad_module, "SILERO_MODEL", "missing.onnx")   # a wheel that lost its model
+    with pytest.raises(ConfigError, match="cannot be loaded .*reinstall it with pip install --force-reinstall silero-vad"):
+        SileroVAD(SR)
