@@ -15,7 +15,7 @@
 # Settings (environment):
 #   SMOKE_DIR      work folder: root file system, test bed, logs       (default /var/tmp/fedser-smoke)
 #   BASE_IMAGE     a base to use instead of the debootstrapped one, e.g. python:3.11.11-slim-bookworm
-#   COMPOSE        the compose command                                 (default: podman compose, else podman-compose)
+#   COMPOSE        the compose command   (default: podman compose, else podman-compose on PATH or in .venv)
 #   FEDSER         the workstation command for `fedser testbed prepare` (default: fedser on PATH, else .venv/bin/fedser)
 #   PYTHON         a host Python 3.11 with pip, for `pip download`     (default: python3)
 #   DEBIAN_MIRROR  (default http://deb.debian.org/debian)
@@ -56,6 +56,7 @@ command -v podman >/dev/null || die "podman is not installed (apt-get install po
 if [[ -z ${COMPOSE:-} ]]; then
   if podman compose version >/dev/null 2>&1; then COMPOSE="podman compose"
   elif command -v podman-compose >/dev/null; then COMPOSE=podman-compose
+  elif [[ -x .venv/bin/podman-compose ]]; then COMPOSE=$PWD/.venv/bin/podman-compose
   else die "no compose engine: pip install podman-compose (or podman >= 4.7 with a compose provider)"; fi
 fi
 if [[ -z ${FEDSER:-} ]]; then
@@ -162,7 +163,10 @@ if [[ -f $BED/run/metrics.json ]]; then
 import json, sys
 rows = json.load(open(sys.argv[1]))["rounds"]
 for r in rows:
-    print("round", r["round"], {k: v for k, v in r.items() if k != "round" and not isinstance(v, (dict, list))})
+    print(f"round {r['round']}: {r['clients-used']} of {r['clients-sampled']} devices used, "
+          f"{r['clients-rejected']} rejected; KWS accuracy {r['kws-accuracy']:.3f}, emotion UAR "
+          f"{r['emotion-uar']:.3f} (held-out speakers); max device epsilon {r['max-device-epsilon']:.2f}; "
+          f"{r['seconds']:.0f} s")
 EOF
 else
   fail "no metrics.json in the run volume"

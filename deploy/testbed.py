@@ -45,6 +45,7 @@ class Engine:
     argv: list[str]
     logs: str
     publishes_ports: bool = True    # the namespace runner publishes nothing on the host
+    build: list[str] | None = None  # run first: builds each image once
 
 
 # ---------------------------------------------------------------- compose files
@@ -171,14 +172,33 @@ def preflight(files: list[Path], env: dict[str, str], testbed: Path, check_ports
 # ---------------------------------------------------------------- the engine
 
 def docker_compose() -> list[str] | None:
-    """The argv prefix of an installed compose engine that answers ``version``, or None."""
+    """The argv prefix of an installed compose engine that answers ``version``, or None.
+
+    Looked for on ``PATH`` and beside this Python (``pip install podman-compose`` into the
+    environment fedser runs from puts it there, which ``sudo`` often leaves off ``PATH``).
+    """
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), str(Path(sys.executable).parent)])
     for argv in (["docker", "compose"], ["docker-compose"], ["podman-compose"]):
-        if shutil.which(argv[0]) is None:
+        found = shutil.which(argv[0], path=search)
+        if found is None:
             continue
+        argv = [found, *argv[1:]]
         done = subprocess.run([*argv, "version"], capture_output=True, text=True)
         if done.returncode == 0:
             return argv
     return None
+
+
+def image_builders(files: list[Path]) -> list[str]:
+    """One service per image the project builds (the first that names it), in file order."""
+    import yaml
+
+    seen: dict[str, str] = {}
+    for f in files:
+        for name, svc in ((yaml.safe_load(Path(f).read_text()) or {}).get("services") or {}).items():
+            if (svc or {}).get("build") and svc.get("image") and svc["image"] not in seen:
+                seen[svc["image"]] = name
+    return list(seen.values())
 
 
 def choose_engine(files: list[Path], testbed: Path, runner: str = "auto") -> Engine:
@@ -189,8 +209,10 @@ def choose_engine(files: list[Path], testbed: Path, runner: str = "auto") -> Eng
     compose = docker_compose() if runner in ("auto", "docker") else None
     file_args = sum((["-f", str(f)] for f in files), [])
     if compose is not None:
-        return Engine([*compose, *file_args, "up", "--build", "--abort-on-container-exit", "--exit-code-from",
-                       "serverapp"], "docker compose logs")
+        # `up --build` builds every service that has a build section, and podman-compose builds them
+        # all at once: five builds of two images, each several GB. Built first, once per image.
+        return Engine([*compose, *file_args, "up", "--abort-on-container-exit", "--exit-code-from", "serverapp"],
+                      "docker compose logs", build=[*compose, *file_args, "build", *image_builders(files)])
     if runner == "docker":
         raise ConfigError("docker compose is not installed here; use --runner netns (as root) or install Docker")
     if os.geteuid() != 0:

@@ -389,6 +389,47 @@ def test_up_refuses_a_bed_that_cannot_start_before_any_container(fresh_bed, depl
     assert all(f"service {name}: secret ca.pem is missing" in err for name in SERVICES), err
 
 
+def test_up_builds_each_image_once_before_the_project_and_stops_when_it_fails(fresh_bed, deploy_testbed,
+                                                                            monkeypatch, capsys):
+    # Prepare: a compose engine whose build fails.
+    from fedser.tools.cli import main
+
+    calls = []
+    monkeypatch.setattr(deploy_testbed, "docker_compose", lambda: ["podman-compose"])
+    monkeypatch.setattr(deploy_testbed, "run_until_done", lambda argv, env: calls.append(argv) or 1)
+    monkeypatch.setenv("FEDSER_FLEET_PORT", str(_free_port()))
+
+    # Execute
+    code = main(["testbed", "up", "--testbed", str(fresh_bed), "--rounds", "1", "--deploy-dir", str(DEPLOY)])
+
+    # Assert: the build ran alone; the project was never brought up.
+    assert code != 0 and "building the images failed (exit 1)" in capsys.readouterr().err
+    assert len(calls) == 1 and calls[0][0] == "podman-compose" and calls[0][-3:] == ["build", "superlink", "client-1"]
+
+
+def test_podman_compose_is_found_beside_this_python(deploy_testbed, tmp_path, monkeypatch):
+    # Prepare: no engine on PATH; podman-compose installed into the environment fedser runs from.
+    env_bin, empty = tmp_path / "venv-bin", tmp_path / "empty"
+    env_bin.mkdir()
+    empty.mkdir()
+    tool = env_bin / "podman-compose"
+    tool.write_text("#!/bin/sh\n[ \"$1\" = version ] && echo 'podman-compose version 1.6.0'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(sys, "executable", str(env_bin / "python"))
+
+    # Execute
+    found = deploy_testbed.docker_compose()
+    engine = deploy_testbed.choose_engine([BASE], tmp_path, "docker")
+
+    # Assert
+    assert found == [str(tool)]
+    assert engine.argv[:4] == [str(tool), "-f", str(BASE), "up"] and "--build" not in engine.argv
+    assert engine.publishes_ports
+    # Each image is built once, first (not once per service, all at the same time).
+    assert engine.build == [str(tool), "-f", str(BASE), "build", "superlink", "client-1"]
+
+
 def test_netns_runner_script_prints_the_merged_project(tmp_path):
     # Execute: the script's own entry point, as the docs run it (its modules import each other from deploy/).
     done = subprocess.run([sys.executable, str(DEPLOY / "netns_runner.py"), "config", "-f", str(BASE), "-f", str(DEV)],
