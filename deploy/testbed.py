@@ -45,7 +45,7 @@ class Engine:
     argv: list[str]
     logs: str
     publishes_ports: bool = True    # the namespace runner publishes nothing on the host
-    build: list[str] | None = None  # run first: builds each image once
+    builds: tuple[list[str], ...] = ()   # run first, one after another: each image built once
 
 
 # ---------------------------------------------------------------- compose files
@@ -210,9 +210,11 @@ def choose_engine(files: list[Path], testbed: Path, runner: str = "auto") -> Eng
     file_args = sum((["-f", str(f)] for f in files), [])
     if compose is not None:
         # `up --build` builds every service that has a build section, and podman-compose builds them
-        # all at once: five builds of two images, each several GB. Built first, once per image.
+        # all at once: five builds of two images of several GB each, more than a small disk holds
+        # while they are committed. Built first, one image at a time.
         return Engine([*compose, *file_args, "up", "--abort-on-container-exit", "--exit-code-from", "serverapp"],
-                      "docker compose logs", build=[*compose, *file_args, "build", *image_builders(files)])
+                      " ".join([Path(compose[0]).name, *compose[1:], "logs"]),
+                      builds=tuple([*compose, *file_args, "build", service] for service in image_builders(files)))
     if runner == "docker":
         raise ConfigError("docker compose is not installed here; use --runner netns (as root) or install Docker")
     if os.geteuid() != 0:

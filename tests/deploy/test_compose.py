@@ -403,8 +403,8 @@ def test_up_builds_each_image_once_before_the_project_and_stops_when_it_fails(fr
     code = main(["testbed", "up", "--testbed", str(fresh_bed), "--rounds", "1", "--deploy-dir", str(DEPLOY)])
 
     # Assert: the build ran alone; the project was never brought up.
-    assert code != 0 and "building the images failed (exit 1)" in capsys.readouterr().err
-    assert len(calls) == 1 and calls[0][0] == "podman-compose" and calls[0][-3:] == ["build", "superlink", "client-1"]
+    assert code != 0 and "building an image failed (exit 1)" in capsys.readouterr().err
+    assert calls == [["podman-compose", "-f", str(DEPLOY / "docker-compose.yml"), "build", "superlink"]]
 
 
 def test_podman_compose_is_found_beside_this_python(deploy_testbed, tmp_path, monkeypatch):
@@ -426,8 +426,9 @@ def test_podman_compose_is_found_beside_this_python(deploy_testbed, tmp_path, mo
     assert found == [str(tool)]
     assert engine.argv[:4] == [str(tool), "-f", str(BASE), "up"] and "--build" not in engine.argv
     assert engine.publishes_ports
-    # Each image is built once, first (not once per service, all at the same time).
-    assert engine.build == [str(tool), "-f", str(BASE), "build", "superlink", "client-1"]
+    # Each image is built once, first, one after the other (not once per service, all at the same time).
+    assert engine.builds == ([str(tool), "-f", str(BASE), "build", "superlink"],
+                             [str(tool), "-f", str(BASE), "build", "client-1"])
 
 
 def test_netns_runner_script_prints_the_merged_project(tmp_path):

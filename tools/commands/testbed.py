@@ -253,11 +253,11 @@ def up(args) -> int:
     problems = bed.preflight(files, env, testbed, check_ports=engine.publishes_ports)
     if problems:
         raise ConfigError("the test bed cannot start: " + "; ".join(problems))
-    if engine.build:
-        print(" ".join(engine.build), flush=True)
-        code = bed.run_until_done(engine.build, env)
+    for build in engine.builds:
+        print(" ".join(build), flush=True)
+        code = bed.run_until_done(build, env)
         if code != 0:
-            raise FedserError(f"building the images failed (exit {code}); the build output is above")
+            raise FedserError(f"building an image failed (exit {code}): {' '.join(build)}; its output is above")
     print(" ".join(engine.argv), flush=True)
     code = bed.run_until_done(engine.argv, env)
     run_dir = testbed / "run"
