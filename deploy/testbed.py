@@ -102,9 +102,13 @@ def compose_files(testbed: Path, dev: bool = False) -> list[Path]:
 
 
 def compose_env(testbed: Path, rounds: int, min_clients: int, local_epochs: int) -> dict[str, str]:
-    """The variables the compose files read (``${FEDSER_...}``), for a run of ``rounds`` rounds."""
+    """The variables the compose files read (``${FEDSER_...}``), for a run of ``rounds`` rounds.
+
+    Also ``BUILDAH_FORMAT=docker``: podman builds OCI images by default, and OCI has no place for
+    the Dockerfiles' ``HEALTHCHECK`` (Docker ignores the variable).
+    """
     env = {"FEDSER_TESTBED": str(testbed), "FEDSER_ROUNDS": str(rounds), "FEDSER_MIN_CLIENTS": str(min_clients),
-           "FEDSER_LOCAL_EPOCHS": str(local_epochs)}
+           "FEDSER_LOCAL_EPOCHS": str(local_epochs), "BUILDAH_FORMAT": "docker"}
     if os.geteuid() != 0:
         # Files prepared by this (unprivileged) user are readable by containers running as it.
         env.update({"FEDSER_UID": str(os.getuid()), "FEDSER_GID": str(os.getgid())})

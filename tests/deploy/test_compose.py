@@ -314,6 +314,7 @@ def test_up_lists_the_bed_files_and_picks_an_engine(deploy_testbed, tmp_path, mo
     with pytest.raises(ConfigError, match="needs root"):
         deploy_testbed.choose_engine(files, tmp_path, "netns")
     assert env["FEDSER_TESTBED"] == str(tmp_path) and env["FEDSER_ROUNDS"] == "2" and env["FEDSER_UID"]
+    assert env["BUILDAH_FORMAT"] == "docker", "podman keeps the images' HEALTHCHECK"
 
 
 @pytest.fixture()

@@ -35,3 +35,20 @@ def test_demo_report_says_whether_held_out_accuracy_rose_round_over_round(tmp_pa
     assert "| kws | 0.700 | 0.700 | 0.500 -> 0.600 -> 0.700 |" in text
     assert "kws rose every round (0.500 to 0.700)" in text
     assert "emotion rose from 0.400 to 0.420, not every round" in text
+
+
+def test_report_of_a_run_without_a_server_test_set_shows_the_devices_evaluation(tmp_path):
+    # A test bed's server has no held-out speakers: the devices' federated evaluation is what there is.
+    import json
+
+    from fedser.tools.commands.demo import report
+
+    rows = [{"round": i + 1, "kws-accuracy": k, "kws-uar": k / 2, "emotion-accuracy": None, "seconds": 1.0}
+            for i, k in enumerate([0.2, 0.4])]
+    (tmp_path / "metrics.json").write_text(json.dumps({"rounds": rows, "summary": {}}))
+
+    text = report(tmp_path)
+
+    assert "evaluated by the devices on utterances they held out (federated evaluation" in text
+    assert "| kws | 0.400 | 0.200 | 0.200 -> 0.400 |" in text and "| emotion |" not in text
+    assert "kws rose every round (0.200 to 0.400)" in text

@@ -118,14 +118,20 @@ def report(out: Path, audit: Path | None = None) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
     rows, summary = metrics["rounds"], metrics["summary"]
     last = rows[-1] if rows else {}
-    lines = ["# fedser demo report", "",
-             f"{len(rows)} rounds; global model evaluated on held-out speakers (server-side).", "",
+    # The server's own evaluation on held-out speakers when the run had one (--eval-data); else the
+    # devices' evaluation of the global model on utterances they held out of their training.
+    server_side = any(key.startswith("server-") and key.endswith("-accuracy") for key in last)
+    prefix = "server-" if server_side else ""
+    where = ("global model evaluated on held-out speakers (server-side)" if server_side else
+             "global model evaluated by the devices on utterances they held out (federated evaluation; "
+             "no server-side test set)")
+    lines = ["# fedser demo report", "", f"{len(rows)} rounds; {where}.", "",
              "| task | accuracy | UAR | accuracy by round |", "|---|---:|---:|---|"]
     trends = []
     for task in ("kws", "emotion"):
-        if f"server-{task}-accuracy" in last:
-            curve = [r[f"server-{task}-accuracy"] for r in rows if r.get(f"server-{task}-accuracy") is not None]
-            lines.append(f"| {task} | {last[f'server-{task}-accuracy']:.3f} | {last[f'server-{task}-uar']:.3f} | "
+        if last.get(f"{prefix}{task}-accuracy") is not None:
+            curve = [r[f"{prefix}{task}-accuracy"] for r in rows if r.get(f"{prefix}{task}-accuracy") is not None]
+            lines.append(f"| {task} | {last[f'{prefix}{task}-accuracy']:.3f} | {last[f'{prefix}{task}-uar']:.3f} | "
                          f"{' -> '.join(f'{a:.3f}' for a in curve)} |")
             trends.append(f"{task} {_trend(curve)}")
     if trends:
