@@ -9,7 +9,7 @@ stream of loud noise still yields segment ends (where recurrent state is reset).
 the model; MIT) for the speech probability of each 32 ms frame at 16 kHz, carrying the
 network's recurrent state across frames. A frame is voiced at ``speech_threshold`` and, inside
 a segment, down to 0.15 below it (Silero's own hysteresis). It tells speech from loud
-non-speech: running water, a dish rack, music.
+non-speech (beeps, noise bursts, running water, dishes) where an energy detector cannot.
 
 ``EnergyVAD`` (``kind="energy"``, no model) measures each frame's energy in dB (after a
 DC-blocking high-pass, so a DC offset reads as silence) and compares it with a running
