@@ -165,7 +165,7 @@ rows = json.load(open(sys.argv[1]))["rounds"]
 for r in rows:
     print(f"round {r['round']}: {r['clients-used']} of {r['clients-sampled']} devices used, "
           f"{r['clients-rejected']} rejected; KWS accuracy {r['kws-accuracy']:.3f}, emotion UAR "
-          f"{r['emotion-uar']:.3f} (held-out speakers); max device epsilon {r['max-device-epsilon']:.2f}; "
+          f"{r['emotion-uar']:.3f} (the devices' held-out utterances); max device epsilon {r['max-device-epsilon']:.2f}; "
           f"{r['seconds']:.0f} s")
 EOF
 else
