@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.signal import lfilter
 
 from fedser.common.errors import ConfigError, collect
@@ -228,8 +229,6 @@ def load_silero_model():
     ``ConfigError`` naming the package when it is not installed or its model file is missing
     or unreadable.
     """
-    import torch
-
     threads = torch.get_num_threads()
     try:
         # Importing silero_vad sets torch's thread count to 1 for the whole process: undone here.
@@ -252,26 +251,22 @@ def load_silero_model():
 class SileroVAD(Segmenter):
     """Silero VAD's speech probability per 32 ms frame (module docstring); 16 or 8 kHz."""
 
-    def __init__(self, sample_rate: int, config: VADConfig | None = None, model=None):
+    def __init__(self, sample_rate: int, config: VADConfig | None = None):
         if int(sample_rate) not in SILERO_RATES:
             raise ConfigError(f"Silero VAD runs at {' or '.join(map(str, SILERO_RATES))} Hz, not {sample_rate}: "
                               "resample the stream, or choose the energy VAD")
-        self.model = model if model is not None else load_silero_model()
-        self.probability = 0.0          # of the latest frame
+        self.model = load_silero_model()
         super().__init__(sample_rate, SILERO_RATES[int(sample_rate)], config or VADConfig())
 
     def reset(self) -> None:
         super().reset()
         self.model.reset_states()
-        self.probability = 0.0
 
     def _voiced(self, frame: np.ndarray) -> bool:
-        import torch
-
-        with torch.no_grad():
-            self.probability = float(self.model(torch.from_numpy(np.ascontiguousarray(frame)), self.sr))
+        # The wrapper runs ONNX Runtime on the tensor's numpy view: no autograd is involved.
+        probability = float(self.model(torch.from_numpy(np.ascontiguousarray(frame)), self.sr))
         threshold = self.cfg.speech_threshold
-        return self.probability >= (threshold - SILERO_HYSTERESIS if self.active else threshold)
+        return probability >= (threshold - SILERO_HYSTERESIS if self.active else threshold)
 
 
 def make_vad(sample_rate: int, config: VADConfig | None = None) -> Segmenter:

@@ -142,6 +142,7 @@ class Mount:
     source: str      # host path
     target: str      # path inside the service
     read_only: bool = False
+    secret: str | None = None   # the secret's name, for a secret
 
 
 @dataclass
@@ -164,9 +165,36 @@ def _host_path(text: str, project_dir: Path) -> str:
     return str(p if p.is_absolute() else (project_dir / p).resolve())
 
 
+def service_mounts(name: str, svc: dict, doc: dict, problems: list[str]) -> list[Mount]:
+    """The bind mounts of service ``name`` (its volumes, then its secrets), host paths resolved
+    against the project folder; what is not a bind mount or not declared goes to ``problems``."""
+    project_dir = Path(doc["project_dir"])
+    mounts = []
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict):
+            src, tgt, ro = v.get("source"), v["target"], bool(v.get("read_only"))
+        else:
+            parts = str(v).split(":")
+            src, tgt = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
+            ro = len(parts) > 2 and "ro" in parts[2].split(",")
+        if src is None or not (src.startswith((".", "/", "~")) or "/" in src):
+            problems.append(f"service {name}: volume {v!r} is not a bind mount (named volumes: use a folder)")
+            continue
+        mounts.append(Mount(_host_path(src, project_dir), str(tgt), ro))
+    for s in svc.get("secrets", []):
+        src = _secret_source(s)
+        target = s.get("target", src) if isinstance(s, dict) else src
+        spec = doc["secrets"].get(src)
+        if spec is None or "file" not in spec:
+            problems.append(f"service {name}: secret {src!r} is not declared with a file")
+            continue
+        target = target if target.startswith("/") else f"/run/secrets/{target}"
+        mounts.append(Mount(_host_path(spec["file"], project_dir), target, True, secret=src))
+    return mounts
+
+
 def services_from(doc: dict) -> dict[str, Service]:
     """The runnable form of every service; ``ComposeError`` for what compose would refuse too."""
-    project_dir = Path(doc["project_dir"])
     problems = []
     out = {}
     for name, svc in doc["services"].items():
@@ -176,27 +204,7 @@ def services_from(doc: dict) -> dict[str, Service]:
         if not command:
             problems.append(f"service {name}: no command (the runner cannot read an image's default)")
             continue
-        mounts = []
-        for v in svc.get("volumes", []):
-            if isinstance(v, dict):
-                src, tgt, ro = v.get("source"), v["target"], bool(v.get("read_only"))
-            else:
-                parts = str(v).split(":")
-                src, tgt = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
-                ro = len(parts) > 2 and "ro" in parts[2].split(",")
-            if src is None or not (src.startswith((".", "/", "~")) or "/" in src):
-                problems.append(f"service {name}: volume {v!r} is not a bind mount (named volumes: use a folder)")
-                continue
-            mounts.append(Mount(_host_path(src, project_dir), str(tgt), ro))
-        for s in svc.get("secrets", []):
-            src = _secret_source(s)
-            target = s.get("target", src) if isinstance(s, dict) else src
-            spec = doc["secrets"].get(src)
-            if spec is None or "file" not in spec:
-                problems.append(f"service {name}: secret {src!r} is not declared with a file")
-                continue
-            target = target if target.startswith("/") else f"/run/secrets/{target}"
-            mounts.append(Mount(_host_path(spec["file"], project_dir), target, True))
+        mounts = service_mounts(name, svc, doc, problems)
         hc = svc.get("healthcheck") or {}
         test = hc.get("test")
         if isinstance(test, list) and test and test[0] == "CMD":

@@ -145,24 +145,19 @@ def preflight(files: list[Path], env: dict[str, str], testbed: Path, check_ports
     a missing bind mount, so the device fails later inside its container) and the last as a bind
     error of the engine's proxy. Checked here on the merged compose files, before any container.
     """
-    from compose import load_compose   # beside this file; reads the files as compose does
+    from compose import load_compose, service_mounts   # beside this file; reads the files as compose does
 
     doc = load_compose(files, env)
-    project = Path(doc["project_dir"])   # relative paths in the files are relative to it, as in compose
     prepare = f"run `fedser testbed prepare --out {testbed} --force` (new keys for every service)"
     problems = []
     for name, svc in doc["services"].items():
-        for secret in svc.get("secrets", []):
-            key = secret.get("source") if isinstance(secret, dict) else secret
-            path = (doc["secrets"].get(key) or {}).get("file")
-            if path and not (project / path).is_file():
-                problems.append(f"service {name}: secret {key} is missing ({path}): {prepare}, "
+        # What a container engine accepts (named volumes, say) is not this check's to refuse.
+        for m in service_mounts(name, svc, doc, problems=[]):
+            if m.secret is not None and not Path(m.source).is_file():
+                problems.append(f"service {name}: secret {m.secret} is missing ({m.source}): {prepare}, "
                                 f"or put the file back")
-        for volume in svc.get("volumes", []):
-            source, _, target = str(volume).partition(":")
-            target = target.split(":")[0]
-            if target == "/data" and not (project / source / "data.csv").is_file():
-                problems.append(f"service {name}: no data volume at {source} (mounted at /data, with data.csv): "
+            if m.target == "/data" and not (Path(m.source) / "data.csv").is_file():
+                problems.append(f"service {name}: no data volume at {m.source} (mounted at /data, with data.csv): "
                                 f"{prepare}, or `--data CORPUS` to give it recordings")
         for spec in svc.get("ports", []) if check_ports else ():
             port = _host_port(spec)

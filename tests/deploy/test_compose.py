@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedser.tools.commands import testbed
+from fedser.common import processes
 from fedser.common.errors import ConfigError
+from fedser.tools.commands import testbed
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
@@ -325,21 +326,13 @@ def fresh_bed(tiny_corpus, tmp_path):
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_preflight_names_the_service_and_the_fix_for_each_problem(fresh_bed, deploy_testbed):
     # Prepare: a secret gone, a device without its data, the Fleet API's host port taken.
     import socket
 
     files = deploy_testbed.compose_files(fresh_bed)
     env = deploy_testbed.compose_env(fresh_bed, rounds=1, min_clients=3, local_epochs=1)
-    clean = deploy_testbed.preflight(files, {**env, "FEDSER_FLEET_PORT": str(_free_port())}, fresh_bed)
+    clean = deploy_testbed.preflight(files, {**env, "FEDSER_FLEET_PORT": str(processes.free_port())}, fresh_bed)
     (fresh_bed / "secrets" / "client-2.key").unlink()
     (fresh_bed / "client-3" / "data" / "data.csv").unlink()
     holder = socket.socket()
@@ -379,7 +372,7 @@ def test_up_refuses_a_bed_that_cannot_start_before_any_container(fresh_bed, depl
     (fresh_bed / "secrets" / "ca.pem").unlink()
     monkeypatch.setattr(deploy_testbed, "docker_compose", lambda: ["docker", "compose"])
     monkeypatch.setattr(deploy_testbed, "run_until_done", lambda *a: pytest.fail("the engine was started"))
-    monkeypatch.setenv("FEDSER_FLEET_PORT", str(_free_port()))
+    monkeypatch.setenv("FEDSER_FLEET_PORT", str(processes.free_port()))
 
     # Execute
     code = main(["testbed", "up", "--testbed", str(fresh_bed), "--rounds", "1", "--deploy-dir", str(DEPLOY)])
@@ -398,7 +391,7 @@ def test_up_builds_each_image_once_before_the_project_and_stops_when_it_fails(fr
     calls = []
     monkeypatch.setattr(deploy_testbed, "docker_compose", lambda: ["podman-compose"])
     monkeypatch.setattr(deploy_testbed, "run_until_done", lambda argv, env: calls.append(argv) or 1)
-    monkeypatch.setenv("FEDSER_FLEET_PORT", str(_free_port()))
+    monkeypatch.setenv("FEDSER_FLEET_PORT", str(processes.free_port()))
 
     # Execute
     code = main(["testbed", "up", "--testbed", str(fresh_bed), "--rounds", "1", "--deploy-dir", str(DEPLOY)])
