@@ -161,7 +161,8 @@ class LocalData:
         return out
 
 
-def load_local_data(settings: DeviceSettings, spec: FeatureSpec, keep_waves: bool = False) -> LocalData:
+def load_local_data(settings: DeviceSettings, spec: FeatureSpec, keep_waves: bool = False,
+                    progress: bool = False) -> LocalData:
     """Load and featurise the device's data; raises CorpusError when nothing usable is there."""
     if not Path(settings.data).exists():
         raise CorpusError(f"data {settings.data} does not exist on this device")
@@ -172,8 +173,9 @@ def load_local_data(settings: DeviceSettings, spec: FeatureSpec, keep_waves: boo
         utts = [u for u in corpus.utterances if u.task == task]
         held = [u for u in utts if _held_back(u.path, u.offset, settings.holdout)]
         kept = [u for u in utts if not _held_back(u.path, u.offset, settings.holdout)]
-        train[task] = build_task_data(kept, spec, task, cache, keep_waves=keep_waves, progress=False)
-        holdout[task] = build_task_data(held, spec, task, cache, progress=False)
+        train[task] = build_task_data(kept, spec, task, cache, keep_waves=keep_waves, progress=progress,
+                                      desc=f"features {task}")
+        holdout[task] = build_task_data(held, spec, task, cache, progress=progress, desc=f"features {task} (held out)")
     data = LocalData(corpus, train, holdout)
     if not data.tasks:
         raise CorpusError(f"no usable utterances in {settings.data} "

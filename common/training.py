@@ -69,6 +69,14 @@ class TrainConfig:
     # pretrained on public speech, DP-SGD's noise then falls on a few thousand weights instead
     # of the whole network.
     scope: str = "all"
+    # Dropout and augmentation. None: on in plain training, off under DP-SGD, whose noise already
+    # regularises: with them, DP-SGD at epsilon 8 lost 1.5 more KWS points and 10 more RAVDESS UAR
+    # points (three seeds, bench/bench_encoders.py's DP rows).
+    regularize: bool | None = None
+
+    @property
+    def regularizing(self) -> bool:
+        return (not self.dp) if self.regularize is None else self.regularize
 
     def validate(self) -> None:
         problems = []
@@ -168,6 +176,13 @@ def evaluate_task(model: nn.Module, data: TaskData, allowed: Sequence[int] | Non
     return classification_report(data.y.numpy(), pred, data.class_names)
 
 
+def _dropout_off(model: nn.Module) -> None:
+    """Dropout layers pass their input through (eval mode) while the rest of ``model`` trains."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
 def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | None, cfg: TrainConfig,
                spec: FeatureSpec, augmenter: Augmenter | None = None,
                prior_history: Sequence[SpendRecord] = (), progress: bool = True,
@@ -186,6 +201,8 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
         raise ConfigError(f"no {task} training examples")
     torch.manual_seed(cfg.seed)
     n_classes = len(train.class_names)
+    if not cfg.regularizing:
+        augmenter = None
     # Waveform augmentation re-extracts features every step: affordable for the spectral kinds,
     # not for frozen encoders (and per-speaker statistics would no longer match).
     use_waves = augmenter is not None and train.waves is not None and not spec.frozen_kinds() \
@@ -241,6 +258,8 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
     try:
         for epoch in bar:
             net.train()
+            if not cfg.regularizing:
+                _dropout_off(model)
             total, seen, steps = 0.0, 0, 0
             for xb, yb in loader:
                 steps += 1

@@ -136,9 +136,11 @@ class FederatedRun:
             elif out.used:
                 # No user-level noise: the guarantee is gone, and the report must say so.
                 accountant.step(noise_multiplier=0.0)
-            eval_replies = grid.send_and_receive(self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
-                                                 timeout=self.s.round_timeout)
-            fed_eval = self.strategy.aggregate_evaluate(rnd, eval_replies)
+            fed_eval = None
+            if self.s.evaluates_on_devices(rnd):
+                eval_replies = grid.send_and_receive(
+                    self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=self.s.round_timeout)
+                fed_eval = self.strategy.aggregate_evaluate(rnd, eval_replies)
             t_eval = time.perf_counter() - t0 - t_train
             user_eps = accountant.epsilon(self.s.user_delta) if accountant.history else 0.0
             row = {"round": rnd, "seconds": time.perf_counter() - t0, "train-seconds": t_train, "eval-seconds": t_eval,

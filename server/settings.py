@@ -67,6 +67,7 @@ class RunSettings:
     round_timeout: float = 600.0
     connect_timeout: float = 3600.0   # seconds a round waits for min-clients devices to be connected
     fraction_evaluate: float = 1.0    # share of nodes asked to evaluate each round
+    evaluate_every: int = 1           # devices evaluate every N rounds and after the last; 0: after the last only
     aggregation: str = "fedavg"       # "fedavg" (capped sample weights) or "trimmed-mean" (fedser.server.robust)
     aggregation_trim: float = 0.2     # share trimmed from each end per element by "trimmed-mean"
     # Simulation (virtual clients without --node-config data): client partition-id i reads
@@ -77,6 +78,11 @@ class RunSettings:
     partition_tiers: str = "1.0"
     partition_max_epsilon: float = 8.0
     partition_require_dp: bool = True
+
+    def evaluates_on_devices(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with federated evaluation (the last round always does)."""
+        every = self.evaluate_every
+        return rnd == self.num_server_rounds or (every > 0 and rnd % every == 0)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "RunSettings":
@@ -145,6 +151,8 @@ class RunSettings:
             p.append(f"aggregation-trim must be in [0, 0.5), got {self.aggregation_trim}")
         if not 0 < self.fraction_evaluate <= 1:
             p.append(f"fraction-evaluate must be in (0, 1], got {self.fraction_evaluate}")
+        if self.evaluate_every < 0:
+            p.append(f"evaluate-every must be >= 0 (0: after the last round only), got {self.evaluate_every}")
         try:
             parse_tiers(self.partition_tiers)
         except ConfigError as exc:

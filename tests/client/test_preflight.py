@@ -206,3 +206,40 @@ def test_many_agents_on_few_cores_poll_less_often_so_their_starts_spread():
     assert supernode.task_poll_interval(20, 2, 4.0) == 40.0
     assert supernode.task_poll_interval(20, 16, 4.0) is None
     assert supernode.task_poll_interval(500, 2, 4.0) == supernode.TASK_POLL_RANGE[1]
+
+
+def test_the_agent_extracts_its_features_into_the_cache_before_joining(tiny_corpus, tmp_path, capsys,
+                                                                       monkeypatch):
+    # Prepare
+    from fedser.client import cli
+    from fedser.client.device import DeviceSettings, load_local_data
+    from fedser.common.cache import FeatureCache
+    from fedser.common.features import FeatureSpec
+
+    config = {"data": str(tiny_corpus / "commands"), "cache": str(tmp_path / "cache")}
+
+    # Execute
+    cli.prepare_features(config)
+
+    # Assert: every clip's features are cached, so a round's ClientApp computes none
+    out = capsys.readouterr().out
+    assert "features ready:" in out and "(kws)" in out
+    written = []
+    monkeypatch.setattr(FeatureCache, "_write", lambda self, path, value: written.append(path))
+    data = load_local_data(DeviceSettings.from_node_config(config), FeatureSpec())
+    assert set(data.tasks) == {"kws"} and len(data.train["kws"]) > 0
+    assert written == []
+
+
+def test_an_agent_without_usable_data_says_so_and_still_joins(tmp_path, capsys):
+    # Prepare
+    from fedser.client import cli
+
+    data = tmp_path / "data.csv"
+    data.write_text("path,label,speaker\n")
+
+    # Execute
+    cli.prepare_features({"data": str(data), "cache": str(tmp_path / "cache")})
+
+    # Assert
+    assert "features not prepared:" in capsys.readouterr().err

@@ -84,6 +84,32 @@ def test_dp_training_reports_the_accountants_epsilon_over_prior_spend():
     assert later.epsilon > fresh.epsilon
 
 
+class CountingAugmenter:
+    def __init__(self):
+        self.calls = 0
+
+    def features(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("dp,regularize,expected", [
+    (False, None, True), (True, None, False), (True, True, True), (False, False, False)],
+    ids=["plain", "dp-sgd", "dp-sgd-forced-on", "plain-forced-off"])
+def test_dropout_and_augmentation_are_off_under_dp_unless_asked_for(dp, regularize, expected):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dropout=0.5))
+    modes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, inputs, out: modes.append(m.training))
+    augmenter = CountingAugmenter()
+    cfg = TrainConfig(epochs=1, batch_size=16, dp=dp, noise_multiplier=1.0 if dp else None, regularize=regularize)
+    train_task(model, "kws", separable(n=32), None, cfg, SPEC, augmenter, progress=False)
+    assert modes and set(modes) == {expected}
+    assert (augmenter.calls > 0) == expected
+
+
 def test_dp_with_target_epsilon_stays_within_it():
     cfg = TrainConfig(epochs=2, batch_size=16, dp=True, target_epsilon=4.0, delta=1e-5)
     r = train_task(build_model(ModelConfig()), "kws", separable(n=64), None, cfg, SPEC, progress=False)

@@ -351,6 +351,19 @@ def test_a_server_killed_mid_round_resumes_from_the_last_complete_round(tmp_path
     assert load_bundle(tmp_path / "run").meta["model_version"] == 2
 
 
+@pytest.mark.parametrize("every, evaluated", [(1, [1, 2, 3, 4]), (2, [2, 4]), (3, [3, 4]), (0, [4])])
+def test_devices_evaluate_every_n_rounds_and_after_the_last(tmp_path, identity, every, evaluated):
+    devices = {1: ScriptedDevice(1.0, 3), 2: ScriptedDevice(0.5, 2)}
+    grid = ScriptedGrid(devices)
+    config = _scripted_config(tmp_path / "run", **{"num-server-rounds": 4, "evaluate-every": every})
+    FederatedRun(RunSettings.from_run_config(config)).execute(grid)
+    asked = sorted({r for kind, _, r in grid.log if kind == MessageType.EVALUATE})
+    assert asked == evaluated
+    rows = _rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]   # every round still trains and is reported
+    assert [r["round"] for r in rows if r.get("emotion-accuracy") not in (None, "")] == evaluated
+
+
 def test_resume_without_a_checkpoint_starts_at_round_one(tmp_path, identity):
     # Prepare
     devices = {1: ScriptedDevice(1.0, 3), 2: ScriptedDevice(0.5, 2)}

@@ -90,6 +90,7 @@ def test_an_integral_float_is_an_int():
     ("min-clients", 0, "min-clients"),
     ("fraction-train", 0.0, "fraction-train"),
     ("fraction-train", 1.5, "fraction-train"),
+    ("evaluate-every", -1, "evaluate-every"),
     ("noise-mode", "central", "noise-mode"),
     ("clip-norm", 0.0, "clip-norm"),
     ("clip-norm", float("inf"), "clip-norm"),

@@ -214,7 +214,9 @@ def run(args) -> int:
                    "--min-clients", str(args.clients),
                    "--rounds", str(args.rounds), "--config", f"local-epochs={args.local_epochs}"]
     if test_csv is not None:
-        server_argv += ["--eval-data", str(test_csv)]
+        # The server scores every round on the held-out speakers; the devices score the final model
+        # only, which spares each earlier round a ClientApp start per device.
+        server_argv += ["--eval-data", str(test_csv), "--config", "evaluate-every=0"]
     if public_csv is not None:
         server_argv += ["--public-corpus", str(public_csv)]
     server_argv += ["--config", f"train-scope={scope}"]
