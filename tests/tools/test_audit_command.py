@@ -99,6 +99,27 @@ def test_fedser_audit_writes_the_report(audit_out):
     assert auc_rows and all(float(line.rstrip(" |").rsplit("|", 1)[1]) > 0.5 for line in auc_rows)
 
 
+def test_fedser_audit_writes_the_table_as_json_rows_a_script_can_check(audit_out):
+    rows = json.loads((audit_out / "audit.json").read_text())
+    text = (audit_out / "audit.md").read_text()
+    assert rows and all(set(r) >= {"setting", "attack", "metric", "value", "luck_band"} for r in rows)
+    assert all(isinstance(r["value"], float) and (r["luck_band"] is None or isinstance(r["luck_band"], float))
+               for r in rows)
+    settings = {r["setting"] for r in rows}
+    # --settings none,both; the run itself is sample-level; fedser's defaults are both (DP-SGD + user noise)
+    assert settings == {"no-dp", "both", "sample-level", "defaults"}
+    gender = {r["setting"]: r for r in rows if r["attack"] == "attribute-gender" and r["metric"] == "uar"}
+    assert set(gender) == {"no-dp", "both", "defaults"}
+    assert gender["defaults"]["value"] == gender["both"]["value"]
+    assert all(r["luck_band"] is not None for r in gender.values())  # measured by shuffling genders
+    membership = [r for r in rows if r["attack"] == "membership" and r["metric"] == "auc"]
+    assert {r["setting"] for r in membership} == {"no-dp", "both", "defaults", "sample-level"}
+    assert all(r["luck_band"] is not None for r in membership)
+    # every number in the JSON is one the markdown table shows
+    for r in rows:
+        assert f"| {r['value']:.3f} |" in text
+
+
 def test_audit_input_errors(run_dir, tiny_corpus, feature_cache, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(_argv(tmp_path / "missing", out, tiny_corpus / "emotion", feature_cache)) == 2

@@ -11,16 +11,44 @@ from .attacks import LOW_FPR, RocSummary
 from .dpchecks import CheckResult
 
 REPORT_FILE = "audit.md"
+JSON_FILE = "audit.json"
+# audit.json names each privacy setting by a key; "defaults" repeats the rows of the setting that
+# fedser's default run settings give.
+SETTING_KEYS = {"no DP": "no-dp", "sample-level DP": "sample-level", "user-level DP": "user-level", "both": "both"}
+DEFAULTS_KEY = "defaults"
 
 
 @dataclass
 class Row:
+    """One line of the attack table; the ``*_key`` fields and ``luck_band`` are its audit.json row.
+
+    ``chance`` is what the table shows: a measured luck band where there is one, else the
+    guessing rate. ``luck_band`` is the measured band only (None where none was measured).
+    """
     attack: str
     setting: str
     metric: str
     value: float
     chance: float
     note: str = ""
+    attack_key: str = ""
+    setting_key: str = ""
+    metric_key: str = ""
+    luck_band: float | None = None
+
+
+def json_rows(rows: Sequence[Row], defaults_setting: str) -> list[dict]:
+    """audit.json: ``{"setting", "attack", "metric", "value", "luck_band", "detail"}`` per row, and the
+    rows of ``defaults_setting`` (a ``SETTING_KEYS`` value) once more as setting ``"defaults"``."""
+    out = []
+    for r in rows:
+        entry = {"setting": r.setting_key, "attack": r.attack_key, "metric": r.metric_key, "value": float(r.value),
+                 "luck_band": None if r.luck_band is None else float(r.luck_band),
+                 "detail": f"{r.attack}; {r.setting}; {r.metric}"}
+        out.append(entry)
+        if r.setting_key == defaults_setting:
+            out.append({**entry, "setting": DEFAULTS_KEY})
+    return out
 
 
 def roc_png(curves: Sequence[tuple[str, RocSummary]], path: str | Path, title: str) -> Path:

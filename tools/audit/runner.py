@@ -1,6 +1,8 @@
 """``run_audit``: every attack and check against one federated run directory, and its report."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from .protocol import (
     subset,
     update_features,
 )
-from .report import REPORT_FILE, Row, render, roc_png
+from .report import JSON_FILE, REPORT_FILE, SETTING_KEYS, Row, json_rows, render, roc_png
 
 MIN_SPEAKERS_PER_GENDER = 2
 MIN_UTTERANCES = 4          # a speaker with fewer emotion utterances cannot make several distinct updates
@@ -248,15 +250,21 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                                                        subset_share=opt.subset_share, seed=opt.seed,
                                                        progress=opt.progress, populations=populations,
                                                        chance_permutations=opt.chance_permutations)
+            key = SETTING_KEYS[setting]
             res.rows.append(Row("attribute inference (gender) from updates", label,
                                 f"UAR over {result.n_clients} target clients", result.uar,
-                                0.5 if result.chance_uar is None else result.chance_uar))
+                                0.5 if result.chance_uar is None else result.chance_uar,
+                                attack_key="attribute-gender", setting_key=key, metric_key="uar",
+                                luck_band=result.chance_uar))
             res.rows.append(Row("attribute inference (gender) from updates", label,
-                                f"UAR per update ({result.n_updates})", result.uar_per_update, 0.5))
+                                f"UAR per update ({result.n_updates})", result.uar_per_update, 0.5,
+                                attack_key="attribute-gender", setting_key=key, metric_key="uar-per-update"))
             if update_mi is not None:
+                band = auc_chance_band(update_mi.n_pos, update_mi.n_neg, seed=opt.seed)
                 res.rows.append(Row("membership (sample level, emotion) from updates, gradient alignment", label,
                                     f"ROC AUC ({update_mi.n_pos} trained on / {update_mi.n_neg} held back)",
-                                    update_mi.auc, auc_chance_band(update_mi.n_pos, update_mi.n_neg, seed=opt.seed)))
+                                    update_mi.auc, band, attack_key="membership", setting_key=key, metric_key="auc",
+                                    luck_band=band))
             res.epsilons[setting] = p.epsilons(max(1, n_typical))
             res.checks.append((label, check_clipping(pairs, p.clip_norm, p.noise_multiplier, p.noise_mode,
                                                      p.expected_clients)))
@@ -297,11 +305,13 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
         for name, roc in rocs.items():
             level, attack = name.split("/")
             what = "loss threshold" if attack == "loss" else "difficulty-calibrated confidence"
+            band = auc_chance_band(roc.n_pos, roc.n_neg, seed=opt.seed)
+            keys = {"attack_key": "membership", "setting_key": SETTING_KEYS[protocol.setting]}
             res.rows.append(Row(f"membership ({level} level, {task}), {what}", protocol.setting + " (run)",
-                                f"ROC AUC ({roc.n_pos} members / {roc.n_neg} non-members)", roc.auc,
-                                auc_chance_band(roc.n_pos, roc.n_neg, seed=opt.seed)))
+                                f"ROC AUC ({roc.n_pos} members / {roc.n_neg} non-members)", roc.auc, band,
+                                metric_key="auc", luck_band=band, **keys))
             res.rows.append(Row(f"membership ({level} level, {task}), {what}", protocol.setting + " (run)",
-                                "TPR at 1% FPR", roc.tpr_at_low_fpr, 0.01))
+                                "TPR at 1% FPR", roc.tpr_at_low_fpr, 0.01, metric_key="tpr-at-1%-fpr", **keys))
         res.images.append(str(roc_png([(k, v) for k, v in rocs.items()], out / f"roc_membership_{task}.png",
                                       f"membership inference on the final model ({task})")))
         done_any = True
@@ -342,4 +352,13 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
     text = render("fedser privacy audit", run_line, res.rows, res.checks, res.epsilons, res.images, res.notes)
     res.report = out / REPORT_FILE
     res.report.write_text(text)
+    (out / JSON_FILE).write_text(json.dumps(json_rows(res.rows, SETTING_KEYS[default_setting()]), indent=2) + "\n")
     return res
+
+
+def default_setting() -> str:
+    """Which of ``SETTINGS`` fedser's default run settings give (DP-SGD on devices, user-level noise)."""
+    from fedser.server.settings import RunSettings
+
+    defaults = dataclasses.asdict(RunSettings(run_dir="-"))
+    return Protocol.from_run(defaults, {}).setting
