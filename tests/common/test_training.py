@@ -170,7 +170,7 @@ def _clipped_gradient(model, mode: str, x, y) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("encoder", ["cnn", "crnn"])
+@pytest.mark.parametrize("encoder", ["cnn", "crnn", "tcn"])
 def test_auto_grad_sample_mode_gives_the_same_clipped_gradients_as_hooks(encoder):
     from fedser.common.training import resolve_grad_sample_mode
 
