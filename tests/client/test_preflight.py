@@ -208,7 +208,7 @@ def test_many_agents_on_few_cores_poll_less_often_so_their_starts_spread():
     assert supernode.task_poll_interval(500, 2, 4.0) == supernode.TASK_POLL_RANGE[1]
 
 
-def test_the_agent_extracts_its_features_into_the_cache_before_joining(tiny_corpus, tmp_path, capsys,
+def test_the_agent_extracts_its_features_into_the_cache_before_joining(tiny_corpus, tmp_path, capfd,
                                                                        monkeypatch):
     # Prepare
     from fedser.client import cli
@@ -218,11 +218,11 @@ def test_the_agent_extracts_its_features_into_the_cache_before_joining(tiny_corp
 
     config = {"data": str(tiny_corpus / "commands"), "cache": str(tmp_path / "cache")}
 
-    # Execute
-    cli.prepare_features(config)
+    # Execute: as `fedser-client start` does it, in a child process
+    cli._prepare_in_child(config)
 
     # Assert: every clip's features are cached, so a round's ClientApp computes none
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "features ready:" in out and "(kws)" in out
     written = []
     monkeypatch.setattr(FeatureCache, "_write", lambda self, path, value: written.append(path))

@@ -197,7 +197,7 @@ def run(args) -> int:
     split = prepare_devices(data, out, args.clients, args.test, args.seed, args.public)
     devices, test_csv, parts, test_u, public_csv = split.devices, split.test, split.parts, split.test_utterances, \
         split.public
-    # Under DP the devices fine-tune a small part of the pretrained model; without DP, all of it.
+    # Devices train all of the small model over the frozen encoders; --train-scope narrows it.
     scope = args.train_scope or "all"
     print(f"{args.clients} devices ({', '.join(str(len({u.speaker for u in p})) + ' speakers' for p in parts)}); "
           f"server test split: {len(test_u)} utterances of {len({u.speaker for u in test_u})} held-out speakers"
