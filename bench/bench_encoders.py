@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    help="federated devices at most (one per speaker; more speakers are dealt among them)")
     p.add_argument("--encoders", nargs="+", default=None, metavar="NAME",
                    help="centralized rows of these encoders only (the default's row is still the baseline)")
+    p.add_argument("--corpora", nargs="+", choices=("kws", "ravdess", "emodb"), default=None,
+                   help="only these corpora's rows (default: every corpus found)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
@@ -110,11 +112,16 @@ def globally_normalised(corpora: Corpora, name: str, spec):
     return [replace(d, feats=stats.apply(d.feats)) for d in parts]
 
 
+def wanted(args, corpora: Corpora, name: str) -> bool:
+    """Corpus ``name`` is on disk and among ``--corpora`` (when given)."""
+    return name in corpora.utterances and (not args.corpora or name in args.corpora)
+
+
 # --------------------------------------------------------------------------- centralized
 
 
 def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp: bool = False,
-               allowed=None, public=None) -> dict:
+               allowed=None, public=None, regularize: bool | None = None) -> dict:
     """Train on ``train`` (early stopping on ``val``), score on ``test``; with ``public``, the model
     first trains without DP on that public corpus (public pretraining, private fine-tuning)."""
     import torch
@@ -131,7 +138,7 @@ def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp:
                    spec, None, progress=False)
     tcfg = TrainConfig(epochs=epochs, batch_size=256 if dp else 64, lr=1e-2 if dp else 3e-3,
                        patience=max(epochs // 4, 3), seed=seed, dp=dp,
-                       target_epsilon=DP_EPSILON if dp else None, delta=DELTA)
+                       target_epsilon=DP_EPSILON if dp else None, delta=DELTA, regularize=regularize)
     t0 = time.perf_counter()
     result = train_task(model, train.task, train, val, tcfg, spec, Augmenter(spec, seed=seed), progress=False)
     seconds = time.perf_counter() - t0
@@ -170,7 +177,7 @@ def options(quick: bool):
 
 def central(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
     for name in ("kws", "ravdess", "emodb"):
-        if name not in corpora.utterances:
+        if not wanted(args, corpora, name):
             continue
         task = corpora.utterances[name][0]
         metric = "accuracy" if task == "kws" else "uar"
@@ -229,7 +236,7 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
     # DP row, and the plain baseline it is compared with, is the mean over DP_SEEDS seeds.
     seeds = [args.seed + k for k in range(DP_SEEDS)]
     for name, points in (("kws", 2), ("ravdess", 4)):
-        if name not in corpora.utterances:
+        if not wanted(args, corpora, name):
             continue
         task = corpora.utterances[name][0]
         metric = "accuracy" if task == "kws" else "uar"
@@ -238,15 +245,17 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
         plain_mean = statistics.mean(r[metric] for r in plain)
         figures[f"dp/{name}/plain"] = plain
         other = {"ravdess": "emodb"}.get(name)
-        variants = [("default", None)]
+        # The default trains without dropout and augmentation under DP-SGD; the second row keeps them.
+        variants = [("default", "", None, None), ("with dropout and augmentation", "/regularized", None, True)]
         if other in corpora.utterances:
             # The product's path under DP: pretrain on public speech (here the other emotion corpus:
             # another language, other speakers), then DP-SGD on the private data.
             variants.append((f"default, pretrained on all of {other} (public; {PUBLIC_EPOCHS} epochs, no DP)",
-                             corpora.task_data(other, spec, "all")))
-        for label, public in variants:
-            runs = [train_eval(train, val, test, spec, "tcn", epochs, s, dp=True, public=public) for s in seeds]
-            figures[f"dp/{name}" + ("" if public is None else f"/public-{other}")] = runs
+                             f"/public-{other}", corpora.task_data(other, spec, "all"), None))
+        for label, key, public, regularize in variants:
+            runs = [train_eval(train, val, test, spec, "tcn", epochs, s, dp=True, public=public,
+                               regularize=regularize) for s in seeds]
+            figures[f"dp/{name}{key}"] = runs
             values = [r[metric] for r in runs]
             eps = max(r["epsilon"] for r in runs)
             rows.append([f"{name} DP-SGD", f"{label}, epsilon <= {eps:.2f} (delta {DELTA:g})",
@@ -378,7 +387,7 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
 
     with tempfile.TemporaryDirectory(prefix="fedser-bench-encoders-") as tmp:
         for name in ("kws", "ravdess"):
-            if name not in corpora.utterances:
+            if not wanted(args, corpora, name):
                 continue
             task = corpora.utterances[name][0]
             metric = "accuracy" if task == "kws" else "uar"
@@ -429,7 +438,7 @@ def main(argv=None) -> int:
             run(corpora, args, rounds if section == "federated" else epochs, rows, figures)
     load_after = load_average()
     name = "encoders" + ("" if set(args.sections) == set(SECTIONS) else "_" + "_".join(args.sections)) \
-        + ("_quick" if args.quick else "")
+        + ("_" + "_".join(args.corpora) if args.corpora else "") + ("_quick" if args.quick else "")
     rep = Report(name, "Frozen public encoders with small heads, against training from scratch")
     rep.add(machine_line())
     rep.add(load_note(load_before, load_after))
