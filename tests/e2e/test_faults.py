@@ -45,8 +45,11 @@ def _server_argv(run_dir: Path, port: int, rounds: int, min_clients: int, *extra
 
 
 def _device_argv(port: int, manifest: Path, ca: Path, folder: Path, tier: str = "1.0") -> list[str]:
+    # --no-prepare: the scenario needs all three devices online before round 1 starts; feature
+    # preparation before joining takes each device a different time on a busy machine, so a
+    # device that prepares last would join after two others had already started the round.
     return [process_tree.executable("fedser-client"), "start", "--server", f"{HOST}:{port}", "--data", str(manifest),
-            "--tier", tier, "--root-cert", str(ca), "--ledger", str(folder / "ledger.json"),
+            "--no-prepare", "--tier", tier, "--root-cert", str(ca), "--ledger", str(folder / "ledger.json"),
             "--port", str(process_tree.free_port(HOST)), "--log", str(folder / "supernode.log")]
 
 
