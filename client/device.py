@@ -10,16 +10,20 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedser.common.cache import FeatureCache
-from fedser.common.corpora import Corpus, load_corpus
-from fedser.common.data import TaskData, build_task_data
 from fedser.common.errors import ConfigError, CorpusError
-from fedser.common.features import FeatureSpec
 from fedser.common.keys import TIERS, parse_tiers
 from fedser.common.partitions import device_manifest
 
 from .policy import PrivacyPolicy
+
+if TYPE_CHECKING:
+    # The resident agent (`fedser-client start`) imports this module for DeviceSettings; torch and
+    # the feature stack load only where data is featurised (the ClientApp, feature preparation).
+    from fedser.common.corpora import Corpus
+    from fedser.common.data import TaskData
+    from fedser.common.features import FeatureSpec
 
 
 def default_state_dir() -> Path:
@@ -164,6 +168,10 @@ class LocalData:
 def load_local_data(settings: DeviceSettings, spec: FeatureSpec, keep_waves: bool = False,
                     progress: bool = False) -> LocalData:
     """Load and featurise the device's data; raises CorpusError when nothing usable is there."""
+    from fedser.common.cache import FeatureCache
+    from fedser.common.corpora import load_corpus
+    from fedser.common.data import build_task_data
+
     if not Path(settings.data).exists():
         raise CorpusError(f"data {settings.data} does not exist on this device")
     corpus = load_corpus(settings.data)

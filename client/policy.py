@@ -17,9 +17,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from fedser.common.keys import TRAIN_SCOPES
 
-from .update import RoundSettings
+if TYPE_CHECKING:
+    from .update import RoundSettings   # torch: not for the resident agent, which reads policies
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

@@ -31,8 +31,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy.signal import lfilter
 
 from fedser.common.errors import ConfigError, collect
 
@@ -196,6 +194,8 @@ class EnergyVAD(Segmenter):
         # One-pole DC blocker y[n] = x[n] - x[n-1] + r y[n-1].
         r = float(np.exp(-2 * np.pi * c.dc_cutoff_hz / sample_rate))
         self._b, self._a = np.array([1.0, -1.0]), np.array([1.0, -r])
+        from scipy.signal import lfilter   # here, so that reading VADConfig stays light
+        self._lfilter = lfilter
         super().__init__(sample_rate, frame, c)
 
     def reset(self) -> None:
@@ -210,7 +210,7 @@ class EnergyVAD(Segmenter):
         return min(self._levels) if self._levels else 10 * np.log10(LEVEL_EPS)
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
-        y, self._zi = lfilter(self._b, self._a, x, zi=self._zi)
+        y, self._zi = self._lfilter(self._b, self._a, x, zi=self._zi)
         return y.astype(np.float32)
 
     def _voiced(self, frame: np.ndarray) -> bool:
@@ -229,6 +229,8 @@ def load_silero_model():
     ``ConfigError`` naming the package when it is not installed or its model file is missing
     or unreadable.
     """
+    import torch
+
     threads = torch.get_num_threads()
     try:
         # Importing silero_vad sets torch's thread count to 1 for the whole process: undone here.
@@ -255,7 +257,10 @@ class SileroVAD(Segmenter):
         if int(sample_rate) not in SILERO_RATES:
             raise ConfigError(f"Silero VAD runs at {' or '.join(map(str, SILERO_RATES))} Hz, not {sample_rate}: "
                               "resample the stream, or choose the energy VAD")
+        import torch
+
         self.model = load_silero_model()
+        self._from_numpy = torch.from_numpy
         super().__init__(sample_rate, SILERO_RATES[int(sample_rate)], config or VADConfig())
 
     def reset(self) -> None:
@@ -264,7 +269,7 @@ class SileroVAD(Segmenter):
 
     def _voiced(self, frame: np.ndarray) -> bool:
         # The wrapper runs ONNX Runtime on the tensor's numpy view: no autograd is involved.
-        probability = float(self.model(torch.from_numpy(np.ascontiguousarray(frame)), self.sr))
+        probability = float(self.model(self._from_numpy(np.ascontiguousarray(frame)), self.sr))
         threshold = self.cfg.speech_threshold
         return probability >= (threshold - SILERO_HYSTERESIS if self.active else threshold)
 

@@ -9,16 +9,15 @@ import argparse
 import json
 import sys
 import time
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-import torch
-
-from fedser.client.runtime import open_model
 from fedser.client.vad import VAD_KINDS, VADConfig
 from fedser.common.errors import ConfigError
 
-from .listener import RECURRENT_MODES, Event, ListenConfig, Listener, to_stderr
-from .sources import STDIN_FORMATS, file_chunks, mic_chunks, open_microphone, stream_chunks
+from .config import RECURRENT_MODES, STDIN_FORMATS, ListenConfig
+
+if TYPE_CHECKING:
+    from .listener import Event
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: TextIO | None = None) -> int:
     """``fedser-client listen``: print events as they happen; returns the exit code."""
+    # The model stack loads here, not at import: `fedser-client` imports this module for its options.
+    import torch
+
+    from fedser.client.runtime import open_model
+
+    from .listener import Listener, to_stderr
+    from .sources import file_chunks, mic_chunks, open_microphone, stream_chunks
+
     out = stdout or sys.stdout
     if args.threads < 1:
         raise ConfigError(f"--threads: expected at least 1; got {args.threads}")

@@ -38,21 +38,21 @@ from __future__ import annotations
 import math
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy.signal import lfilter
 
 from fedser.client.runtime import Runtime, TorchRuntime
-from fedser.client.vad import Segment, VADConfig, make_vad
-from fedser.common.errors import ConfigError, collect
+from fedser.client.vad import Segment, make_vad
+from fedser.common.errors import ConfigError
 from fedser.common.features import fit_length
 from fedser.common.taxonomy import SILENCE, UNKNOWN
 
+from .config import ListenConfig
 from .kws import RecurrentKWS
 
-RECURRENT_MODES = ("window", "state", "carry")
 NOT_KEYWORDS = frozenset({UNKNOWN, SILENCE})
 
 Notice = Callable[[str], None]
@@ -99,47 +99,6 @@ class EmotionEvent:
 
 
 Event = KeywordEvent | EmotionEvent
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class ListenConfig:
-    """Settings of a ``Listener`` (times in seconds).
-
-    ``hop_s`` is rounded to whole feature frames (and, in ``"state"`` mode, to whole GRU
-    steps). ``threshold`` is the smoothed keyword probability needed to report it.
-    """
-
-    hop_s: float = 0.08
-    threshold: float = 0.5
-    refractory_s: float = 0.8
-    smooth_s: float = 0.1
-    peak_wait_s: float = 0.3
-    voice_recent_s: float = 0.5
-    min_emotion_s: float = 0.5
-    keywords: bool = True
-    emotion: bool = True
-    recurrent: str = "window"
-    dc_cutoff_hz: float = 10.0
-    vad: VADConfig = field(default_factory=VADConfig)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0.01 <= self.hop_s <= 1.0:
-            problems.append(f"hop_s: expected 0.01..1.0 seconds; got {self.hop_s!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            problems.append(f"threshold: expected a probability in [0, 1]; got {self.threshold!r}")
-        for name in ("refractory_s", "smooth_s", "min_emotion_s", "peak_wait_s", "voice_recent_s"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name}: expected >= 0 seconds; got {getattr(self, name)!r}")
-        if self.recurrent not in RECURRENT_MODES:
-            problems.append(f"recurrent: expected one of {', '.join(RECURRENT_MODES)}; got {self.recurrent!r}")
-        if not self.dc_cutoff_hz > 0:
-            problems.append(f"dc_cutoff_hz: expected > 0; got {self.dc_cutoff_hz!r}")
-        collect(problems, ConfigError, "ListenConfig")
-
 
 
 # --------------------------------------------------------------------------- the listener

@@ -17,9 +17,9 @@ import numpy as np
 from fedser.common import audio
 from fedser.common.errors import AudioDecodeError, ConfigError
 
+from .config import STDIN_FORMATS
 from .listener import Notice, to_stderr
 
-STDIN_FORMATS = ("auto", "wav", "f32", "s16")
 
 
 def _rate_notice(name: str, rate: int, target: int, notice: Notice) -> None:

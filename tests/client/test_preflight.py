@@ -243,3 +243,19 @@ def test_an_agent_without_usable_data_says_so_and_still_joins(tmp_path, capsys):
 
     # Assert
     assert "features not prepared:" in capsys.readouterr().err
+
+
+def test_the_resident_agent_does_not_load_the_model_stack():
+    # Prepare: what the resident `fedser-client start` process imports (its CLI, options of every
+    # subcommand, device settings, the SuperNode command); torch and the encoders' runtimes belong
+    # to the ClientApp and feature-preparation processes, which come and go.
+    probe = ("import sys, fedser.client.cli as c; c.build_parser(); "
+             "c.node_config_from_args(c.build_parser().parse_args(['start', '--server', 'h', '--data', 'd'])); "
+             "print(sorted(m for m in ('torch', 'opacus', 'onnxruntime', 'opensmile', 'scipy') if m in sys.modules))")
+
+    # Execute
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+
+    # Assert
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
