@@ -9,6 +9,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedser.common.errors import ConfigError
 from fedser.common.privacy import (
+    CALIBRATION_ORDERS,
     SpendRecord,
     UserLevelAccountant,
     epsilon_of,
@@ -65,6 +66,20 @@ def test_epsilon_matches_a_stock_opacus_accountant_stepped_the_same_way(accounta
     eps = epsilon_of(history, DELTA, accountant=accountant)
     # Assert
     assert eps == pytest.approx(reference.get_epsilon(DELTA), rel=1e-6)
+
+
+def test_repeated_rdp_epsilons_stay_exactly_opacus_figures():
+    # Prepare: histories that share (z, q) pairs, so later calls reuse earlier pairs' RDP curves
+    histories = [[SpendRecord(1.0, 0.01, 300)], [SpendRecord(1.0, 0.01, 300), SpendRecord(1.5, 0.02, 7)],
+                 [SpendRecord(1.5, 0.02, 70)], [SpendRecord(1.0, 0.01, 3)]] * 2
+    for orders in (None, CALIBRATION_ORDERS):
+        for history in histories:
+            stock = RDPAccountant()
+            stock.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in history]
+            # Execute
+            eps = epsilon_of(history, DELTA, orders=orders)
+            # Assert
+            assert eps == stock.get_epsilon(DELTA, alphas=None if orders is None else list(orders))
 
 
 def test_epsilon_reference_figures():
