@@ -67,7 +67,9 @@ def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: st
     """
     classes = HEAD_CLASSES[task]
     cache = cache or FeatureCache(None)
-    frontend = FrontEnd(spec).eval()
+    # Built at the first cache miss: a device whose clips are all cached (prepared before joining)
+    # then loads no encoder runtimes, filter banks or librosa in its round.
+    frontends: list[FrontEnd] = []
     # The cache holds what the front end computes per clip: speaker normalisation comes after it,
     # so "speaker" and "none" share entries.
     fp = (replace(spec, normalize="none") if spec.normalize == "speaker" else spec).fingerprint()
@@ -83,8 +85,10 @@ def build_task_data(utterances: Sequence[Utterance], spec: FeatureSpec, task: st
 
             def compute() -> np.ndarray:
                 wave_holder["w"] = _decode(u, spec, task)
+                if not frontends:
+                    frontends.append(FrontEnd(spec).eval())
                 with torch.no_grad():
-                    return frontend(torch.from_numpy(wave_holder["w"]))[0].numpy()
+                    return frontends[0](torch.from_numpy(wave_holder["w"]))[0].numpy()
 
             f = cache.get((digest, fp, task, u.offset, u.duration), compute)
             if keep_waves:

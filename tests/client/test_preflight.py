@@ -221,11 +221,17 @@ def test_the_agent_extracts_its_features_into_the_cache_before_joining(tiny_corp
     # Execute: as `fedser-client start` does it, in a child process
     cli._prepare_in_child(config)
 
-    # Assert: every clip's features are cached, so a round's ClientApp computes none
+    # Assert: every clip's features are cached, so a round's ClientApp computes none and does not
+    # even build the front end (encoder runtimes, filter banks)
     out = capfd.readouterr().out
     assert "features ready:" in out and "(kws)" in out
     written = []
     monkeypatch.setattr(FeatureCache, "_write", lambda self, path, value: written.append(path))
+
+    def no_front_end(*args, **kwargs):
+        raise AssertionError("a front end was built for cached features")
+
+    monkeypatch.setattr("fedser.common.data.FrontEnd", no_front_end)
     data = load_local_data(DeviceSettings.from_node_config(config), FeatureSpec())
     assert set(data.tasks) == {"kws"} and len(data.train["kws"]) > 0
     assert written == []
