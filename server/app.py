@@ -29,7 +29,7 @@ from fedser.common.params import state_to_arrays
 from fedser.common.privacy import UserLevelAccountant
 from fedser.common.records import arrays_to_record, record_to_arrays
 
-from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_checkpoint, save_initial_model
 from .pretrain import PublicCorpus, pretrain
 from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
@@ -111,6 +111,7 @@ class FederatedRun:
             if self.s.resume:
                 _progress(self.run_dir, "resume requested but no checkpoint yet: starting at round 1")
             state = self._initial_state(grid)
+            save_initial_model(self.run_dir, state.arrays)
             save_checkpoint(self.run_dir, state)
         # The protocol in readable form, so `fedser audit` can replay it as devices ran it.
         atomic_write(self.run_dir / RUN_SETTINGS_FILE,

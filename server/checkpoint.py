@@ -16,6 +16,9 @@ from fedser.common.errors import FedserError
 from fedser.common.fsutil import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The model every device started from (after the server's public pretraining, if any): what an
+# audit's reference federations start from, so they differ from the run only in its members.
+INITIAL_MODEL_FILE = "initial_model.npz"
 
 
 @dataclass
@@ -55,3 +58,21 @@ def load_checkpoint(run_dir: str | Path) -> ServerState | None:
                            strategy=meta["strategy"], accountant=meta["accountant"], rows=meta["rows"])
     except Exception as exc:
         raise FedserError(f"{target}: checkpoint unreadable ({exc}); move it away to start the run afresh") from exc
+
+
+def save_initial_model(run_dir: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write the run's starting model as a plain ``.npz`` (no pickle; any tool can read it)."""
+    target = Path(run_dir) / INITIAL_MODEL_FILE
+    return atomic_write(target, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def load_initial_model(run_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """The run's starting model, or None for a run that did not record one."""
+    target = Path(run_dir) / INITIAL_MODEL_FILE
+    if not target.exists():
+        return None
+    try:
+        with np.load(target, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise FedserError(f"{target}: unreadable ({exc}); it records the run's starting model") from exc

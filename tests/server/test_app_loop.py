@@ -29,7 +29,7 @@ from fedser.common.params import state_to_arrays
 from fedser.common.privacy import update_noise_std
 from fedser.common.records import arrays_to_record
 from fedser.server.app import FederatedRun
-from fedser.server.checkpoint import load_checkpoint
+from fedser.server.checkpoint import load_checkpoint, load_initial_model
 from fedser.server.settings import RunSettings
 
 SR = 16000
@@ -192,6 +192,10 @@ def test_the_bundle_is_the_checkpointed_global_model(runs):
     # and it is not the untrained model
     initial = state_to_arrays(build_model(bundle.model_config))
     assert any(not np.array_equal(built[k], initial[k]) for k in initial)
+    # The model the devices started from is recorded beside it, for audits, and differs from it.
+    start = load_initial_model(d)
+    assert set(start) == set(built)
+    assert any(not np.array_equal(built[k], start[k]) for k in start)
 
 
 def test_only_model_arrays_and_scalar_metrics_cross_the_wire(runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,8 +35,12 @@ def run_dir(tiny_corpus, tmp_path_factory) -> Path:
     for i, spk in enumerate(speakers[:2]):
         write_manifest([u for u in members if u.speaker == spk], root / "devices" / f"device-{i}" / "data.csv")
     write_manifest([u for u in corpus.utterances if u.speaker in speakers[2:]], root / "devices" / "test.csv")
+    from fedser.common.params import state_to_arrays
+    from fedser.server.checkpoint import save_initial_model
+
     torch.manual_seed(0)
     model = build_model(mc)
+    save_initial_model(root, state_to_arrays(model))   # as the ServerApp records the devices' start
     train_task(model, "emotion", build_task_data(members, spec, "emotion", progress=False), None,
                TrainConfig(epochs=1, batch_size=8), spec, progress=False)
     meta = {"mode": "federated", "rounds": 2, "privacy": {"user_level": {
@@ -64,7 +69,7 @@ def feature_cache(tmp_path_factory) -> Path:
 
 def _argv(run_dir, out, data, cache, *extra):
     return ["audit", str(run_dir), "--data", str(data), "--out", str(out), "--settings", "none,both",
-            "--updates-per-speaker", "2", "--reference-models", "1", "--reference-epochs", "1", "--cache",
+            "--updates-per-speaker", "2", "--reference-models", "1", "--cache",
             str(cache), "--quiet", *extra]
 
 
@@ -94,6 +99,7 @@ def test_fedser_audit_writes_the_report(audit_out):
     assert (out / "roc_membership_emotion.png").stat().st_size > 1000
     assert "sample-level epsilon" in text and "inf (no guarantee)" in text
     assert "genders shuffled" in text
+    assert "federations of the run's protocol without DP" in text and "initial_model.npz" in text
     # A membership AUC's chance column is the luck band for its counts, above 0.5 with few speakers.
     auc_rows = [line for line in text.splitlines() if line.startswith("| membership") and "| ROC AUC (" in line]
     assert auc_rows and all(float(line.rstrip(" |").rsplit("|", 1)[1]) > 0.5 for line in auc_rows)
@@ -207,3 +213,56 @@ def test_demo_report_links_the_audit(tmp_path):
     assert "[audit/audit.md](audit/audit.md)" in text
     outside = tmp_path.parent / "elsewhere" / "audit.md"
     assert f"]({outside})" in report(tmp_path, outside)
+
+
+def test_reference_federations_start_from_the_runs_initial_model(monkeypatch):
+    # Prepare: a pool of two speakers; simulate_federation replaced by a recorder
+    from fedser.common.data import TaskData
+    from fedser.common.features import FeatureSpec
+    from fedser.common.models import ModelConfig, build_model
+    from fedser.common.params import state_to_arrays
+    from fedser.tools.audit import protocol as audit_protocol
+
+    spec = FeatureSpec()
+    mc = ModelConfig(n_features=spec.n_features())
+    frames = spec.n_frames(spec.clip_samples("emotion"))
+    pool = TaskData(task="emotion", feats=torch.randn(8, spec.n_features(), frames), y=torch.arange(8) % 4,
+                    speakers=["a", "b"] * 4)
+    torch.manual_seed(1)
+    initial = state_to_arrays(build_model(mc))
+    seen = []
+
+    def record(model_config, spec, clients, protocol, seed=0, progress=False, init=None):
+        seen.append(init)
+        return dict(init)
+
+    monkeypatch.setattr(audit_protocol, "simulate_federation", record)
+    run = audit_protocol.Protocol(rounds=1, local_epochs=1)
+
+    # Execute
+    audit_protocol.reference_confidences(mc, spec, pool, 2, 1, federation=run, init=initial)
+
+    # Assert: both references started from the run's model, not from a random one each
+    assert len(seen) == 2
+    for got in seen:
+        assert set(got) == set(initial) and all(np.array_equal(got[k], initial[k]) for k in initial)
+
+
+def test_an_initial_model_of_another_run_is_refused(run_dir, tmp_path):
+    # Prepare: a copy of the run whose initial model lacks an array of the final one
+    import shutil
+
+    from fedser.server.checkpoint import INITIAL_MODEL_FILE, load_initial_model, save_initial_model
+    from fedser.tools.audit.inputs import AuditInputError, load_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    arrays = load_initial_model(copy)
+    save_initial_model(copy, dict(list(arrays.items())[1:]))
+
+    # Execute / Assert
+    with pytest.raises(AuditInputError, match="different runs"):
+        load_run(copy)
+    (copy / INITIAL_MODEL_FILE).write_bytes(b"not a zip")
+    with pytest.raises(AuditInputError, match="unreadable"):
+        load_run(copy)

@@ -112,6 +112,7 @@ class RunInfo:
     ledgers: list[Path] = field(default_factory=list)
     member_manifests: list[Path] = field(default_factory=list)
     test_manifest: Path | None = None
+    initial: dict | None = None              # the model the devices started from (initial_model.npz)
 
 
 def load_run(run_dir: str | Path) -> RunInfo:
@@ -162,10 +163,21 @@ def load_run(run_dir: str | Path) -> RunInfo:
                         f"{mc.encoder!r}: the settings belong to another run")
     if problems:
         raise AuditInputError(f"{root}: " + "; ".join(problems))
+    from fedser.common.errors import FedserError
+    from fedser.server.checkpoint import load_initial_model
+
+    try:
+        initial = load_initial_model(root)
+    except FedserError as exc:
+        raise AuditInputError(str(exc)) from exc
+    if initial is not None and set(initial) != set(bundle.state):
+        raise AuditInputError(f"{root}: its initial model's arrays differ from the final model's: the files "
+                              "belong to different runs")
     devices = root / "devices"
     return RunInfo(
         run_dir=root, bundle=bundle, settings=settings, metrics=metrics,
         ledgers=sorted(devices.glob("device-*/ledger.json")),
         member_manifests=sorted(devices.glob("device-*/data.csv")),
         test_manifest=(devices / "test.csv") if (devices / "test.csv").exists() else None,
+        initial=initial,
     )

@@ -272,7 +272,8 @@ def example_gradients(model: torch.nn.Module, data: TaskData, names: Sequence[st
 
 def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: TaskData, n_models: int,
                           epochs: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3, augment: bool = True,
-                          progress: bool = False, federation: Protocol | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          progress: bool = False, federation: Protocol | None = None,
+                          init: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Confidences (``example_confidences``) of ``n_models`` reference models, each trained (no DP)
     on a random half of ``pool``.
 
@@ -280,7 +281,8 @@ def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: Ta
     for a target trained without augmentation, and ``federation`` for a federated target: each
     reference model is then a FedAvg federation (``simulate_federation``) under that protocol
     without DP, one device per speaker of its half; ``epochs``, ``batch_size``, ``lr`` and
-    ``augment`` are ignored.
+    ``augment`` are ignored. ``init``: the model every reference starts from (the target's own
+    starting model, e.g. after public pretraining), else a fresh random one each.
 
     Returns ``(confidences (K, N), trained_on (K, N) bool)``. An example's OUT models
     (``~trained_on``) never saw it: their confidence is the example's difficulty for the
@@ -297,6 +299,8 @@ def reference_confidences(model_config: ModelConfig, spec: FeatureSpec, pool: Ta
         inside[k, idx] = True
         torch.manual_seed(seed * 1000 + k)
         model = build_model(model_config)
+        if init is not None:
+            arrays_to_state(init, model)
         if federation is not None:
             clients = list(speaker_parts(subset(pool, sorted(idx.tolist()))).values())
             protocol = dataclasses.replace(federation.variant("no DP"), expected_clients=len(clients),

@@ -7,7 +7,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -58,7 +58,6 @@ class AuditOptions:
     updates_per_speaker: int = 4
     subset_share: float = 0.5          # share of a speaker's utterances behind each update
     reference_models: int = 4
-    reference_epochs: int = 8
     chance_permutations: int = 0       # > 0: measure the attribute attack's chance band by shuffling labels
     max_epsilon: float = 8.0           # device budget the sample-level noise is calibrated to
     gender_csv: str | None = None
@@ -154,12 +153,15 @@ def _manifest_data(paths: Sequence[Path | str], spec: FeatureSpec, task: str, ca
 
 def membership_audit(model, model_config: ModelConfig, spec: FeatureSpec, members: TaskData, non_members: TaskData,
                      *, reference_models: int = 4, reference_epochs: int = 8, seed: int = 0, progress: bool = False,
-                     speaker_members: TaskData | None = None):
+                     speaker_members: TaskData | None = None, federation: Protocol | None = None,
+                     init: Mapping[str, np.ndarray] | None = None):
     """Sample- and speaker-level membership on ``model``: dict name -> RocSummary.
 
     Speaker level scores each speaker by its mean utterance score; member speakers are the
     speakers of ``members`` (or of ``speaker_members`` when given: held-out utterances of training
-    speakers), non-member speakers those of ``non_members``.
+    speakers), non-member speakers those of ``non_members``. ``federation`` and ``init`` make the
+    reference models federations of that protocol (without DP) from that starting model
+    (``reference_confidences``), so that they train like the target.
     """
     from .protocol import concat, example_scores, reference_confidences
 
@@ -170,7 +172,7 @@ def membership_audit(model, model_config: ModelConfig, spec: FeatureSpec, member
     scores = {"loss": loss_attack(losses)}
     if reference_models > 0:
         ref, inside = reference_confidences(model_config, spec, pool, reference_models, reference_epochs,
-                                            seed=seed, progress=progress)
+                                            seed=seed, progress=progress, federation=federation, init=init)
         scores["calibrated"] = calibrated_attack(confidences, ref, inside)
     out = {}
     for name, s in scores.items():
@@ -301,7 +303,7 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
         if m_data is None or n_data is None or len(m_data) < 2 or len(n_data) < 2:
             continue
         rocs = membership_audit(model, mc, spec, m_data, n_data, reference_models=opt.reference_models,
-                                reference_epochs=opt.reference_epochs, seed=opt.seed, progress=opt.progress)
+                                seed=opt.seed, progress=opt.progress, federation=protocol, init=info.initial)
         for name, roc in rocs.items():
             level, attack = name.split("/")
             what = "loss threshold" if attack == "loss" else "difficulty-calibrated confidence"
@@ -320,7 +322,12 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                          "share back for evaluation, so a few 'members' were never trained on: AUC is a slight "
                          "underestimate); non-members are the held-out speakers' utterances, so sample-level "
                          "non-members are also unseen speakers. Reference models for calibration: "
-                         f"{opt.reference_models}, each trained without DP on a random half of the candidates. The chance "
+                         f"{opt.reference_models} federations of the run's protocol without DP, one device per "
+                         "speaker of a random half of the candidates, each started from "
+                         + ("the run's own starting model (initial_model.npz: after the server's public "
+                            "pretraining, if it had any)" if info.initial is not None else
+                            "a random model (the run directory records no initial_model.npz)")
+                         + ". The chance "
                          "column of a membership AUC is the 95th percentile of the AUC of a score without signal "
                          "on as many members and non-members (1000 random labellings): with few speakers, luck "
                          "alone reaches well above 0.5.")

@@ -27,9 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--settings", default="none,sample,user,both",
                    help="privacy settings to attack updates under: none, sample, user, both (comma-separated)")
     p.add_argument("--updates-per-speaker", type=int, default=4)
-    p.add_argument("--reference-models", type=int, default=4, help="reference models of the calibrated "
-                   "membership attack (0: loss attack only)")
-    p.add_argument("--reference-epochs", type=int, default=8)
+    p.add_argument("--reference-models", type=int, default=4, help="reference federations of the calibrated "
+                   "membership attack: the run's protocol without DP, from the run's starting model "
+                   "(0: loss attack only)")
     p.add_argument("--chance-permutations", type=int, default=0, metavar="N",
                    help="measure the attribute attack's chance band over N label shufflings (0: report 0.5)")
     p.add_argument("--max-epsilon", type=float, default=8.0,
@@ -57,7 +57,7 @@ def run(args) -> int:
     from fedser.tools.audit.runner import AuditOptions, run_audit
 
     opts = AuditOptions(settings=parse_settings(args.settings), updates_per_speaker=args.updates_per_speaker,
-                        reference_models=args.reference_models, reference_epochs=args.reference_epochs,
+                        reference_models=args.reference_models,
                         chance_permutations=args.chance_permutations,
                         max_epsilon=args.max_epsilon, gender_csv=args.gender_csv, members=args.members,
                         non_members=args.non_members, seed=args.seed, cache=cache_from_args(args),

@@ -162,7 +162,7 @@ def run_demo_audit(out: Path, data: list[str], seed: int, quiet: bool) -> Path:
     from fedser.tools.audit.runner import AuditOptions, run_audit
     from fedser.common.cache import FeatureCache
 
-    opts = AuditOptions(updates_per_speaker=2, reference_models=2, reference_epochs=4, seed=seed,
+    opts = AuditOptions(updates_per_speaker=2, reference_models=2, seed=seed,
                         cache=FeatureCache(default_cache_dir() / "features"), progress=not quiet)
     return run_audit(out, data, out / "audit", opts, log=(lambda s: None) if quiet else print).report
 
