@@ -52,3 +52,30 @@ def test_report_of_a_run_without_a_server_test_set_shows_the_devices_evaluation(
     assert "evaluated by the devices on utterances they held out (federated evaluation" in text
     assert "| kws | 0.400 | 0.200 | 0.200 -> 0.400 |" in text and "| emotion |" not in text
     assert "kws rose every round (0.200 to 0.400)" in text
+
+
+@pytest.mark.parametrize(("settings", "summary", "device_eps", "says"), [
+    ({"dp": True, "noise_mode": "none"}, {"user-epsilon": float("inf"), "user-delta": 1e-5}, 7.98,
+     ["each utterance is protected with epsilon <= 7.98", "no user-level guarantee",
+      "this run adds no user-level noise", "no secure aggregation"]),
+    ({"dp": True, "noise_mode": "distributed"}, {"user-epsilon": 3.2, "user-delta": 1e-5}, 7.98,
+     ["each person (all of a device's utterances) is protected with epsilon 3.20",
+      "sqrt(m) times smaller than on their sum"]),
+    ({"dp": False, "noise_mode": "none"}, {"user-epsilon": float("inf"), "user-delta": 1e-5}, 0.0,
+     ["no DP-SGD on the devices: single utterances are not protected", "no user-level guarantee"]),
+])
+def test_demo_report_says_plainly_which_guarantee_holds(tmp_path, settings, summary, device_eps, says):
+    import json
+
+    from fedser.tools.commands.demo import report
+
+    rows = [{"round": 1, "server-kws-accuracy": 0.5, "server-kws-uar": 0.5, "max-device-epsilon": device_eps,
+             "seconds": 1.0}]
+    (tmp_path / "metrics.json").write_text(json.dumps({"rounds": rows, "summary": summary}))
+    (tmp_path / "run_settings.json").write_text(json.dumps(settings))
+
+    text = report(tmp_path)
+
+    assert "What this run guarantees:" in text
+    for phrase in says:
+        assert phrase in text, phrase

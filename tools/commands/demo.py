@@ -9,6 +9,7 @@ ends with a report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -102,6 +103,32 @@ def _pretraining_rows(out: Path) -> list[str]:
             f"| what devices trained (train-scope) | {settings.get('train_scope', 'all')} |"]
 
 
+def _guarantees(out: Path, user_eps, max_device_eps: float, delta) -> list[str]:
+    """Which guarantee this run gives, per thing protected, in plain words (the report's privacy lines)."""
+    path = out / "run_settings.json"
+    settings = json.loads(path.read_text()) if path.exists() else {}
+    dp = bool(settings.get("dp", True))
+    mode = settings.get("noise_mode", "none")
+    sample = (f"DP-SGD on every device: each utterance is protected with epsilon <= {max_device_eps:.2f} against "
+              "anyone who sees an update or a model: the server operator, other devices, whoever uses the final "
+              "model" if dp and math.isfinite(max_device_eps) and max_device_eps > 0
+              else "no DP-SGD on the devices: single utterances are not protected")
+    finite_user = isinstance(user_eps, (int, float)) and math.isfinite(user_eps)
+    if finite_user:
+        user = (f"user-level noise: each person (all of a device's utterances) is protected with epsilon "
+                f"{user_eps:.2f} (delta {delta}) in the global models")
+    else:
+        user = ("no user-level guarantee: a person's voice, gender and mood as a whole are protected only "
+                "through their utterances (user-level epsilon is infinite"
+                + (": this run adds no user-level noise; with a handful of devices the noise a finite epsilon "
+                   "needs swamps the model, it is meant for large cohorts)" if mode == "none" else ")"))
+    secure = ("the server sees each device's update (no secure aggregation): "
+              + ("the distributed noise on one update is sqrt(m) times smaller than on their sum, so against the "
+                 "server operator the user-level figure is weaker than printed" if mode == "distributed" and
+                 finite_user else "what protects a device from the server operator is the DP above"))
+    return ["", "What this run guarantees:", "", f"- {sample};", f"- {user};", f"- {secure}."]
+
+
 def _trend(curve: list[float]) -> str:
     """How held-out accuracy moved over the rounds, in words."""
     if len(curve) < 2:
@@ -148,6 +175,7 @@ def report(out: Path, audit: Path | None = None) -> str:
               f"| time per round (mean) | {sum(secs) / max(len(secs), 1):.1f} s |",
               f"| updates rejected | {summary.get('rejections', 0)} |",
               *_pretraining_rows(out),
+              *_guarantees(out, eps, max_dev, summary.get("user-delta")),
               "", f"{summary.get('user-note', '')}", "",
               "Plots: accuracy.png, privacy_and_traffic.png. Per-round figures: metrics.csv / metrics.json.",
               "Evaluate the final model on any corpus: `fedser evaluate RUN_DIR --data PATH --task kws --json`."]
