@@ -300,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("")
     rep.add("### Targets")
     rep.add("")
-    rep.add(md_table(["target", "measured", "met"], targets(table, uar_bar=max(0.65, chance_uar),
+    rep.add(md_table(["target", "measured", "met"], targets(table, uar_bar=max(0.75, chance_uar),
                                                             speaker_bar=max(0.60, band_speaker),
-                                                            update_bar=max(0.55, band_update))))
+                                                            update_bar=max(0.55, band_update),
+                                                            uar_band=chance_uar)))
     rep.add("")
     rep.add(f"Wall time {time.perf_counter() - t0:.0f} s; {load_note(load0, load_average())}.")
     rep.save()
@@ -320,16 +321,17 @@ def _row_in_worker(job):
 
 
 CURVE_Z = (0.0, 0.3, 1.0, 3.0)
-COLUMNS = {"attribute": 4, "attribute AUC": 5, "loss": 7, "calibrated": 8, "speaker": 11, "update": 12}
+COLUMNS = {"utility": 3, "attribute": 4, "attribute AUC": 5, "loss": 7, "calibrated": 8, "speaker": 11, "update": 12}
 
 
-def targets(table: list[list[str]], uar_bar: float = 0.65, speaker_bar: float = 0.60,
-            update_bar: float = 0.55) -> list[list[str]]:
-    """Issue 6's targets against the measured rows: attacks work without DP, fail at the defaults.
+def targets(table: list[list[str]], uar_bar: float = 0.75, speaker_bar: float = 0.60,
+            update_bar: float = 0.55, uar_band: float = 0.60) -> list[list[str]]:
+    """The targets against the measured rows: the attacks work without DP, fail at the defaults, and
+    the defaults keep the model's utility.
 
-    ``uar_bar``: the attribute UAR that counts as clearly above chance (at least the permutation band);
-    ``speaker_bar``, ``update_bar``: the same for the speaker-level membership AUC and membership
-    from updates.
+    ``uar_bar``: the attribute UAR an attack that works reaches (0.75, and above the permutation
+    band ``uar_band``); ``speaker_bar``, ``update_bar``: clearly above chance for the speaker-level
+    membership AUC and membership from updates.
     """
     rows = {r[0]: r for r in table}
     out = []
@@ -340,7 +342,8 @@ def targets(table: list[list[str]], uar_bar: float = 0.65, speaker_bar: float = 
         v = float(rows[setting][COLUMNS[col]])
         out.append([what, f"{v:.3f}", "yes" if ok(v) else "**no**"])
 
-    add(f"no DP: attribute UAR clearly above 0.5 (>= {uar_bar:.3f})", "no DP", "attribute", lambda v: v >= uar_bar)
+    add(f"no DP: attribute UAR >= 0.75 and above its luck band {uar_band:.3f} (>= {uar_bar:.3f})", "no DP",
+        "attribute", lambda v: v >= uar_bar)
     add("no DP: attribute AUC clearly above 0.5 (>= 0.65)", "no DP", "attribute AUC", lambda v: v >= 0.65)
     add("no DP, central: membership AUC (loss) clearly above 0.5 (>= 0.60)", "no DP, central", "loss",
         lambda v: v >= 0.60)
@@ -353,12 +356,17 @@ def targets(table: list[list[str]], uar_bar: float = 0.65, speaker_bar: float = 
         "speaker", lambda v: v >= speaker_bar)
     add(f"no DP: membership AUC from updates clearly above 0.5 (>= {update_bar:.3f})", "no DP", "update",
         lambda v: v >= update_bar)
-    add("defaults (both): attribute UAR <= 0.60", "both", "attribute", lambda v: v <= 0.60)
+    add(f"defaults (both): attribute UAR <= 0.60 and inside its luck band ({uar_band:.3f})", "both", "attribute",
+        lambda v: v <= min(0.60, uar_band))
     add("defaults (both): membership AUC (loss) <= 0.55", "both", "loss", lambda v: v <= 0.55)
     add("defaults (both): membership AUC (calibrated) <= 0.55", "both", "calibrated", lambda v: v <= 0.55)
     add("defaults (both): speaker-level membership AUC (calibrated) <= 0.55", "both", "speaker",
         lambda v: v <= 0.55)
     add("defaults (both): membership AUC from updates <= 0.55", "both", "update", lambda v: v <= 0.55)
+    if "no DP" in rows:
+        base = float(rows["no DP"][COLUMNS["utility"]])
+        add(f"defaults (both): utility >= 0.95x no DP ({0.95 * base:.3f})", "both", "utility",
+            lambda v: v >= 0.95 * base)
     return out
 
 
