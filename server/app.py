@@ -33,7 +33,7 @@ from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_chec
 from .pretrain import PublicCorpus, pretrain
 from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
-from .settings import RunSettings
+from .settings import RUN_COMPLETE, RUN_FAILED, RunSettings
 from .robust import TrimmedMeanHeteroFedAvg
 from .strategy import HeteroFedAvg
 
@@ -52,7 +52,12 @@ def _progress(run_dir: Path, text: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    FederatedRun(settings).execute(grid)
+    try:
+        FederatedRun(settings).execute(grid)
+    except Exception as exc:
+        if Path(settings.run_dir).is_dir():
+            _progress(Path(settings.run_dir), f"{RUN_FAILED}: {type(exc).__name__}: {exc}")
+        raise
 
 
 class FederatedRun:
@@ -170,7 +175,7 @@ class FederatedRun:
                       f"user eps {user_eps:.2f}; "
                       + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
         self._final_bundle(record_to_arrays(arrays), accountant, rows)
-        _progress(self.run_dir, "run complete")
+        _progress(self.run_dir, RUN_COMPLETE)
 
     def _report(self, rows: list[dict], accountant: UserLevelAccountant) -> None:
         summary = {"rounds": len(rows), **{f"user-{k}": v for k, v in accountant.summary(self.s.user_delta).items()

@@ -33,7 +33,7 @@ from fedser.common.errors import ConfigError, FedserError
 
 from .checkpoint import CHECKPOINT_FILE
 from .flower_app import run_config_defaults, write_app_dir
-from .settings import CORPUS_SETTINGS
+from .settings import CORPUS_SETTINGS, RUN_ENDED
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -124,6 +124,11 @@ def _print_progress(path: Path, seen: int) -> int:
     for line in lines[seen:]:
         print(f"[server] {line}", flush=True)
     return len(lines)
+
+
+def _ends_run(line: str) -> bool:
+    """Whether a progress.log line ("HH:MM:SS text") is the ServerApp's last."""
+    return line.partition(" ")[2].startswith(RUN_ENDED)
 
 
 def _superlink_address(text: str) -> tuple[str, int]:
@@ -265,11 +270,17 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         print(f"SuperLink {where}; run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} "
               "device(s)", flush=True)
 
-        def on_poll(_status) -> None:
+        def show_progress() -> bool:
+            """Print new progress lines; True once this run's ServerApp has logged its end."""
             nonlocal seen
+            before = seen
             seen = _print_progress(progress, seen)
+            return seen > before and any(_ends_run(line) for line in progress.read_text().splitlines()[before:seen])
 
-        status = flower_cli.wait_for_run(run_id, env=env, timeout=args.timeout, on_poll=on_poll)
+        # The progress log is read every half second; the SuperLink is asked every 15 s (or at once
+        # when the log says the run ended), since each question starts a `flwr` process.
+        status = flower_cli.wait_for_run(run_id, env=env, timeout=args.timeout, poll=15.0,
+                                         on_poll=lambda _status: show_progress(), check_now=show_progress)
         _print_progress(progress, seen)
         if not status.succeeded:
             print(f"run {run_id} {status.sub_status or status.status}: {status.details}", file=sys.stderr)

@@ -291,14 +291,21 @@ def wait_for_run(
     timeout: float = 3600.0,
     poll: float = 2.0,
     on_poll: Callable[[RunStatus], None] | None = None,
+    check_now: Callable[[], bool] | None = None,
 ) -> RunStatus:
     """Poll until ``run_id`` is finished and return its final status.
 
     Check ``.succeeded`` (sub-status "completed"); a failed run carries the
     ServerApp's error in ``.details`` and its log in :func:`run_logs`. Raises
     ``TimeoutError`` if the run is still going after ``timeout`` seconds.
+
+    Each poll is a ``flwr ls`` process (about 1.4 CPU seconds), which a small server pays for
+    the whole run. ``check_now`` is called every half second between polls; once it returns True
+    (e.g. the run's own progress log says it has ended) the status is asked at once and then
+    every ``min(poll, 2)`` seconds, so that ``poll`` can be long.
     """
     deadline = time.monotonic() + timeout
+    hinted = False
     while True:
         try:
             status = run_status(run_id, connection, env=env)
@@ -313,7 +320,12 @@ def wait_for_run(
                 return status
             if time.monotonic() + poll > deadline:
                 raise TimeoutError(f"run {run_id} still {status.status} after {timeout:.0f} s")
-        time.sleep(poll)
+        wake = time.monotonic() + (min(poll, 2.0) if hinted else poll)
+        while (left := wake - time.monotonic()) > 0:
+            time.sleep(min(0.5, left) if check_now is not None else left)
+            if check_now is not None and not hinted and check_now():
+                hinted = True
+                break
 
 
 def run_logs(

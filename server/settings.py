@@ -10,6 +10,11 @@ from fedser.common.keys import NOISE_MODES, TRAIN_SCOPES, parse_tiers
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
+# The ServerApp's last progress line (progress.log): ``fedser-server start`` watches for them.
+RUN_COMPLETE = "run complete"
+RUN_FAILED = "run failed"
+RUN_ENDED = (RUN_COMPLETE, RUN_FAILED)
+
 
 def _convert(raw: object, typ: str) -> object:
     """``raw`` as ``typ`` ("bool", "int", "float" or "str"); ValueError when it is not one.
