@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedser.common import keys
 from fedser.common.bundle import Bundle, save_bundle
+from fedser.common.cache import FeatureCache
 from fedser.common.data import HEAD_CLASSES
 from fedser.common.errors import ConfigError
 from fedser.common.fsutil import atomic_write
@@ -82,7 +83,8 @@ class FederatedRun:
                             "num-rounds": settings.num_server_rounds,
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
                             "timeout": settings.round_timeout}, **extra)
-        self.evaluator = ServerEvaluator(settings.eval_data, self.spec) if settings.eval_data else None
+        self.cache = FeatureCache(settings.feature_cache or None)
+        self.evaluator = ServerEvaluator(settings.eval_data, self.spec, self.cache) if settings.eval_data else None
 
     def _initial_state(self, grid: Grid) -> ServerState:
         torch.manual_seed(self.s.seed)
@@ -91,7 +93,8 @@ class FederatedRun:
             ([PublicCorpus(self.s.public_corpus)] if self.s.public_corpus else [])
         if public:
             _progress(self.run_dir, "pretraining on public speech: " + ", ".join(c.path for c in public))
-            reports = pretrain(model, public, self.spec, epochs=self.s.kws_pretrain_epochs, seed=self.s.seed)
+            reports = pretrain(model, public, self.spec, epochs=self.s.kws_pretrain_epochs, seed=self.s.seed,
+                               cache=self.cache)
             _progress(self.run_dir, "pretrained " + "; ".join(
                 f"{t}: validation accuracy {r['accuracy']:.3f}" if r else f"{t}: too few public speakers to validate"
                 for t, r in reports.items()))

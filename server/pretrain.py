@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from fedser.common.augment import Augmenter
+from fedser.common.cache import FeatureCache
 from fedser.common.corpora import Utterance, load_corpus
 from fedser.common.data import build_task_data
 from fedser.common.errors import ConfigError
@@ -51,7 +52,7 @@ def public_utterances(corpora: list[PublicCorpus]) -> dict[str, list[Utterance]]
 
 
 def pretrain(model: MultiTaskNet, corpora: list[PublicCorpus], spec: FeatureSpec, epochs: int,
-             seed: int = 0) -> dict[str, dict]:
+             seed: int = 0, cache: FeatureCache | None = None) -> dict[str, dict]:
     """Train ``model``'s encoder and heads in place on public corpora; returns task -> validation report."""
     by_task = public_utterances(corpora)
     tasks = [t for t in TASKS if t in by_task]
@@ -65,8 +66,8 @@ def pretrain(model: MultiTaskNet, corpora: list[PublicCorpus], spec: FeatureSpec
                 # A validation speaker with one label (a slice of background noise, say) would stop
                 # training on a meaningless score: train on everyone, all epochs, instead.
                 train_u, val_u = utts, []
-        data[task] = (build_task_data(train_u, spec, task, keep_waves=True, progress=False),
-                      build_task_data(val_u, spec, task, progress=False) if val_u else None)
+        data[task] = (build_task_data(train_u, spec, task, cache, keep_waves=True, progress=False),
+                      build_task_data(val_u, spec, task, cache, progress=False) if val_u else None)
     cfg = TrainConfig(epochs=epochs, patience=PATIENCE, seed=seed)
     for task in tasks:
         train, val = data[task]

@@ -68,6 +68,7 @@ class RunSettings:
     public_corpus: str = ""           # public speech to pretrain the encoder + every head it has labels for
     kws_pretrain_epochs: int = 60     # epochs of that pretraining (early stopping on public speakers)
     eval_data: str = ""               # corpus for server-side evaluation each round
+    feature_cache: str = ""           # folder caching the server's features (eval-data, public speech); "" = none
     resume: bool = False
     round_timeout: float = 600.0
     connect_timeout: float = 3600.0   # seconds a round waits for min-clients devices to be connected

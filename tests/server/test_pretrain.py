@@ -53,3 +53,30 @@ def test_validation_speakers_with_a_single_label_are_not_used_to_stop_training(t
 
     # Assert: trained on every speaker, without a validation score to report
     assert reports == {"kws": {}}
+
+
+def test_the_servers_features_come_from_its_cache_in_later_runs(tiny_corpus, tmp_path, monkeypatch):
+    # Prepare: a first run fills the server's feature cache (run setting feature-cache)
+    from fedser.server.app import FederatedRun
+    from fedser.server.settings import RunSettings
+
+    settings = RunSettings.from_run_config({"run-dir": str(tmp_path / "run"), "feature-cache": str(tmp_path / "cache"),
+                                           "eval-data": str(tiny_corpus / "emotion")})
+    first = FederatedRun(settings)
+    torch.manual_seed(0)
+    pretrain(build_model(first.model_config), [PublicCorpus(str(tiny_corpus / "commands"), ("kws",), "kws-corpus")],
+             first.spec, epochs=1, cache=first.cache)
+
+    def no_front_end(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr("fedser.common.data.FrontEnd", no_front_end)
+
+    # Execute: the next run over the same corpora
+    again = FederatedRun(settings)
+    pretrain(build_model(again.model_config), [PublicCorpus(str(tiny_corpus / "commands"), ("kws",), "kws-corpus")],
+             again.spec, epochs=1, cache=again.cache)
+
+    # Assert: the evaluation corpus is the same, read from the cache
+    assert set(again.evaluator.data) == {"emotion"}
+    torch.testing.assert_close(again.evaluator.data["emotion"].feats, first.evaluator.data["emotion"].feats)

@@ -247,7 +247,7 @@ def run(args) -> int:
         server_argv += ["--eval-data", str(test_csv), "--config", "evaluate-every=0"]
     if public_csv is not None:
         server_argv += ["--public-corpus", str(public_csv)]
-    server_argv += ["--config", f"train-scope={scope}"]
+    server_argv += ["--config", f"train-scope={scope}", "--config", f"feature-cache={cache}"]
     if args.no_dp:
         server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
     elif args.user_noise > 0:
