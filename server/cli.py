@@ -270,12 +270,16 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         print(f"SuperLink {where}; run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} "
               "device(s)", flush=True)
 
+        ended = False
+
         def show_progress() -> bool:
             """Print new progress lines; True once this run's ServerApp has logged its end."""
-            nonlocal seen
+            nonlocal seen, ended
             before = seen
             seen = _print_progress(progress, seen)
-            return seen > before and any(_ends_run(line) for line in progress.read_text().splitlines()[before:seen])
+            if seen > before and not ended:
+                ended = any(_ends_run(line) for line in progress.read_text().splitlines()[before:seen])
+            return ended
 
         # The progress log is read every half second; the SuperLink is asked every 15 s (or at once
         # when the log says the run ended), since each question starts a `flwr` process.

@@ -21,7 +21,6 @@ from .config import STDIN_FORMATS
 from .listener import Notice, to_stderr
 
 
-
 def _rate_notice(name: str, rate: int, target: int, notice: Notice) -> None:
     if rate != target:
         notice(f"{name} is {rate} Hz; resampling to {target} Hz")
