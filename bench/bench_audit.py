@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedser.common.params import arrays_to_state, state_to_arrays
     from fedser.server.plots import curves_png
     from fedser.common.training import TrainConfig, evaluate_task, train_task
+    from fedser.server.settings import RunSettings
 
     torch.set_num_threads(1)
     quick = args.quick
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     # The federations are longer than the project's default run (3 rounds x 1 local epoch): a
     # model that has barely left its random start (emotion UAR at chance after 3 rounds) leaks
     # nothing, and an audit must show what DP hides in a model that did learn. The privacy
-    # settings are the project's defaults (device budget epsilon 8, user-level z=1 distributed,
-    # C=2). The "no DP, central" row trains the same members for many epochs: the setting where
+    # settings are the project's defaults (device budget epsilon 8, user-level z=1 in the run
+    # settings' default noise mode, C=2). The "no DP, central" row trains the same members for many epochs: the setting where
     # a model memorises, and the check that the membership attacks can find memorisation.
     rounds = args.rounds or (1 if quick else 20)
     local_epochs = args.local_epochs or (1 if quick else 5)
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     n_perm = 4 if quick else 12     # label shufflings for the attribute attack's chance band
     n_ref_central = 1 if quick else 2
     n_ref_fed = 1 if quick else 4
-    base = Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode="distributed",
+    mode = RunSettings(run_dir="-").noise_mode
+    other_mode = "distributed" if mode == "local" else "local"
+    base = Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode=mode,
                     expected_clients=len(insiders), total_clients=len(insiders), dp=True, max_epsilon=8.0,
                     rounds=rounds, local_epochs=local_epochs, batch_size=16, learning_rate=3e-3)
     rep.add(machine_line() + ".")
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"speakers ({len(non_members)} utterances) for utility and speaker-level membership. {rounds} rounds x "
             f"{local_epochs} local epochs, batch 16, Adam lr 0.003, every device every round; update clip C=2.0; "
             f"DP-SGD noise calibrated to a device budget of epsilon 8 (delta 1e-5) over the run, max grad norm 1.0; "
-            f"user-level noise distributed over m={len(insiders)}. Attribute inference: {k_updates} updates per "
+            f"user-level noise in {mode} mode, m={len(insiders)}. Attribute inference: {k_updates} updates per "
             f"speaker from each final model, all {len(attack_speakers)} speakers as shadow/target in grouped "
             f"cross-validation, each corpus's updates centred on its shadow updates' mean. Calibrated membership "
             f"(log-odds of the true label minus its mean under reference models that did not train on the "
@@ -196,13 +199,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return out
 
-    # Distributed noise (the default) puts z*C/sqrt(m) on each update, so that the sum carries z*C:
-    # without secure aggregation the server reads each update with that smaller noise. The local
-    # mode row shows the protection full z*C noise per update gives against a curious server.
+    # Local noise (the default while there is no secure aggregation) puts z*C on every update;
+    # distributed noise puts z*C/sqrt(m) on each, so that only the sum carries z*C: less noise in
+    # the model, but the server reads each update with the smaller noise. The other mode's row
+    # shows the difference.
     runs = [("no DP", base.variant("no DP")), ("sample-level DP", base.variant("sample-level DP")),
             ("user-level DP", base.variant("user-level DP")), ("both", base.variant("both")),
-            ("user-level DP, local noise", dataclasses.replace(base.variant("user-level DP"), noise_mode="local"))]
-    # The privacy/utility curve varies the user-level noise z (distributed, DP-SGD off: the
+            (f"user-level DP, {other_mode} noise",
+             dataclasses.replace(base.variant("user-level DP"), noise_mode=other_mode))]
+    # The privacy/utility curve varies the user-level noise z (default mode, DP-SGD off: the
     # server-side knob). z=0 and z=1 are the "no DP" and "user-level DP" rows themselves.
     curve_only = [(f"curve z={z:g}", dataclasses.replace(base.variant("user-level DP"), noise_multiplier=z))
                   for z in CURVE_Z if z not in (0.0, base.noise_multiplier)]
@@ -269,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             "(labels shuffled 1000 times). A figure below its band is indistinguishable from luck.")
     rep.add("")
     rep.add("Epsilons come from Opacus accountants: sample-level for a device with the median member's data "
-            "over all rounds, user-level from the server's accountant (q = 1, every device every round).")
+            "over all rounds, user-level from the server's accountant (q = 1, every device every round) at noise "
+            "multiplier z. With local noise the aggregate carries more than z (about z*sqrt(m) for equal "
+            "devices), so there the user epsilon printed is an upper bound.")
     curve = []
     for z in CURVE_Z:
         r = by_label["no DP" if z == 0 else "user-level DP" if z == base.noise_multiplier else f"curve z={z:g}"]
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                       "membership AUC (calibrated)": r["mi"]["sample/calibrated"].auc,
                       "speaker-level AUC (calibrated)": r["mi"]["speaker/calibrated"].auc, "seconds": r["seconds"]})
     rep.add("")
-    rep.add(f"### Privacy/utility curve (user-level noise z varied, distributed over m={len(insiders)}, DP-SGD off; "
+    rep.add(f"### Privacy/utility curve (user-level noise z varied, {mode} mode, m={len(insiders)}, DP-SGD off; "
             f"{rounds} rounds x {local_epochs} local epochs, {k_updates} updates per speaker)")
     rep.add("")
     rep.add(md_table(["user-level z", "user eps", "utility: emotion UAR", "attribute UAR", "attribute AUC",

@@ -58,7 +58,9 @@ class RunSettings:
     seed: int = 0
     clip_norm: float = 2.0            # user-level update clipping bound C
     noise_multiplier: float = 1.0     # user-level noise multiplier z
-    noise_mode: str = "distributed"   # local | distributed | none
+    # local | distributed | none. Local until secure aggregation exists: the server reads each update,
+    # and only local noise gives each one the full z*C (distributed gives it z*C/sqrt(m)).
+    noise_mode: str = "local"
     user_delta: float = 1e-5
     dp: bool = True                   # sample-level DP-SGD on devices
     dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it

@@ -63,6 +63,8 @@ def test_report_of_a_run_without_a_server_test_set_shows_the_devices_evaluation(
       "sqrt(m) times smaller than on their sum"]),
     ({"dp": False, "noise_mode": "none"}, {"user-epsilon": float("inf"), "user-delta": 1e-5}, 0.0,
      ["no DP-SGD on the devices: single utterances are not protected", "no user-level guarantee"]),
+    ({"dp": True, "noise_mode": "local"}, {"user-epsilon": 5.0, "user-delta": 1e-5}, 7.98,
+     ["protected with epsilon 5.00", "each update carries the full user-level noise (local mode)"]),
 ])
 def test_demo_report_says_plainly_which_guarantee_holds(tmp_path, settings, summary, device_eps, says):
     import json

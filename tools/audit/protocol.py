@@ -35,6 +35,7 @@ SETTINGS = ("no DP", "sample-level DP", "user-level DP", "both")
 """The four privacy settings the audit compares (sample-level = DP-SGD, user-level = update noise)."""
 
 DEFAULT_USER_NOISE = 1.0   # the run config's default noise-multiplier, used when a run had none
+DEFAULT_USER_NOISE_MODE = "local"   # and its default noise-mode
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Protocol:
 
     clip_norm: float = 2.0
     noise_multiplier: float = 1.0
-    noise_mode: str = "distributed"
+    noise_mode: str = "local"
     expected_clients: int = 2
     total_clients: int = 2
     dp: bool = True
@@ -95,13 +96,13 @@ class Protocol:
 
     def variant(self, setting: str) -> "Protocol":
         """This protocol switched to one of ``SETTINGS``; user-level noise keeps the run's z and mode
-        when it had them, else the project defaults (z=1, distributed)."""
+        when it had them, else the project defaults (z=1, local)."""
         if setting not in SETTINGS:
             raise AuditInputError(f"setting {setting!r} must be one of {SETTINGS}")
         i = SETTINGS.index(setting)
         user, sample = bool(i & 2), bool(i & 1)
         if user:
-            mode = self.noise_mode if self.noise_mode != "none" else "distributed"
+            mode = self.noise_mode if self.noise_mode != "none" else DEFAULT_USER_NOISE_MODE
             z = self.noise_multiplier if self.noise_multiplier > 0 else DEFAULT_USER_NOISE
         else:
             mode, z = "none", 0.0

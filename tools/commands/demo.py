@@ -122,10 +122,14 @@ def _guarantees(out: Path, user_eps, max_device_eps: float, delta) -> list[str]:
                 "through their utterances (user-level epsilon is infinite"
                 + (": this run adds no user-level noise; with a handful of devices the noise a finite epsilon "
                    "needs swamps the model, it is meant for large cohorts)" if mode == "none" else ")"))
-    secure = ("the server sees each device's update (no secure aggregation): "
-              + ("the distributed noise on one update is sqrt(m) times smaller than on their sum, so against the "
-                 "server operator the user-level figure is weaker than printed" if mode == "distributed" and
-                 finite_user else "what protects a device from the server operator is the DP above"))
+    secure = "the server sees each device's update (no secure aggregation): "
+    if finite_user and mode == "distributed":
+        secure += ("the distributed noise on one update is sqrt(m) times smaller than on their sum, so against the "
+                   "server operator the user-level figure is weaker than printed")
+    elif finite_user and mode == "local":
+        secure += "each update carries the full user-level noise (local mode), so the server reads it under that noise"
+    else:
+        secure += "what protects a device from the server operator is the DP above"
     return ["", "What this run guarantees:", "", f"- {sample};", f"- {user};", f"- {secure}."]
 
 
