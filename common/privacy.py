@@ -162,9 +162,10 @@ def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "
                orders: Sequence[float] | None = None) -> float:
     """Epsilon at ``delta`` spent by the composition of every record in ``history``.
 
-    Computed by a stock Opacus accountant ("rdp" or "prv") with its ``history`` set from the
-    records (RDP over ``orders``, default Opacus' grid). An empty history (or only zero-step
-    records) spends 0; any record with noise multiplier 0 spends ``inf`` (no noise, no guarantee).
+    "rdp": Opacus' RDP analysis over ``orders`` (default Opacus' grid), exactly what its
+    ``RDPAccountant`` gives (:func:`_rdp_epsilon`); "prv": a stock ``PRVAccountant`` with its
+    ``history`` set from the records. An empty history (or only zero-step records) spends 0; any
+    record with noise multiplier 0 spends ``inf`` (no noise, no guarantee).
     """
     problems: list[str] = []
     _check_delta(delta, problems)
@@ -182,12 +183,7 @@ def epsilon_of(history: Iterable[SpendRecord], delta: float, accountant: str = "
     acc = create_accountant(mechanism=accountant)
     acc.history = merged
     with warnings.catch_warnings():
-        # RDP warns when the best order sits at the edge of its default grid: the bound is still
-        # valid (only looser). The default grid is kept so stock Opacus reproduces the figure.
-        warnings.filterwarnings("ignore", message="Optimal order is")
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
-        if orders is not None and accountant == "rdp":
-            return float(acc.get_epsilon(delta=float(delta), alphas=list(orders)))
         return float(acc.get_epsilon(delta=float(delta)))
 
 
@@ -205,6 +201,8 @@ def _rdp_epsilon(merged: list[tuple[float, float, int]], delta: float, orders: S
     alphas = tuple(RDPAccountant.DEFAULT_ALPHAS if orders is None else orders)
     rdp = sum([_rdp_one_step(z, q, alphas) * steps for z, q, steps in merged])
     with warnings.catch_warnings():
+        # RDP warns when the best order sits at the edge of its default grid: the bound is still
+        # valid (only looser). The default grid is kept so stock Opacus reproduces the figure.
         warnings.filterwarnings("ignore", message="Optimal order is")
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.")
         eps, _ = get_privacy_spent(orders=list(alphas), rdp=rdp, delta=delta)

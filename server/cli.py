@@ -117,18 +117,39 @@ def run_config_from_args(args) -> dict:
     return cfg
 
 
-def _print_progress(path: Path, seen: int) -> int:
+def _print_progress(path: Path, seen: int, echo: bool = True) -> list[str]:
+    """The lines of ``path`` after the first ``seen``, printed unless ``echo`` is False."""
     if not path.exists():
-        return seen
-    lines = path.read_text().splitlines()
-    for line in lines[seen:]:
+        return []
+    new = path.read_text().splitlines()[seen:]
+    for line in new if echo else ():
         print(f"[server] {line}", flush=True)
-    return len(lines)
+    return new
 
 
 def _ends_run(line: str) -> bool:
     """Whether a progress.log line ("HH:MM:SS text") is the ServerApp's last."""
     return line.partition(" ")[2].startswith(RUN_ENDED)
+
+
+def follow_run(run_id: int, progress: Path, seen: int, *, env: dict, timeout: float,
+               connection: str = flower_cli.DEFAULT_CONNECTION, echo: bool = True) -> flower_cli.RunStatus:
+    """Follow run ``run_id`` to its end: its progress log (lines after the first ``seen``, printed
+    unless ``echo`` is False) every half second, and the SuperLink every 15 s, or at once when the
+    log says the run ended, since each question starts a ``flwr`` process (about 1.4 CPU-s)."""
+    ended = False
+
+    def show_progress() -> bool:
+        nonlocal seen, ended
+        new = _print_progress(progress, seen, echo)
+        seen += len(new)
+        ended = ended or any(_ends_run(line) for line in new)
+        return ended
+
+    status = flower_cli.wait_for_run(run_id, connection, env=env, timeout=timeout, poll=15.0,
+                                     on_poll=lambda _status: show_progress(), check_now=show_progress)
+    show_progress()
+    return status
 
 
 def _superlink_address(text: str) -> tuple[str, int]:
@@ -270,22 +291,7 @@ def _follow(args, run_dir: Path, run_config: dict, attach: tuple[str, int] | Non
         print(f"SuperLink {where}; run {run_id} submitted; waiting for {run_config.get('min-clients', 2)} "
               "device(s)", flush=True)
 
-        ended = False
-
-        def show_progress() -> bool:
-            """Print new progress lines; True once this run's ServerApp has logged its end."""
-            nonlocal seen, ended
-            before = seen
-            seen = _print_progress(progress, seen)
-            if seen > before and not ended:
-                ended = any(_ends_run(line) for line in progress.read_text().splitlines()[before:seen])
-            return ended
-
-        # The progress log is read every half second; the SuperLink is asked every 15 s (or at once
-        # when the log says the run ended), since each question starts a `flwr` process.
-        status = flower_cli.wait_for_run(run_id, env=env, timeout=args.timeout, poll=15.0,
-                                         on_poll=lambda _status: show_progress(), check_now=show_progress)
-        _print_progress(progress, seen)
+        status = follow_run(run_id, progress, seen, env=env, timeout=args.timeout)
         if not status.succeeded:
             print(f"run {run_id} {status.sub_status or status.status}: {status.details}", file=sys.stderr)
             print(flower_cli.run_logs(run_id, env=env)[-4000:], file=sys.stderr)

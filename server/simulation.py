@@ -30,7 +30,7 @@ from . import flower_cli
 from fedser.common.errors import ConfigError, FedserError
 from fedser.common.partitions import TEST_MANIFEST, read_partitions
 
-from .cli import _print_progress, _typed
+from .cli import _typed, follow_run
 from .flower_app import run_config_defaults, write_app_dir
 from .settings import CORPUS_SETTINGS, RunSettings
 
@@ -149,30 +149,12 @@ def _stop_pids(pids: list[int], grace: float = 5.0) -> None:
 
 
 def _wait(run_id: int, env: dict, progress: Path, seen: int, args) -> flower_cli.RunStatus:
-    """Follow progress.log every second; ask the SuperLink for the run's status (a ``flwr``
-    process, about a CPU-second each) only every 15 s, or every 2 s once the run says it is
-    complete."""
-    deadline = time.monotonic() + args.timeout
-    next_check = time.monotonic() + 15
-    while True:
-        if not args.quiet:
-            seen = _print_progress(progress, seen)
-        done = progress.exists() and "run complete" in progress.read_text()[-200:]
-        if done:   # only Ray's shutdown is left: check soon, and every 2 s
-            next_check = min(next_check, time.monotonic() + 2)
-        if time.monotonic() >= next_check:
-            try:
-                status = flower_cli.run_status(run_id, CONNECTION, env=env)
-            except flower_cli.FlowerCommandError:
-                status = None     # a busy SuperLink answers on the next try
-            if status is not None and status.finished:
-                if not args.quiet:
-                    _print_progress(progress, seen)
-                return status
-            next_check = time.monotonic() + (2 if done else 15)
-        if time.monotonic() > deadline:
-            raise FedserError(f"simulation run {run_id} still going after {args.timeout:.0f} s; stopped")
-        time.sleep(1.0)
+    """Follow the run to its end (``follow_run``: the progress log, and the SuperLink seldom)."""
+    try:
+        return follow_run(run_id, progress, seen, env=env, timeout=args.timeout, connection=CONNECTION,
+                          echo=not args.quiet)
+    except TimeoutError:
+        raise FedserError(f"simulation run {run_id} still going after {args.timeout:.0f} s; stopped") from None
 
 
 def simulate(args) -> int:

@@ -92,10 +92,8 @@ def _tail(path: Path, seen: int, quiet: bool) -> int:
     return len(lines)
 
 
-def _pretraining_rows(out: Path) -> list[str]:
+def _pretraining_rows(settings: dict) -> list[str]:
     """Report rows on public pretraining, from the run's settings (none when it had none)."""
-    path = out / "run_settings.json"
-    settings = json.loads(path.read_text()) if path.exists() else {}
     public = [p for p in (settings.get("public_corpus"), settings.get("kws_corpus")) if p]
     if not public:
         return []
@@ -103,10 +101,8 @@ def _pretraining_rows(out: Path) -> list[str]:
             f"| what devices trained (train-scope) | {settings.get('train_scope', 'all')} |"]
 
 
-def _guarantees(out: Path, user_eps, max_device_eps: float, delta) -> list[str]:
+def _guarantees(settings: dict, user_eps, max_device_eps: float, delta) -> list[str]:
     """Which guarantee this run gives, per thing protected, in plain words (the report's privacy lines)."""
-    path = out / "run_settings.json"
-    settings = json.loads(path.read_text()) if path.exists() else {}
     dp = bool(settings.get("dp", True))
     mode = settings.get("noise_mode", "none")
     sample = (f"DP-SGD on every device: each utterance is protected with epsilon <= {max_device_eps:.2f} against "
@@ -147,6 +143,8 @@ def _trend(curve: list[float]) -> str:
 
 def report(out: Path, audit: Path | None = None) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
+    settings_path = out / "run_settings.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
     rows, summary = metrics["rounds"], metrics["summary"]
     last = rows[-1] if rows else {}
     # The server's own evaluation on held-out speakers when the run had one (--eval-data); else the
@@ -178,8 +176,8 @@ def report(out: Path, audit: Path | None = None) -> str:
               f"| bytes sent / received | {sent:,} / {recv:,} |",
               f"| time per round (mean) | {sum(secs) / max(len(secs), 1):.1f} s |",
               f"| updates rejected | {summary.get('rejections', 0)} |",
-              *_pretraining_rows(out),
-              *_guarantees(out, eps, max_dev, summary.get("user-delta")),
+              *_pretraining_rows(settings),
+              *_guarantees(settings, eps, max_dev, summary.get("user-delta")),
               "", f"{summary.get('user-note', '')}", "",
               "Plots: accuracy.png, privacy_and_traffic.png. Per-round figures: metrics.csv / metrics.json.",
               "Evaluate the final model on any corpus: `fedser evaluate RUN_DIR --data PATH --task kws --json`."]
