@@ -177,10 +177,11 @@ def train(msg: Message, context: Context) -> Message:
         keys.HEADS: keys.heads_to_mask(data.tasks),
         keys.LOCAL_STEPS: result.steps,
         keys.WALL_TIME: time.perf_counter() - t0,
-        keys.UPDATE_NORM: float(result.stats.norm_before),
         keys.MODEL_VERSION: int(cfg[keys.MODEL_VERSION]),
         keys.DP_NOISE_MULTIPLIER: float(sample_noise or 0.0),
     }
+    if result.clip_bit is not None:
+        metrics[keys.CLIP_BIT] = result.clip_bit
     for t in data.tasks:
         metrics[f"num-examples-{t}"] = len(data.train[t])
     return Message(RecordDict({keys.ARRAYS: arrays_to_record(result.sent), keys.METRICS: MetricRecord(metrics)}),

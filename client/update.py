@@ -17,6 +17,7 @@ a device sends.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class RoundSettings:
     noise_multiplier: float = 1.0   # user-level noise multiplier z
     noise_mode: str = "distributed"
     expected_clients: int = 1       # m, the devices per round distributed noise is split over
+    # Adaptive clipping: std of the noise on the bit "norm <= C" the device sends; None = fixed clip.
+    clip_count_std: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "RoundSettings":
@@ -59,15 +62,21 @@ class RoundSettings:
         missing = [key for field, key in _CONFIG_KEYS.items() if key not in cfg and field not in ("dp", "scope")]
         if missing:
             raise KeyError(f"the instruction lacks {', '.join(missing)}")
-        return cls.announced(cfg)
+        settings = cls.announced(cfg)
+        if settings.clip_count_std is not None and not (math.isfinite(settings.clip_count_std)
+                                                        and settings.clip_count_std >= 0):
+            raise ValueError(f"{keys.CLIP_COUNT_STD} must be a finite number >= 0, got {settings.clip_count_std}")
+        return settings
 
     @classmethod
     def announced(cls, cfg: Mapping) -> "RoundSettings":
         """What a query says about the coming round: the keys it carries, the defaults for the rest
         (a device checks its policy against it; the train instruction itself is checked again)."""
         defaults = cls()
+        count_std = cfg.get(keys.CLIP_COUNT_STD)
         return cls(**{field: type(getattr(defaults, field))(cfg.get(key, getattr(defaults, field)))
-                      for field, key in _CONFIG_KEYS.items()})
+                      for field, key in _CONFIG_KEYS.items()},
+                   clip_count_std=None if count_std is None else float(count_std))
 
 
 # RoundSettings field -> its key in an instruction's ConfigRecord.
@@ -97,6 +106,7 @@ class RoundResult:
     losses: list[float]                  # final training loss per task
     steps: int                           # optimizer steps over all tasks
     spend: list[SpendRecord]             # sample-level spend per task (empty without DP)
+    clip_bit: float | None = None        # noised "norm <= C" under adaptive clipping (None: fixed clip)
 
 
 def train_round(model: torch.nn.Module, global_arrays: Mapping[str, np.ndarray], data: Mapping[str, TaskData],
@@ -140,7 +150,12 @@ def train_round(model: torch.nn.Module, global_arrays: Mapping[str, np.ndarray],
     sent, stats = privatize_update(local_delta, clip_norm=settings.clip_norm,
                                    noise_multiplier=settings.noise_multiplier, mode=settings.noise_mode,
                                    expected_clients=settings.expected_clients, rng=rng, frozen=frozen)
-    return RoundResult(sent, local_delta, stats, losses, steps, spend)
+    clip_bit = None
+    if settings.clip_count_std is not None:
+        # The only thing about the norm that leaves the device, noised like the update itself.
+        clip_bit = float(stats.norm_before <= settings.clip_norm) + float(rng.normal(0.0, settings.clip_count_std)) \
+            if settings.clip_count_std > 0 else float(stats.norm_before <= settings.clip_norm)
+    return RoundResult(sent, local_delta, stats, losses, steps, spend, clip_bit)
 
 
 def privatize_update(

@@ -537,3 +537,72 @@ def noise_energy_bounds(n: int, clip_norm: float, noise_std: float, tail: float 
     low = n - 2.0 * math.sqrt(n * y) - cross
     high = n + 2.0 * math.sqrt(n * y) + 2.0 * y + cross + c * c
     return low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive Clipping", 2021)
+
+
+def combined_noise_multiplier(update_noise: float, count_noise_sum: float) -> float:
+    """The user-level z of a round that releases the noised update sum (multiplier ``update_noise``)
+    and the noised count of updates within the clip (noise std ``count_noise_sum`` on the sum of the
+    bits). A user's bit, centred, moves the count by at most 1/2, so the pair is one Gaussian
+    mechanism of multiplier ``(z_u^-2 + (2 sigma_b)^-2)^-1/2`` (Andrew et al., Theorem 1)."""
+    if not (update_noise > 0 and count_noise_sum > 0):
+        return 0.0
+    return float((update_noise ** -2 + (2.0 * count_noise_sum) ** -2) ** -0.5)
+
+
+@dataclass
+class AdaptiveClip:
+    """The server's clipping bound C tracking a quantile of the update norms.
+
+    Each sampled device sends, beside its update, the bit ``norm <= C`` with Gaussian noise; the
+    server moves C geometrically towards the ``quantile``: ``C <- C * exp(-lr * (b - quantile))``,
+    ``b`` the noised share of bits (Andrew et al. 2021, with their defaults: lr 0.2, the sum's
+    noise std m/20). So that the round stays one Gaussian mechanism of multiplier z, the update
+    noise rises to ``z_u = (z^-2 - (2 sigma_b)^-2)^-1/2``; the count's std is at least z (never more
+    than 1.155 z on the update then), which small cohorts need, since m/20 < z/2 leaves no z_u.
+    """
+
+    clip_norm: float
+    quantile: float = 0.5
+    learning_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check_positive(self.clip_norm, problems, "clip_norm")
+        if not _is_real(self.quantile) or not 0.0 < float(self.quantile) < 1.0:
+            problems.append(f"quantile={self.quantile!r} must be in (0, 1)")
+        _check_positive(self.learning_rate, problems, "learning_rate")
+        collect(problems, ConfigError, prefix="AdaptiveClip")
+
+    @staticmethod
+    def count_noise(noise_multiplier: float, expected_clients: int) -> float:
+        """Std of the noise on the sum of the m bits: max(m / 20, z) (0 without user-level noise)."""
+        if noise_multiplier <= 0:
+            return 0.0
+        return max(expected_clients / 20.0, float(noise_multiplier))
+
+    @staticmethod
+    def update_noise(noise_multiplier: float, expected_clients: int) -> float:
+        """The update's noise multiplier z_u that, with the count's noise, makes the round's z."""
+        z = float(noise_multiplier)
+        if z <= 0:
+            return 0.0
+        return (z ** -2 - (2.0 * AdaptiveClip.count_noise(z, expected_clients)) ** -2) ** -0.5
+
+    def step(self, bits: Sequence[float]) -> float:
+        """Move C with this round's noised bits (one per used update); returns the new C."""
+        if len(bits):
+            share = float(np.mean(np.asarray(bits, dtype=np.float64)))
+            self.clip_norm = float(self.clip_norm * math.exp(-self.learning_rate * (share - self.quantile)))
+        return self.clip_norm
+
+
+def count_bit_std(noise_multiplier: float, mode: str, expected_clients: int) -> float:
+    """Std of the noise one device adds to its bit, so the m bits' sum carries ``count_noise``:
+    the whole of it per device in "local" mode (each bit protected alone), 1/sqrt(m) of it in
+    "distributed" mode, none in "none"."""
+    sigma = AdaptiveClip.count_noise(noise_multiplier if mode != "none" else 0.0, expected_clients)
+    return sigma / math.sqrt(expected_clients) if mode == "distributed" else sigma

@@ -27,7 +27,7 @@ from fedser.common.fsutil import atomic_write
 from fedser.common.features import spec_for
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.params import state_to_arrays
-from fedser.common.privacy import UserLevelAccountant
+from fedser.common.privacy import AdaptiveClip, UserLevelAccountant
 from fedser.common.records import arrays_to_record, record_to_arrays
 
 from .checkpoint import CHECKPOINT_FILE, ServerState, load_checkpoint, save_checkpoint, save_initial_model
@@ -82,7 +82,9 @@ class FederatedRun:
                             keys.DP_ENABLED: settings.dp, keys.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
                             "num-rounds": settings.num_server_rounds,
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
-                            "timeout": settings.round_timeout}, **extra)
+                            "timeout": settings.round_timeout},
+            adaptive_clip=AdaptiveClip(settings.clip_norm, settings.clip_quantile, settings.clip_learning_rate)
+            if settings.clip_quantile > 0 else None, **extra)
         self.cache = FeatureCache(settings.feature_cache or None)
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec, self.cache) if settings.eval_data else None
 
@@ -159,6 +161,7 @@ class FederatedRun:
                    "evaluations-rejected": len(out.eval_rejected),
                    "bytes-sent": out.bytes_sent, "bytes-received": out.bytes_received,
                    "train-loss": out.train_loss, "round-noise-multiplier": out.noise_multiplier,
+                   "clip-norm": out.clip_norm,
                    "user-epsilon": user_eps, "user-delta": self.s.user_delta,
                    "max-device-epsilon": out.max_device_epsilon}
             if fed_eval is not None:

@@ -56,7 +56,11 @@ class RunSettings:
     encoder: str = "tcn"              # the trainable model over the features (fedser.common.models.ENCODERS)
     features: str = "speech-embedding,egemaps"   # FeatureSpec kinds, comma-separated (frozen public encoders)
     seed: int = 0
-    clip_norm: float = 2.0            # user-level update clipping bound C
+    clip_norm: float = 2.0            # user-level update clipping bound C (the first round's, when adapted)
+    # Adaptive clipping (Andrew et al. 2021): 0 keeps C fixed; a value in (0, 1) moves C each round
+    # towards that quantile of the update norms, from noised bits the devices send (accounted).
+    clip_quantile: float = 0.0
+    clip_learning_rate: float = 0.2
     noise_multiplier: float = 1.0     # user-level noise multiplier z
     # local | distributed | none. Local until secure aggregation exists: the server reads each update,
     # and only local noise gives each one the full z*C (distributed gives it z*C/sqrt(m)).
@@ -135,6 +139,10 @@ class RunSettings:
             p.append(f"noise-mode must be one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             p.append(f"clip-norm must be a finite number > 0, got {self.clip_norm}")
+        if not 0 <= self.clip_quantile < 1:
+            p.append(f"clip-quantile must be in [0, 1) (0 keeps clip-norm fixed), got {self.clip_quantile}")
+        if not (math.isfinite(self.clip_learning_rate) and self.clip_learning_rate > 0):
+            p.append(f"clip-learning-rate must be a finite number > 0, got {self.clip_learning_rate}")
         for key, value in (("noise-multiplier", self.noise_multiplier),
                            ("dp-noise-multiplier", self.dp_noise_multiplier)):
             if not (math.isfinite(value) and value >= 0):

@@ -31,7 +31,8 @@ from flwr.serverapp.strategy import FedAvg
 from fedser.common import keys
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, head_of, trained_entries
-from fedser.common.privacy import max_expected_norm, update_noise_std
+from fedser.common.privacy import (AdaptiveClip, combined_noise_multiplier, count_bit_std, max_expected_norm,
+                                   update_noise_std)
 from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
 from fedser.common.slicing import slice_index, slice_state
 
@@ -79,6 +80,7 @@ class RoundOutcome:
     emotion_contributors: int = 0
     max_device_epsilon: float = 0.0
     train_loss: float = float("nan")
+    clip_norm: float = 0.0           # the bound C devices clipped to this round
 
 
 class HeteroFedAvg(FedAvg):
@@ -87,14 +89,18 @@ class HeteroFedAvg(FedAvg):
     Parameters beyond FedAvg's: the global ``model_config`` and ``feature_spec``; user-level
     update privacy ``clip_norm`` (C), ``noise_multiplier`` (z) and ``noise_mode``
     (local | distributed | none); the per-round ``train_settings`` sent to devices
-    (local epochs, batch size, learning rate, DP-SGD noise and gradient bound).
+    (local epochs, batch size, learning rate, DP-SGD noise and gradient bound). With
+    ``adaptive_clip`` C starts at ``clip_norm`` and follows a quantile of the update norms
+    (:class:`fedser.common.privacy.AdaptiveClip`): devices send a noised bit "norm <= C" and the
+    update noise rises so that the round, bits included, is accounted at z.
     """
 
     def __init__(self, model_config: ModelConfig, feature_spec: FeatureSpec, *, clip_norm: float,
                  noise_multiplier: float, noise_mode: str, train_settings: dict,
                  fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0,
-                 connect_timeout: float = math.inf, weight_cap: int | None = WEIGHT_CAP_FACTOR):
+                 connect_timeout: float = math.inf, weight_cap: int | None = WEIGHT_CAP_FACTOR,
+                 adaptive_clip: AdaptiveClip | None = None):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
@@ -121,6 +127,13 @@ class HeteroFedAvg(FedAvg):
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier) if noise_mode != "none" else 0.0
         self.noise_mode = noise_mode
+        self.adaptive_clip = adaptive_clip
+        if adaptive_clip is not None:
+            adaptive_clip.clip_norm = self.clip_norm
+        # This round's update noise multiplier (above z under adaptive clipping) and bit noise std.
+        self._update_noise = self.noise_multiplier
+        self._bit_std: float | None = None
+        self._bits: dict[int, float] = {}
         self.train_settings = dict(train_settings)
         # What devices train (and noise) under the run's scope; the rest must arrive as zeros.
         self.trained_entries = frozenset(trained_entries(
@@ -143,13 +156,16 @@ class HeteroFedAvg(FedAvg):
     def state_dict(self) -> dict:
         return {"model_version": self.model_version, "kws_head_version": self.kws_head_version,
                 "profiles": {str(k): asdict(v) for k, v in self.profiles.items()},
-                "rejections": self.rejections}
+                "rejections": self.rejections, "clip_norm": self.clip_norm}
 
     def load_state_dict(self, state: dict) -> None:
         self.model_version = int(state["model_version"])
         self.kws_head_version = int(state["kws_head_version"])
         self.profiles = {int(k): NodeProfile(**v) for k, v in state.get("profiles", {}).items()}
         self.rejections = list(state.get("rejections", []))
+        if self.adaptive_clip is not None and "clip_norm" in state:
+            # An adapted C resumes where it was; a fixed one stays what the run configures.
+            self.clip_norm = self.adaptive_clip.clip_norm = float(state["clip_norm"])
 
     def summary(self) -> None:
         super().summary()
@@ -231,7 +247,14 @@ class HeteroFedAvg(FedAvg):
                 self.outcome.failed.append((n, NO_PROFILE_REPLY))
         self._expected_clients = max(1, len(usable))
         self.outcome.sampled = len(node_ids)
+        self.outcome.clip_norm = self.clip_norm
         base[keys.EXPECTED_CLIENTS] = self._expected_clients
+        self._bits = {}
+        if self.adaptive_clip is not None:
+            self._update_noise = AdaptiveClip.update_noise(self.noise_multiplier, self._expected_clients)
+            self._bit_std = count_bit_std(self.noise_multiplier, self.noise_mode, self._expected_clients)
+            base[keys.NOISE_MULTIPLIER] = self._update_noise
+            base[keys.CLIP_COUNT_STD] = self._bit_std
         messages, self._sent_tiers = [], {}
         for n in usable:
             tier = self.profiles[n].tier
@@ -311,10 +334,18 @@ class HeteroFedAvg(FedAvg):
             log.warning("round %s: no valid update; the global model is unchanged", server_round)
             return None, MetricRecord({"updates": 0})
         new_state, stats = self.combine(updates)
-        noise_std = update_noise_std(self.clip_norm, self.noise_multiplier, self.noise_mode, self._expected_clients)
+        noise_std = update_noise_std(self.clip_norm, self._update_noise, self.noise_mode, self._expected_clients)
         contributions = [Contribution(weight=w, width=u.width, heads=frozenset(u.heads), noise_std=noise_std)
                          for u, w in zip(updates, self.accounting_weights(updates))]
         self.outcome.noise_multiplier = round_noise_multiplier(contributions, self.clip_norm)
+        if self.adaptive_clip is not None:
+            bits = [self._bits[u.node_id] for u in updates]
+            # The released count is the sum of the used updates' bits: its noise is theirs together.
+            self.outcome.noise_multiplier = combined_noise_multiplier(
+                self.outcome.noise_multiplier, (self._bit_std or 0.0) * math.sqrt(len(bits)))
+            self.clip_norm = self.adaptive_clip.step(bits)
+            log.info("round %s: %s of %s updates within C=%.4g (noised); C -> %.4g", server_round,
+                     f"{sum(bits):.1f}", len(bits), self.outcome.clip_norm, self.clip_norm)
         self.outcome.kws_contributors = stats.head_contributors.get("kws", 0)
         self.outcome.emotion_contributors = stats.head_contributors.get("emotion", 0)
         self.model_version += 1
@@ -371,9 +402,9 @@ class HeteroFedAvg(FedAvg):
         arrays, reasons = decode_update(record, shapes)
         unreadable = set(record.keys()) - set(arrays)
         noise = UpdateNoise(self.trained_entries, update_noise_std(
-            self.clip_norm, self.noise_multiplier, self.noise_mode, self._expected_clients), self.clip_norm)
+            self.clip_norm, self._update_noise, self.noise_mode, self._expected_clients), self.clip_norm)
         n_noisy = max(1, int(sum(int(np.prod(s)) for k, s in shapes.items() if k in noise.trained)))
-        bound = max_expected_norm(self.clip_norm, self.noise_multiplier, self.noise_mode,
+        bound = max_expected_norm(self.clip_norm, self._update_noise, self.noise_mode,
                                   self._expected_clients, n_noisy)
         profile = self.profiles.get(node)
         reasons += validate_update(arrays, {k: s for k, s in shapes.items() if k not in unreadable},
@@ -393,6 +424,8 @@ class HeteroFedAvg(FedAvg):
             reasons.append(f"metric {keys.LOSS!r} must be a finite number; got {m[keys.LOSS]!r}")
         if keys.EPSILON in m and not (_is_number(m[keys.EPSILON]) and m[keys.EPSILON] >= 0):
             reasons.append(f"metric {keys.EPSILON!r} must be a number >= 0; got {m[keys.EPSILON]!r}")
+        if self._bit_std is not None:
+            reasons += _clip_bit_problems(m.get(keys.CLIP_BIT), self._bit_std)
         claimed = m.get(keys.NUM_EXAMPLES)
         if profile is not None and _is_number(claimed) and claimed > profile.num_examples:
             # An honest device whose data grew since it was profiled says so in a fresh profile
@@ -407,6 +440,8 @@ class HeteroFedAvg(FedAvg):
                               heads=heads, width=tier)
         if keys.EPSILON in m and profile is not None:
             profile.epsilon = float(m[keys.EPSILON])
+        if self._bit_std is not None:
+            self._bits[node] = float(m[keys.CLIP_BIT])
         return update, (float(m[keys.LOSS]) if keys.LOSS in m else None)
 
     # ---- evaluation: every node gets the full global model (inference needs all of it) ------
@@ -501,3 +536,21 @@ def _source(reply: object) -> int:
         return int(reply.metadata.src_node_id)
     except Exception:  # an object that is not a Flower Message
         return -1
+
+
+# A bit plus its noise lies within this many noise stds of {0, 1} but with odds of about 1e-15.
+CLIP_BIT_TAIL_STDS = 8.0
+
+
+def _clip_bit_problems(bit, std: float) -> list[str]:
+    """Why an adaptive-clipping bit cannot be counted (missing, not a number, or further from
+    {0, 1} than its noise allows, which a device pushing C would need)."""
+    if bit is None:
+        return [f"no {keys.CLIP_BIT!r} metric: this run adapts its clipping bound and needs each device's bit"]
+    if not (_is_number(bit) and math.isfinite(bit)):
+        return [f"metric {keys.CLIP_BIT!r} must be a finite number; got {bit!r}"]
+    slack = CLIP_BIT_TAIL_STDS * std
+    if not -slack <= bit <= 1.0 + slack:
+        return [f"metric {keys.CLIP_BIT!r} = {bit:.4g} lies outside [{-slack:.3g}, {1 + slack:.3g}], "
+                f"beyond what a bit with noise std {std:.3g} reaches"]
+    return []

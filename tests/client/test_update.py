@@ -345,7 +345,7 @@ def _round_inputs(n=24, seed=0):
     return spec, cfg, state_to_arrays(model), data
 
 
-def _one_round(seed, dp=True):
+def _one_round(seed, dp=True, **settings_kw):
     from fedser.client.update import RoundSettings, train_round
     from fedser.common.models import build_model
     from fedser.common.params import arrays_to_state
@@ -353,8 +353,8 @@ def _one_round(seed, dp=True):
     spec, cfg, global_arrays, data = _round_inputs()
     model = build_model(cfg)
     arrays_to_state(global_arrays, model)
-    settings = RoundSettings(epochs=1, batch_size=8, dp=dp, noise_mode="none", noise_multiplier=0.0,
-                             clip_norm=1.0)
+    settings = RoundSettings(**{"epochs": 1, "batch_size": 8, "dp": dp, "noise_mode": "none",
+                                "noise_multiplier": 0.0, "clip_norm": 1.0, **settings_kw})
     return train_round(model, global_arrays, {"kws": data}, spec, settings, sample_noise=1.0 if dp else None,
                        delta=1e-5, rng=_rng(), seed=seed)
 
@@ -377,3 +377,28 @@ def test_a_device_never_reuses_its_dp_sgd_noise_but_a_simulation_can_repeat_a_ro
     # let the two rounds' noise cancel); an explicit seed reproduces the round exactly.
     assert any(not np.array_equal(fresh[0][k], fresh[1][k]) for k in fresh[0])
     assert all(np.array_equal(seeded[0][k], seeded[1][k]) for k in seeded[0])
+
+
+def test_under_adaptive_clipping_a_device_sends_its_bit_and_nothing_else_about_the_norm():
+    # A fixed clip sends no bit.
+    assert _one_round(seed=3, dp=False).clip_bit is None
+    # Without bit noise the bit is exactly "norm <= C", on either side of the norm.
+    norm = _one_round(seed=3, dp=False).stats.norm_before
+    for clip, want in ((norm * 2, 1.0), (norm / 2, 0.0)):
+        assert _one_round(seed=3, dp=False, clip_norm=clip, clip_count_std=0.0).clip_bit == want
+    # With noise it is that bit plus Gaussian noise of the std the server asked for (from the round's rng).
+    noised = _one_round(seed=3, dp=False, clip_norm=norm * 2, clip_count_std=0.5).clip_bit
+    assert noised != 1.0 and abs(noised - 1.0) < 0.5 * 6
+
+
+def test_an_instruction_with_a_bad_bit_noise_is_refused():
+    from fedser.client.update import RoundSettings
+    from fedser.common import keys
+
+    base = {keys.LOCAL_EPOCHS: 1, keys.BATCH_SIZE: 8, keys.LEARNING_RATE: 0.01, keys.DP_MAX_GRAD_NORM: 1.0,
+            keys.CLIP_NORM: 1.0, keys.NOISE_MULTIPLIER: 1.0, keys.NOISE_MODE: "local", keys.EXPECTED_CLIENTS: 3}
+    assert RoundSettings.from_config(base).clip_count_std is None
+    assert RoundSettings.from_config({**base, keys.CLIP_COUNT_STD: 0.25}).clip_count_std == 0.25
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=keys.CLIP_COUNT_STD):
+            RoundSettings.from_config({**base, keys.CLIP_COUNT_STD: bad})

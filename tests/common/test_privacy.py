@@ -219,3 +219,64 @@ def test_update_noise_std_formula():
     assert update_noise_std(0.5, 2.0, "none", 9) == 0.0
     with pytest.raises(ConfigError, match="mode='central'"):
         update_noise_std(0.5, 2.0, "central", 9)
+
+
+
+# -- adaptive clipping ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("z, m", [(1.0, 3), (1.0, 18), (1.0, 100), (0.5, 1000), (2.0, 40)])
+def test_adaptive_clipping_raises_the_update_noise_so_the_round_stays_at_z(z, m):
+    from fedser.common.privacy import AdaptiveClip, combined_noise_multiplier
+
+    z_u, sigma = AdaptiveClip.update_noise(z, m), AdaptiveClip.count_noise(z, m)
+    assert sigma == max(m / 20, z)                       # Andrew et al.'s m/20, never below z
+    assert z < z_u <= z / math.sqrt(0.75) + 1e-12        # at most 15.5 % more noise on the update
+    assert combined_noise_multiplier(z_u, sigma) == pytest.approx(z, rel=1e-12)
+    # A round with fewer bits than planned carries less count noise, so it is accounted lower.
+    assert combined_noise_multiplier(z_u, sigma * math.sqrt(0.5)) < z
+
+
+def test_no_user_noise_means_no_bit_noise_and_no_guarantee():
+    from fedser.common.privacy import AdaptiveClip, combined_noise_multiplier, count_bit_std
+
+    assert AdaptiveClip.update_noise(0.0, 10) == 0.0 and AdaptiveClip.count_noise(0.0, 10) == 0.0
+    assert count_bit_std(1.0, "none", 10) == 0.0
+    assert combined_noise_multiplier(0.0, 5.0) == 0.0 and combined_noise_multiplier(1.0, 0.0) == 0.0
+
+
+def test_bit_noise_per_device_follows_the_noise_mode():
+    from fedser.common.privacy import count_bit_std
+
+    assert count_bit_std(1.0, "local", 100) == pytest.approx(5.0)          # each bit alone: all of it
+    assert count_bit_std(1.0, "distributed", 100) == pytest.approx(0.5)    # the sum of 100: 5.0
+
+
+def test_adaptive_clip_steps_geometrically_and_tracks_a_quantile_through_noise():
+    import numpy as np
+
+    from fedser.common.privacy import AdaptiveClip
+
+    clip = AdaptiveClip(2.0, quantile=0.5, learning_rate=0.2)
+    assert clip.step([1.0, 1.0]) == pytest.approx(2.0 * math.exp(-0.2 * 0.5))   # all within: C shrinks
+    assert clip.step([]) == pytest.approx(2.0 * math.exp(-0.1))                  # no bits: C stays
+    # Norms log-normal around 0.3 (so the median is 0.3), 50 devices a round, noised bits.
+    rng = np.random.default_rng(0)
+    for q in (0.5, 0.9):
+        clip = AdaptiveClip(5.0, quantile=q, learning_rate=0.2)
+        for _ in range(300):
+            norms = 0.3 * np.exp(rng.normal(0.0, 0.5, 50))
+            clip.step((norms <= clip.clip_norm) + rng.normal(0.0, 2.5 / math.sqrt(50), 50))
+        want = 0.3 * math.exp(0.5 * {0.5: 0.0, 0.9: 1.2816}[q])
+        assert clip.clip_norm == pytest.approx(want, rel=0.25)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"clip_norm": 0.0}, "clip_norm"), ({"clip_norm": 1.0, "quantile": 1.0}, "quantile"),
+    ({"clip_norm": 1.0, "quantile": 0.0}, "quantile"), ({"clip_norm": 1.0, "learning_rate": -0.1}, "learning_rate"),
+])
+def test_adaptive_clip_names_bad_settings(kwargs, named):
+    from fedser.common.privacy import AdaptiveClip
+
+    with pytest.raises(ConfigError, match=named):
+        AdaptiveClip(**kwargs)

@@ -459,3 +459,41 @@ def test_public_pretraining_then_head_only_rounds_never_move_the_encoder(tmp_pat
     progress = (tmp_path / "run" / "progress.log").read_text()
     assert "pretraining on public speech" in progress and "pretrained emotion: " in progress and "; kws: " in progress
     assert load_bundle(tmp_path / "run").meta["corpus"]["public_pretraining"] == str(public_emotion)
+
+
+# ---------------------------------------------------------------- adaptive clipping, real ClientApp
+
+
+def test_adaptive_clipping_through_the_real_client_app_moves_c_and_keeps_the_accounted_z(tmp_path, identity):
+    from fedser.common import keys
+    from fedser.common.privacy import AdaptiveClip, UserLevelAccountant, combined_noise_multiplier
+
+    # Prepare: the two synthesized devices (one DP-SGD step an epoch), C adapting to the median update norm
+    emotion, kws = _make_corpora(tmp_path / "data")
+    nodes = {EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "l11.json"),
+                            "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0},
+             KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "l22.json"),
+                        "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0}}
+    config = _scripted_config(tmp_path / "run", **{"num-server-rounds": 2, "dp": True, "dp-noise-multiplier": 1.0,
+                                                   "batch-size": 64, "clip-quantile": 0.5, "evaluate-every": 0})
+    grid = InProcessGrid(nodes, config)
+    # Execute
+    FederatedRun(RunSettings.from_run_config(config)).execute(grid)
+    # Assert: every training reply carried its noised bit and nothing else about its norm
+    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trained) == 4 and not any(r.has_error() for r in trained)
+    for reply in trained:
+        metrics = reply.content[keys.METRICS]
+        assert keys.CLIP_BIT in metrics and "update-norm" not in metrics
+    rows = _rows(tmp_path / "run")
+    assert [r["clients-used"] for r in rows] == [2, 2] and all(r["clients-rejected"] == 0 for r in rows)
+    # C moved from the configured 2.0 after round 1
+    assert rows[0]["clip-norm"] == 2.0 and rows[1]["clip-norm"] != 2.0
+    # Accounted: each head has one contributor, so its elements carry z_u*C/sqrt(2) (distributed, m = 2),
+    # and the count of bits its noise (std max(m/20, z) = 1 on the sum); together one Gaussian mechanism.
+    z_u = AdaptiveClip.update_noise(1.0, 2)
+    want = combined_noise_multiplier(z_u / math.sqrt(2), AdaptiveClip.count_noise(1.0, 2))
+    assert [r["round-noise-multiplier"] for r in rows] == pytest.approx([want, want])
+    accountant = UserLevelAccountant(1.0, 2, 2)
+    accountant.step(2, noise_multiplier=want)
+    assert rows[-1]["user-epsilon"] == pytest.approx(accountant.epsilon(1e-5))

@@ -97,6 +97,9 @@ class FakeDevice:
             sent = record_to_arrays(msg.content[keys.ARRAYS])
             size = sum(a.size for a in sent.values())
             value = self.value if self.value is not None else self.step / math.sqrt(size)
+            norm = value * math.sqrt(size)
+            if keys.CLIP_COUNT_STD in cfg and norm > cfg[keys.CLIP_NORM]:
+                value *= cfg[keys.CLIP_NORM] / norm   # runs that adapt C: clipped as a fedser device clips
             arrays = {k: np.full(a.shape, value, dtype=np.float32) for k, a in sent.items()}
             std = update_noise_std(cfg[keys.CLIP_NORM], cfg[keys.NOISE_MULTIPLIER], cfg[keys.NOISE_MODE],
                                    cfg[keys.EXPECTED_CLIENTS])
@@ -105,6 +108,10 @@ class FakeDevice:
                 arrays = {k: (v + rng.normal(0.0, std, v.shape)).astype(np.float32) for k, v in arrays.items()}
             metrics = {keys.NUM_EXAMPLES: self.n, keys.HEADS: keys.heads_to_mask(self.heads), keys.TIER: self.tier,
                        keys.MODEL_VERSION: int(cfg[keys.MODEL_VERSION]), keys.LOSS: 1.5, keys.EPSILON: 0.75}
+            if keys.CLIP_COUNT_STD in cfg:   # adaptive clipping: the noised bit "norm <= C" before clipping
+                bit_rng = np.random.default_rng(1000 + len(self.instructions))
+                metrics[keys.CLIP_BIT] = float(norm <= cfg[keys.CLIP_NORM]) + \
+                    float(bit_rng.normal(0.0, cfg[keys.CLIP_COUNT_STD]))
             content = None
             if self.corrupt is not None:
                 content = self.corrupt(arrays, metrics)
@@ -1200,3 +1207,68 @@ def test_waiting_for_too_few_devices_ends_with_what_it_waited_for(global_arrays)
     # Execute / Assert
     with pytest.raises(NotEnoughDevices, match=r"1 device\(s\) connected, 2 needed \(min-clients\)"):
         train_round(strategy, FakeGrid({1: FakeDevice(n=10, value=1e-3)}), 1, global_arrays)
+
+
+# ---------------------------------------------------------------- adaptive clipping
+
+
+def test_adaptive_clipping_moves_c_towards_the_median_norm_and_accounts_the_round_at_z(global_arrays):
+    from fedser.common.privacy import AdaptiveClip, combined_noise_multiplier
+
+    # Prepare: 20 devices whose updates have norms 0.3 .. 6.0 (median 3.15); C starts at CLIP = 1
+    devices = {i: FakeDevice(n=10, step=0.3 * i) for i in range(1, 21)}
+    grid = FakeGrid(devices)
+    strategy = make_strategy(20, adaptive_clip=AdaptiveClip(CLIP, quantile=0.5, learning_rate=0.2))
+    arrays, bounds = global_arrays, []
+    # Execute
+    for rnd in range(1, 31):
+        new, _, _ = train_round(strategy, grid, rnd, arrays)
+        arrays = record_to_arrays(new)
+        bounds.append(strategy.outcome.clip_norm)
+    # Assert: the instruction carried C, the raised update noise and the bit's noise
+    cfg = grid.sent[-1].content[keys.CONFIG]
+    m = 20
+    assert cfg[keys.CLIP_NORM] == pytest.approx(bounds[-1])
+    assert cfg[keys.NOISE_MULTIPLIER] == pytest.approx(AdaptiveClip.update_noise(Z, m)) and cfg[keys.NOISE_MULTIPLIER] > Z
+    assert cfg[keys.CLIP_COUNT_STD] == pytest.approx(AdaptiveClip.count_noise(Z, m) / math.sqrt(m))
+    # every update and bit was used, and together they are accounted at exactly z
+    assert strategy.outcome.rejected == [] and strategy.outcome.used == m
+    assert strategy.outcome.noise_multiplier == pytest.approx(Z, rel=1e-6)
+    assert combined_noise_multiplier(AdaptiveClip.update_noise(Z, m), AdaptiveClip.count_noise(Z, m)) == \
+        pytest.approx(Z)
+    # C left its start and settled near the median norm
+    assert bounds[0] == CLIP and 2.2 <= bounds[-1] <= 4.5
+    # and a resumed strategy goes on from the adapted C
+    twin = make_strategy(20, adaptive_clip=AdaptiveClip(CLIP))
+    twin.load_state_dict(strategy.state_dict())
+    assert twin.clip_norm == strategy.clip_norm != CLIP
+
+
+def test_a_fixed_clip_sends_no_bit_and_keeps_c(global_arrays):
+    grid = FakeGrid(three_tiers())
+    strategy = make_strategy(3)
+    train_round(strategy, grid, 1, global_arrays)
+    cfg = grid.sent[-1].content[keys.CONFIG]
+    assert keys.CLIP_COUNT_STD not in cfg and cfg[keys.NOISE_MULTIPLIER] == Z
+    assert strategy.clip_norm == CLIP and strategy.outcome.noise_multiplier > 0
+
+
+@pytest.mark.parametrize("corrupt, fragment", [
+    pytest.param(_drop_metric(keys.CLIP_BIT), "needs each device's bit", id="no-bit"),
+    pytest.param(_set(keys.CLIP_BIT, float("nan")), "finite number", id="nan-bit"),
+    pytest.param(_set(keys.CLIP_BIT, [1.0]), "finite number", id="bit-not-a-number"),
+    pytest.param(_set(keys.CLIP_BIT, 50.0), "beyond what a bit", id="bit-pushing-c"),
+])
+def test_a_bad_clip_bit_is_rejected_and_does_not_move_c(global_arrays, corrupt, fragment):
+    from fedser.common.privacy import AdaptiveClip
+
+    grid = FakeGrid(three_tiers(corrupt=corrupt))
+    strategy = make_strategy(3, adaptive_clip=AdaptiveClip(CLIP))
+    twin = make_strategy(3, adaptive_clip=AdaptiveClip(CLIP))
+    messages = list(strategy.configure_train(1, arrays_to_record(global_arrays), ConfigRecord(), grid))
+    list(twin.configure_train(1, arrays_to_record(global_arrays), ConfigRecord(), FakeGrid(three_tiers())))
+    replies = grid.send_and_receive(messages)
+    strategy.aggregate_train(1, replies)
+    twin.aggregate_train(1, [r for r in replies if r.metadata.src_node_id != 2])
+    assert [n for n, _ in strategy.outcome.rejected] == [2] and fragment in strategy.outcome.rejected[0][1]
+    assert strategy.clip_norm == pytest.approx(twin.clip_norm) and strategy.clip_norm != CLIP

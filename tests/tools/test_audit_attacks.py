@@ -231,3 +231,33 @@ def test_example_gradients_are_each_examples_own_loss_gradient():
     assert not np.allclose(grads[5], grads[6])
     with pytest.raises(AuditInputError, match="no parameters"):
         example_gradients(model, pool, ["not.a.weight"])
+
+
+def test_simulated_federation_samples_m_devices_per_round_as_the_server_does(monkeypatch):
+    from fedser.tools.audit import protocol as proto
+    from fedser.common.params import state_to_arrays
+    from fedser.common.models import build_model
+
+    spec, mc, pool = _tiny_pool(n_speakers=6, per_speaker=2)
+    clients = list(proto.speaker_parts(pool).values())
+    cohorts, seen = [], []
+    real_fedavg = proto.fedavg
+
+    def recording_fedavg(global_arrays, updates, weights, heads):
+        cohorts.append(len(updates))
+        return real_fedavg(global_arrays, updates, weights, heads)
+
+    monkeypatch.setattr(proto, "fedavg", recording_fedavg)
+    p = proto.Protocol(rounds=3, local_epochs=1, batch_size=4, dp=False, noise_mode="none", noise_multiplier=0.0,
+                       expected_clients=2, total_clients=6)
+    init = state_to_arrays(build_model(mc))
+    final = proto.simulate_federation(mc, spec, clients, p, seed=1, init=init,
+                                      on_round=lambda r, a, c: seen.append((r, a)))
+    assert cohorts == [2, 2, 2]
+    assert [r for r, _ in seen] == [1, 2, 3] and seen[-1][1] is final
+    assert any(not np.array_equal(final[k], init[k]) for k in init)
+    # m at least the number of clients: every client, every round (the audit's federations).
+    cohorts.clear()
+    proto.simulate_federation(mc, spec, clients, dataclasses.replace(p, rounds=1, expected_clients=9), seed=1,
+                              init=init)
+    assert cohorts == [6]

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from fedser.common.errors import PrivacyBudgetExceeded
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, head_of
 from fedser.common.params import arrays_to_state, state_to_arrays
-from fedser.common.privacy import SpendRecord, UserLevelAccountant, epsilon_of, plan_spend
+from fedser.common.privacy import (AdaptiveClip, SpendRecord, UserLevelAccountant, count_bit_std, epsilon_of,
+                                   plan_spend)
 from fedser.common.training import TrainConfig, train_task
 from fedser.server.aggregation import ClientUpdate, aggregate, full_index
 
@@ -63,6 +64,8 @@ class Protocol:
     local_epochs: int = 1
     batch_size: int = 16
     learning_rate: float = 3e-3
+    clip_quantile: float = 0.0       # > 0: C adapts to this quantile of the update norms (run setting)
+    clip_learning_rate: float = 0.2
 
     @classmethod
     def from_run(cls, settings: Mapping, bundle_meta: Mapping, max_epsilon: float = 8.0) -> "Protocol":
@@ -84,6 +87,8 @@ class Protocol:
             local_epochs=int(settings.get("local_epochs", d.local_epochs)),
             batch_size=int(settings.get("batch_size", d.batch_size)),
             learning_rate=float(settings.get("learning_rate", d.learning_rate)),
+            clip_quantile=float(settings.get("clip_quantile", d.clip_quantile)),
+            clip_learning_rate=float(settings.get("clip_learning_rate", d.clip_learning_rate)),
         )
 
     @property
@@ -157,17 +162,20 @@ class DeviceUpdate:
     stats: UpdateStats
     sample_noise: float | None           # DP-SGD noise multiplier used (None without DP)
     spend: list[SpendRecord]
+    clip_bit: float | None = None        # the noised "norm <= C" under adaptive clipping
 
 
 def device_update(global_arrays: Mapping[str, np.ndarray], model_config: ModelConfig, spec: FeatureSpec,
-                  data: TaskData, protocol: Protocol, *, seed: int, rng: np.random.Generator) -> DeviceUpdate:
-    """One device round under ``protocol``: the device's own ``train_round`` on ``data``'s head."""
+                  data: TaskData, protocol: Protocol, *, seed: int, rng: np.random.Generator,
+                  settings: RoundSettings | None = None) -> DeviceUpdate:
+    """One device round under ``protocol``: the device's own ``train_round`` on ``data``'s head.
+    ``settings`` is the round's instruction when it is not the protocol's own (an adapted C)."""
     model = build_model(model_config)
     arrays_to_state(global_arrays, model)
     z = protocol.sample_noise(len(data)) if protocol.dp else None
-    result = train_round(model, global_arrays, {data.task: data}, spec, protocol.round_settings(), sample_noise=z,
-                         delta=protocol.delta, rng=rng, seed=seed)
-    return DeviceUpdate(result.local_delta, result.sent, result.stats, z, result.spend)
+    result = train_round(model, global_arrays, {data.task: data}, spec, settings or protocol.round_settings(),
+                         sample_noise=z, delta=protocol.delta, rng=rng, seed=seed)
+    return DeviceUpdate(result.local_delta, result.sent, result.stats, z, result.spend, result.clip_bit)
 
 
 def subset(data: TaskData, idx: Sequence[int]) -> TaskData:
@@ -328,18 +336,41 @@ def fedavg(global_arrays: Mapping[str, np.ndarray], updates: Sequence[Mapping[st
 
 def simulate_federation(model_config: ModelConfig, spec: FeatureSpec, clients: Sequence[TaskData],
                         protocol: Protocol, *, seed: int = 0, progress: bool = False,
-                        init: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """``protocol.rounds`` rounds of federated training in this process, every client every round,
-    each update made by ``device_update`` and combined by the server's aggregation (``fedavg``).
-    For benchmarks and the audit's reference federations: the real run goes through Flower."""
+                        init: Mapping[str, np.ndarray] | None = None,
+                        on_round: Callable[[int, dict[str, np.ndarray], float], None] | None = None,
+                        ) -> dict[str, np.ndarray]:
+    """``protocol.rounds`` rounds of federated training in this process, each update made by
+    ``device_update`` and combined by the server's aggregation (``fedavg``). Each round samples
+    ``protocol.expected_clients`` of the clients uniformly without replacement (all of them when
+    it is at least their number), as the server's sampling does. With ``protocol.clip_quantile``
+    the bound C adapts as the server's strategy adapts it (the same ``AdaptiveClip`` and noise).
+    ``on_round(rnd, arrays, clip_norm)`` sees the global model after each round (1-based) and the
+    C its devices clipped to. For benchmarks and the audit's reference federations: the real run
+    goes through Flower."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     arrays = dict(init) if init is not None else state_to_arrays(build_model(model_config))
     rng = np.random.default_rng(seed)
+    sampler = np.random.default_rng(seed + 1)
+    m = min(protocol.expected_clients, len(clients))
+    adaptive = AdaptiveClip(protocol.clip_norm, protocol.clip_quantile, protocol.clip_learning_rate) \
+        if protocol.clip_quantile > 0 else None
     for rnd in tqdm(range(protocol.rounds), desc=f"federation ({protocol.setting})", disable=not progress,
                     unit="round"):
-        ups = [device_update(arrays, model_config, spec, c, protocol, seed=seed + 7919 * rnd + i, rng=rng).sent
-               for i, c in enumerate(clients)]
-        arrays = fedavg(arrays, ups, [len(c) for c in clients], [{c.task} for c in clients])
+        cohort = range(len(clients)) if m >= len(clients) else sorted(sampler.choice(len(clients), m, replace=False))
+        settings = protocol.round_settings()
+        if adaptive is not None:
+            z = protocol.noise_multiplier if protocol.user_noise else 0.0
+            settings = dataclasses.replace(
+                settings, clip_norm=adaptive.clip_norm, noise_multiplier=AdaptiveClip.update_noise(z, m),
+                clip_count_std=count_bit_std(z, protocol.noise_mode, m))
+        ups = [device_update(arrays, model_config, spec, clients[i], protocol, seed=seed + 7919 * rnd + i,
+                             rng=rng, settings=settings) for i in cohort]
+        arrays = fedavg(arrays, [u.sent for u in ups], [len(clients[i]) for i in cohort],
+                        [{clients[i].task} for i in cohort])
+        if adaptive is not None:
+            adaptive.step([u.clip_bit for u in ups])
+        if on_round is not None:
+            on_round(rnd + 1, arrays, settings.clip_norm)
     return arrays
