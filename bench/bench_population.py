@@ -1,6 +1,6 @@
 """User-level DP at population scale: utility against user-level epsilon for 100 / 500 / 1000 devices.
 
-Each population is the training speakers of the development corpus's Speech Commands subset dealt
+Each population is the private speakers of the development corpus's Speech Commands subset dealt
 into N virtual devices (the clips sorted by speaker and cut into N nearly equal runs, so a device
 holds a few clips of one speaker, at most two speakers at a run's border). The total data is the
 same at every N: more devices means fewer clips each, as when the same speech is spread over more
@@ -51,15 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--populations", type=int, nargs="+", default=None, help="N (default 100 500 1000)")
     p.add_argument("--sample-rate", type=float, default=0.1, help="q: share of the devices sampled per round")
     p.add_argument("--noise", type=float, nargs="+", default=None,
-                   help="user-level noise multipliers z in distributed mode (default 0.5 1 2)")
-    p.add_argument("--local-noise", type=float, nargs="*", default=None,
-                   help="z values also run in local mode (default 1: the product's default)")
+                   help="z swept for private heads with adaptive clipping, distributed noise (default 0.5 1 2)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 60)")
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--clip-norms", nargs="+", default=["2", "adaptive"],
-                   help="update clipping: a fixed bound C, 'adaptive' (C from 2, tracking the median update "
-                        "norm: run setting clip-quantile=0.5), or 'median' (fixed at the median norm of the "
-                        "devices' first-round updates, known to no real server) (default: 2 adaptive)")
+    p.add_argument("--public-share", type=float, default=0.25,
+                   help="share of the speakers that stand for public speech the server pretrains on")
     p.add_argument("--central-epochs", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="N=100, z=1, 4 rounds (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +64,6 @@ def parse_args(argv=None):
     quick = args.quick
     args.populations = args.populations or ([100] if quick else [100, 500, 1000])
     args.noise = args.noise if args.noise is not None else ([1.0] if quick else [0.5, 1.0, 2.0])
-    args.local_noise = args.local_noise if args.local_noise is not None else [1.0]
     args.rounds = args.rounds or (4 if quick else 60)
     if quick:
         args.central_epochs = min(args.central_epochs, 5)
@@ -76,17 +71,25 @@ def parse_args(argv=None):
     problems = [f"population {n} must be >= 2" for n in args.populations if n < 2]
     if not 0 < args.sample_rate <= 1:
         problems.append(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
-    problems += [f"noise {z} must be >= 0" for z in args.noise + args.local_noise if not z >= 0]
-    for c in args.clip_norms:
-        try:
-            ok = c in ("median", "adaptive") or float(c) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            problems.append(f"--clip-norms: {c!r} is neither a number > 0 nor 'adaptive' or 'median'")
+    if not 0 < args.public_share < 0.75:
+        problems.append(f"--public-share must be in (0, 0.75), got {args.public_share}")
+    problems += [f"noise {z} must be > 0" for z in args.noise if not z > 0]
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def recipe(noise: list[float]) -> list[tuple[str, str, float, str]]:
+    """(model, noise mode, z, clipping) of each federation run at every population.
+
+    "scratch": every weight trains from the initial model; "heads": the server's publicly
+    pretrained encoder is fixed and devices train the heads (train-scope=heads). Clipping "2" is
+    the run settings' fixed C; "adaptive" starts there and tracks the median norm."""
+    rows = [("scratch", "none", 0.0, "2"), ("scratch", "distributed", 1.0, "2"),
+            ("scratch", "distributed", 1.0, "adaptive"), ("heads", "none", 0.0, "2"),
+            ("heads", "distributed", 1.0, "2")]
+    rows += [("heads", "distributed", z, "adaptive") for z in noise]
+    return rows + [("heads", "local", 1.0, "adaptive")]
 
 
 def devices_of(train, n: int):
@@ -99,29 +102,17 @@ def devices_of(train, n: int):
     return [subset(train, part.tolist()) for part in np.array_split(np.asarray(order), n)]
 
 
-def median_update_norm(init, mc, spec, devices, local_epochs: int, seed: int, k: int = 40) -> float:
-    """Median L2 norm of ``k`` devices' unclipped first-round updates (spread over the population)."""
-    import numpy as np
-
-    from fedser.tools.audit.protocol import Protocol, device_update
-
-    protocol = Protocol(noise_multiplier=0.0, noise_mode="none", dp=False, local_epochs=local_epochs)
-    rng = np.random.default_rng(seed)
-    picks = np.linspace(0, len(devices) - 1, min(k, len(devices))).round().astype(int)
-    return float(np.median([device_update(init, mc, spec, devices[i], protocol, seed=seed + int(i), rng=rng)
-                            .stats.norm_before for i in picks]))
-
-
 def plot(rows: list[dict], central: float, path: Path) -> Path:
     from fedser.server.plots import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    curves = sorted({(r["n"], r["mode"], r["clip"]) for r in rows if r["z"] > 0})
-    for (n, mode, clip), marker in zip(curves, "osD^v<>p*hH+x" * 3):
-        pts = sorted((r["epsilon"], r["utility"]) for r in rows if (r["n"], r["mode"], r["clip"]) == (n, mode, clip))
+    curves = sorted({(r["n"], r["model"], r["mode"], r["clip"]) for r in rows if r["z"] > 0})
+    for key, marker in zip(curves, "osD^v<>p*hH+x" * 3):
+        pts = sorted((r["epsilon"], r["utility"]) for r in rows if (r["n"], r["model"], r["mode"], r["clip"]) == key)
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=marker, label=f"N={n}, {mode} noise, C={clip}")
+        n, model, mode, clip = key
+        ax.plot(xs, ys, marker=marker, ls="-" if len(pts) > 1 else "", label=f"N={n}, {model}, {mode}, C {clip}")
     ax.axhline(central, color="k", lw=0.8, ls="--", label="centralized, no DP")
     ax.axhline(TARGET_SHARE * central, color="grey", lw=0.8, ls=":", label=f"{TARGET_SHARE:g}x centralized")
     ax.axvline(TARGET_EPSILON, color="grey", lw=0.8, ls="-.", label=f"epsilon {TARGET_EPSILON:g}")
@@ -150,7 +141,7 @@ def main(argv=None) -> int:
     from fedser.common.privacy import UserLevelAccountant
     from fedser.common.splits import speaker_split
     from fedser.common.training import TrainConfig, evaluate_task, train_task
-    from fedser.tools.audit.protocol import Protocol, simulate_federation
+    from fedser.tools.audit.protocol import Protocol, concat, simulate_federation
     from fedser.tools.commands.args import load_data
 
     torch.set_num_threads(1)
@@ -161,10 +152,11 @@ def main(argv=None) -> int:
 
     corpus = load_data([str(args.data / "speech_commands")], log=lambda s: None)
     utts = [u for u in corpus.utterances if u.task == "kws"]
-    train_u, _, test_u = speaker_split(utts, val=0.0, test=0.25, seed=args.seed)
+    private_u, public_u, test_u = speaker_split(utts, val=args.public_share, test=0.25, seed=args.seed)
     spec = FeatureSpec()
     cache = FeatureCache(args.cache)
-    train = build_task_data(train_u, spec, "kws", cache, progress=True, desc="features train")
+    train = build_task_data(private_u, spec, "kws", cache, progress=True, desc="features private")
+    public = build_task_data(public_u, spec, "kws", cache, progress=True, desc="features public")
     test = build_task_data(test_u, spec, "kws", cache, progress=True, desc="features test")
     allowed = [train.class_names.index(c) for c in train.labels_present()]
     mc = ModelConfig(n_features=spec.n_features())
@@ -174,56 +166,63 @@ def main(argv=None) -> int:
         arrays_to_state(arrays, model)
         return float(evaluate_task(model, test, allowed)["accuracy"])
 
+    def trained_on(data, init_arrays=None):
+        torch.manual_seed(args.seed)
+        model = build_model(mc)
+        if init_arrays is not None:
+            arrays_to_state(init_arrays, model)
+        train_task(model, "kws", data, None, TrainConfig(epochs=args.central_epochs, seed=args.seed), spec, None,
+                   progress=False)
+        return state_to_arrays(model)
+
     torch.manual_seed(args.seed)
-    model = build_model(mc)
-    init = state_to_arrays(model)
+    starts = {"scratch": state_to_arrays(build_model(mc))}
     t0 = time.perf_counter()
-    train_task(model, "kws", train, None, TrainConfig(epochs=args.central_epochs, seed=args.seed), spec, None,
-               progress=False)
-    central = float(evaluate_task(model, test, allowed)["accuracy"])
-    report.add(f"Corpus: Speech Commands subset at {args.data}: {len({*train.speakers})} training speakers "
-               f"({len(train)} clips), {len({*test.speakers})} unseen test speakers ({len(test)} clips). "
-               f"Centralized on the same clips, no DP ({args.central_epochs} epochs, default head): "
-               f"accuracy **{central:.3f}** ({time.perf_counter() - t0:.0f} s).")
+    starts["heads"] = trained_on(public)
+    pretrained = accuracy(starts["heads"])
+    central = accuracy(trained_on(concat([train, public])))
+    report.add(f"Corpus: Speech Commands subset at {args.data}, split by speaker: {len({*train.speakers})} private "
+               f"speakers ({len(train)} clips) held by the devices, {len({*public.speakers})} speakers "
+               f"({len(public)} clips) standing for the public speech the server pretrains on, "
+               f"{len({*test.speakers})} unseen test speakers ({len(test)} clips). Centralized on the private and "
+               f"public clips together, no DP ({args.central_epochs} epochs, default head): accuracy "
+               f"**{central:.3f}**. The server's public pretraining alone: {pretrained:.3f} "
+               f"({time.perf_counter() - t0:.0f} s for both).")
     report.add()
-    report.add(f"Federation: N devices (the training clips in speaker order cut into N runs), m = q*N sampled "
+    head_weights = sum(a.size for k, a in starts["heads"].items() if k.startswith("heads."))
+    report.add(f"Federation: N devices (the private clips in speaker order cut into N runs), m = q*N sampled "
                f"per round with q = {args.sample_rate:g}, {args.rounds} rounds x {args.local_epochs} local "
-               f"epochs, batch 16, Adam lr 0.003 (the run defaults), update clip C as the row says "
-               f"('adaptive': from C = {ADAPTIVE_START:g}, moved each round towards the median update norm by "
-               f"the devices' noised bits, run setting clip-quantile={ADAPTIVE_QUANTILE:g}; its cost in update "
-               f"noise is inside the accounted z), "
-               f"sample-level DP-SGD off, every federation from the same initial model. Distributed noise: "
-               f"each update carries z*C/sqrt(m), the sum z*C (secure aggregation hides single updates "
-               f"from the server). Local noise: each update carries z*C (the default until secure "
+               f"epochs, batch 16, Adam lr 0.003 (the run defaults), sample-level DP-SGD off. Model "
+               f"'scratch': every weight of the default head trains from its initialisation; 'heads': the "
+               f"publicly pretrained encoder stays fixed and the devices train the output heads "
+               f"(train-scope=heads), so update, clip and noise cover {head_weights:,} weights. Clipping: C = 2 "
+               f"fixed (the run default), or 'adaptive': from C = {ADAPTIVE_START:g}, moved each round towards "
+               f"the median update norm by the devices' noised bits (run setting clip-quantile="
+               f"{ADAPTIVE_QUANTILE:g}); its cost in update noise is inside the accounted z. Distributed "
+               f"noise: each update carries z*C/sqrt(m), the sum z*C (secure aggregation would hide single "
+               f"updates from the server). Local noise: each update carries z*C (the default until secure "
                f"aggregation exists). User epsilon: the server's accountant at (z, q, rounds), delta "
-               f"{DELTA:g}; with local noise the aggregate carries about z*sqrt(m), so its figure is "
-               f"an upper bound.")
+               f"{DELTA:g}; with local noise the aggregate carries about z*sqrt(m), so its figure is an "
+               f"upper bound.")
     report.add()
 
     rows: list[dict] = []
     table: list[list] = []
-    header = ["N", "m per round", "clips per device", "noise", "C", "z", "user epsilon", "KWS accuracy",
+    header = ["N", "m per round", "clips per device", "model", "noise", "C", "z", "user epsilon", "KWS accuracy",
               "share of centralized", "accuracy by round (every 5th)", "seconds"]
     for n in args.populations:
         if n > len(train):
-            report.add(f"N={n}: skipped, more devices than the {len(train)} training clips")
+            report.add(f"N={n}: skipped, more devices than the {len(train)} private clips")
             continue
         devices = devices_of(train, n)
         m = max(1, round(args.sample_rate * n))
         sizes = sorted(len(d) for d in devices)
-        median = median_update_norm(init, mc, spec, devices, args.local_epochs, args.seed) \
-            if "median" in args.clip_norms else None
-        clips = {c: {"median": median, "adaptive": ADAPTIVE_START}.get(c) or float(c) for c in args.clip_norms}
-        # Without noise C only clips: the noiseless row runs once, at the first bound.
-        settings = [("none", 0.0, args.clip_norms[0])]
-        settings += [("distributed", z, c) for c in args.clip_norms for z in args.noise if z > 0]
-        # Local noise at the first bound only: it needs populations far beyond these to learn at all.
-        settings += [("local", z, args.clip_norms[0]) for z in args.local_noise if z > 0]
-        for mode, z, clip in settings:
-            protocol = Protocol(clip_norm=clips[clip], noise_multiplier=z, noise_mode=mode,
-                                expected_clients=m, total_clients=n, dp=False, rounds=args.rounds,
+        for model_kind, mode, z, clip in recipe(args.noise):
+            protocol = Protocol(clip_norm=ADAPTIVE_START if clip == "adaptive" else float(clip), noise_multiplier=z,
+                                noise_mode=mode, expected_clients=m, total_clients=n, dp=False, rounds=args.rounds,
                                 local_epochs=args.local_epochs,
-                                clip_quantile=ADAPTIVE_QUANTILE if clip == "adaptive" else 0.0)
+                                clip_quantile=ADAPTIVE_QUANTILE if clip == "adaptive" else 0.0,
+                                scope="heads" if model_kind == "heads" else "all")
             curve: list[float] = []
             bounds: list[float] = []
 
@@ -233,18 +232,17 @@ def main(argv=None) -> int:
                     curve.append(accuracy(arrays))
 
             t0 = time.perf_counter()
-            final = simulate_federation(mc, spec, devices, protocol, seed=args.seed, init=init, progress=True,
-                                        on_round=watch)
+            final = simulate_federation(mc, spec, devices, protocol, seed=args.seed, init=starts[model_kind],
+                                        progress=True, on_round=watch)
             seconds = time.perf_counter() - t0
             acc = accuracy(final)
             accountant = UserLevelAccountant(z, m, n)
             accountant.step(args.rounds)
             eps = accountant.epsilon(DELTA)
-            label = {"median": f"{clips[clip]:.2f} (median)",
-                     "adaptive": f"adaptive ({bounds[0]:g} -> {bounds[-1]:.2f})"}.get(clip, f"{clips[clip]:g}")
-            rows.append({"n": n, "m": m, "mode": mode, "z": z, "clip": label, "epsilon": eps,
+            label = f"adaptive ({bounds[0]:g} -> {bounds[-1]:.2f})" if clip == "adaptive" else clip
+            rows.append({"n": n, "m": m, "model": model_kind, "mode": mode, "z": z, "clip": clip, "epsilon": eps,
                          "utility": acc, "share": acc / central})
-            table.append([n, m, f"{sizes[len(sizes) // 2]} ({sizes[0]}-{sizes[-1]})", mode, label,
+            table.append([n, m, f"{sizes[len(sizes) // 2]} ({sizes[0]}-{sizes[-1]})", model_kind, mode, label,
                           f"{z:g}", "inf" if math.isinf(eps) else f"{eps:.2f}",
                           f"{acc:.3f}", f"{acc / central:.2f}x", " ".join(f"{a:.2f}" for a in curve),
                           f"{seconds:.0f}"])
@@ -255,13 +253,15 @@ def main(argv=None) -> int:
     png = plot(rows, central, RESULTS_DIR / f"{args.out}.png")
     report.add(f"![utility against user-level epsilon]({png.name})")
     report.add()
+    report.add(f"Reference lines: centralized {central:.3f}; public pretraining alone {pretrained:.3f}.")
+    report.add()
 
     target = [r for r in rows if r["n"] == TARGET_POPULATION and r["z"] > 0 and r["share"] >= TARGET_SHARE]
     best = min(target, key=lambda r: r["epsilon"], default=None)
     report.add("### Target")
     report.add()
-    measured = (f"{best['epsilon']:.2f} ({best['mode']} noise, C={best['clip']}, z={best['z']:g}, "
-                f"{best['share']:.2f}x)"
+    measured = (f"{best['epsilon']:.2f} ({best['model']}, {best['mode']} noise, C {best['clip']}, "
+                f"z={best['z']:g}, {best['share']:.2f}x)"
                 if best else f"no {TARGET_POPULATION}-device row with noise reached {TARGET_SHARE:g}x")
     met = "yes" if best and best["epsilon"] <= TARGET_EPSILON else "**no**"
     if TARGET_POPULATION not in args.populations:

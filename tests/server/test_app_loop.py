@@ -26,7 +26,7 @@ from fedser.client.app import app as client_app
 from fedser.common.bundle import load_bundle
 from fedser.common.models import build_model
 from fedser.common.params import state_to_arrays
-from fedser.common.privacy import update_noise_std
+from fedser.common.privacy import AdaptiveClip, combined_noise_multiplier, update_noise_std
 from fedser.common.records import arrays_to_record
 from fedser.server.app import FederatedRun
 from fedser.server.checkpoint import load_checkpoint, load_initial_model
@@ -153,8 +153,10 @@ def test_each_round_has_a_row_with_privacy_traffic_and_participation(runs):
         assert r["bytes-sent"] > 0 and r["bytes-received"] > 0
         assert 0 < r["user-epsilon"] < math.inf and r["user-delta"] == 1e-5
         assert r["max-device-epsilon"] > 0
-        # the KWS head is trained by one of two devices: its share carries 1/sqrt(2) of z
-        assert r["round-noise-multiplier"] == pytest.approx(1 / math.sqrt(2))
+        # the KWS head is trained by one of two devices: its share carries 1/sqrt(2) of the update's
+        # noise (raised by adaptive clipping, the default), composed with the noise on the clip bits
+        assert r["round-noise-multiplier"] == pytest.approx(combined_noise_multiplier(
+            AdaptiveClip.update_noise(1.0, 2) / math.sqrt(2), AdaptiveClip.count_noise(1.0, 2)))
     assert rows[1]["user-epsilon"] > rows[0]["user-epsilon"]          # privacy spent accumulates
     assert [r["model-version"] for r in rows] == [1, 2]
     assert [r["kws-head-version"] for r in rows] == [1, 2]
@@ -293,6 +295,8 @@ class ScriptedDevice:
                       for k, v in msg.content["arrays"].items()}
             metrics = {"num-examples": 10, "heads": self.heads_mask, "tier": self.tier,
                        "model-version": int(cfg["model-version"]), "loss": 1.0, "epsilon": 0.5}
+            if "clip-count-std" in cfg:   # adaptive clipping: the update is far inside C
+                metrics["clip-bit"] = 1.0 + float(rng.normal(0.0, cfg["clip-count-std"]))
             return Message(RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(metrics)}),
                            reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 4, "emotion-n": 4,
@@ -466,7 +470,7 @@ def test_public_pretraining_then_head_only_rounds_never_move_the_encoder(tmp_pat
 
 def test_adaptive_clipping_through_the_real_client_app_moves_c_and_keeps_the_accounted_z(tmp_path, identity):
     from fedser.common import keys
-    from fedser.common.privacy import AdaptiveClip, UserLevelAccountant, combined_noise_multiplier
+    from fedser.common.privacy import UserLevelAccountant
 
     # Prepare: the two synthesized devices (one DP-SGD step an epoch), C adapting to the median update norm
     emotion, kws = _make_corpora(tmp_path / "data")

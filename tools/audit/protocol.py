@@ -37,6 +37,7 @@ SETTINGS = ("no DP", "sample-level DP", "user-level DP", "both")
 
 DEFAULT_USER_NOISE = 1.0   # the run config's default noise-multiplier, used when a run had none
 DEFAULT_USER_NOISE_MODE = "local"   # and its default noise-mode
+DEFAULT_CLIP_QUANTILE = 0.5         # and its default clip-quantile (adaptive clipping)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,9 @@ class Protocol:
     local_epochs: int = 1
     batch_size: int = 16
     learning_rate: float = 3e-3
-    clip_quantile: float = 0.0       # > 0: C adapts to this quantile of the update norms (run setting)
+    clip_quantile: float = DEFAULT_CLIP_QUANTILE   # > 0: C adapts to this quantile of the update norms
     clip_learning_rate: float = 0.2
+    scope: str = "all"               # what devices train (run setting train-scope)
 
     @classmethod
     def from_run(cls, settings: Mapping, bundle_meta: Mapping, max_epsilon: float = 8.0) -> "Protocol":
@@ -87,8 +89,10 @@ class Protocol:
             local_epochs=int(settings.get("local_epochs", d.local_epochs)),
             batch_size=int(settings.get("batch_size", d.batch_size)),
             learning_rate=float(settings.get("learning_rate", d.learning_rate)),
-            clip_quantile=float(settings.get("clip_quantile", d.clip_quantile)),
+            # a run that recorded no clip_quantile predates adaptive clipping: its C was fixed
+            clip_quantile=float(settings.get("clip_quantile", 0.0)),
             clip_learning_rate=float(settings.get("clip_learning_rate", d.clip_learning_rate)),
+            scope=str(settings.get("train_scope", d.scope)),
         )
 
     @property
@@ -128,7 +132,7 @@ class Protocol:
         return RoundSettings(epochs=self.local_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
                              dp=self.dp, dp_max_grad_norm=self.dp_max_grad_norm, clip_norm=self.clip_norm,
                              noise_multiplier=self.noise_multiplier, noise_mode=self.noise_mode,
-                             expected_clients=self.expected_clients)
+                             expected_clients=self.expected_clients, scope=self.scope)
 
     def epsilons(self, n: int) -> dict[str, float]:
         """Accounted epsilons of this protocol after ``rounds`` rounds: sample-level (a device with
