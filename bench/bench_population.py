@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     starts["heads"] = trained_on(public)
     pretrained = accuracy(starts["heads"])
+    start_accuracy = {"scratch": accuracy(starts["scratch"]), "heads": pretrained}
     central = accuracy(trained_on(concat([train, public])))
     report.add(f"Corpus: Speech Commands subset at {args.data}, split by speaker: {len({*train.speakers})} private "
                f"speakers ({len(train)} clips) held by the devices, {len({*public.speakers})} speakers "
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     table: list[list] = []
     header = ["N", "m per round", "clips per device", "model", "noise", "C", "z", "user epsilon", "KWS accuracy",
-              "share of centralized", "accuracy by round (every 5th)", "seconds"]
+              "share of centralized", "points over its start", "accuracy by round (every 5th)", "seconds"]
     for n in args.populations:
         if n > len(train):
             report.add(f"N={n}: skipped, more devices than the {len(train)} private clips")
@@ -244,7 +245,8 @@ def main(argv=None) -> int:
                          "utility": acc, "share": acc / central})
             table.append([n, m, f"{sizes[len(sizes) // 2]} ({sizes[0]}-{sizes[-1]})", model_kind, mode, label,
                           f"{z:g}", "inf" if math.isinf(eps) else f"{eps:.2f}",
-                          f"{acc:.3f}", f"{acc / central:.2f}x", " ".join(f"{a:.2f}" for a in curve),
+                          f"{acc:.3f}", f"{acc / central:.2f}x", f"{100 * (acc - start_accuracy[model_kind]):+.1f}",
+                          " ".join(f"{a:.2f}" for a in curve),
                           f"{seconds:.0f}"])
             print(table[-1], file=sys.stderr, flush=True)
 
@@ -256,19 +258,28 @@ def main(argv=None) -> int:
     report.add(f"Reference lines: centralized {central:.3f}; public pretraining alone {pretrained:.3f}.")
     report.add()
 
-    target = [r for r in rows if r["n"] == TARGET_POPULATION and r["z"] > 0 and r["share"] >= TARGET_SHARE]
-    best = min(target, key=lambda r: r["epsilon"], default=None)
     report.add("### Target")
     report.add()
-    measured = (f"{best['epsilon']:.2f} ({best['model']}, {best['mode']} noise, C {best['clip']}, "
-                f"z={best['z']:g}, {best['share']:.2f}x)"
-                if best else f"no {TARGET_POPULATION}-device row with noise reached {TARGET_SHARE:g}x")
-    met = "yes" if best and best["epsilon"] <= TARGET_EPSILON else "**no**"
-    if TARGET_POPULATION not in args.populations:
-        measured, met = f"N={TARGET_POPULATION} not run", "—"
-    report.add(md_table(["target", "measured", "met"],
-                        [[f"user epsilon at {TARGET_POPULATION} sampled devices with utility >= "
-                          f"{TARGET_SHARE:g}x centralized: <= {TARGET_EPSILON:g}", measured, met]]))
+    target_rows = []
+    for kind, what in (("heads", "private heads over the publicly pretrained encoder"),
+                       ("scratch", "from scratch, no public pretraining")):
+        fits = [r for r in rows if r["n"] == TARGET_POPULATION and r["model"] == kind and r["z"] > 0
+                and r["share"] >= TARGET_SHARE]
+        best = min(fits, key=lambda r: r["epsilon"], default=None)
+        measured = (f"{best['epsilon']:.2f} ({best['mode']} noise, C {best['clip']}, z={best['z']:g}, "
+                    f"{best['share']:.2f}x)" if best
+                    else f"no {TARGET_POPULATION}-device row with noise reached {TARGET_SHARE:g}x")
+        met = "yes" if best and best["epsilon"] <= TARGET_EPSILON else "**no**"
+        if TARGET_POPULATION not in args.populations:
+            measured, met = f"N={TARGET_POPULATION} not run", "—"
+        target_rows.append([f"user epsilon at {TARGET_POPULATION} sampled devices with utility >= "
+                            f"{TARGET_SHARE:g}x centralized: <= {TARGET_EPSILON:g}; {what}", measured, met])
+    report.add(md_table(["target", "measured", "met"], target_rows))
+    report.add()
+    report.add(f"'Points over its start' is what the federation added to the model it started from: the "
+               f"initialisation for 'scratch', the server's public pretraining ({pretrained:.3f}) for 'heads'. "
+               f"Where the public speech already teaches the task, the heads rows meet the target by keeping "
+               f"the pretrained model intact under the noise, not by learning more from the devices.")
     report.add()
     report.add(f"Wall time {time.perf_counter() - t_start:.0f} s; {load_note(load_before, load_average())}.")
     report.save()
