@@ -48,7 +48,7 @@ MODEL = ModelConfig(n_features=SPEC.n_features())
 # Every metric a device may send; anything else would need a look at whether it is per-sample.
 # (The update's norm before clipping is not among them: only adaptive clipping's noised bit is.)
 TRAIN_METRICS = {keys.NUM_EXAMPLES, keys.LOSS, keys.EPSILON, keys.DELTA, keys.TIER, keys.HEADS, keys.LOCAL_STEPS,
-                 keys.WALL_TIME, keys.MODEL_VERSION, keys.DP_NOISE_MULTIPLIER,
+                 keys.WALL_TIME, keys.MODEL_VERSION, keys.DP_NOISE_MULTIPLIER, keys.CLIP_BIT,
                  "num-examples-emotion", "num-examples-kws"}
 QUERY_METRICS = {keys.TIER, keys.HEADS, keys.NUM_EXAMPLES, keys.EPSILON, "max-epsilon", "skipped-files"}
 EVALUATE_METRICS = {keys.NUM_EXAMPLES} | {f"{t}-{m}" for t in keys.TASKS for m in ("n", keys.ACCURACY, keys.UAR)}
