@@ -84,7 +84,7 @@ class FederatedRun:
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
                             "timeout": settings.round_timeout},
             adaptive_clip=AdaptiveClip(settings.clip_norm, settings.clip_quantile, settings.clip_learning_rate)
-            if settings.clip_quantile > 0 else None, **extra)
+            if settings.adapts_clip else None, **extra)
         self.cache = FeatureCache(settings.feature_cache or None)
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec, self.cache) if settings.eval_data else None
 

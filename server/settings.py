@@ -60,7 +60,7 @@ class RunSettings:
     # Adaptive clipping (Andrew et al. 2021): 0 keeps C fixed; a value in (0, 1) moves C each round
     # towards that quantile of the update norms, from noised bits the devices send (accounted). On by
     # default: a fixed C = 2 was 10x the norm of a head's update, so its noise was 10x what was needed
-    # (bench/results/population.md).
+    # (bench/results/population.md). Only with user-level noise on (``adapts_clip``).
     clip_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     noise_multiplier: float = 1.0     # user-level noise multiplier z
@@ -92,6 +92,12 @@ class RunSettings:
     partition_tiers: str = "1.0"
     partition_max_epsilon: float = 8.0
     partition_require_dp: bool = True
+
+    @property
+    def adapts_clip(self) -> bool:
+        """Whether C adapts: a clip-quantile is set and there is user-level noise. Adapting exists to
+        spend less noise; without noise it would only clip away half of every round's signal."""
+        return self.clip_quantile > 0 and self.noise_mode != "none" and self.noise_multiplier > 0
 
     def evaluates_on_devices(self, rnd: int) -> bool:
         """Whether round ``rnd`` ends with federated evaluation (the last round always does)."""

@@ -196,3 +196,11 @@ def test_the_written_defaults_with_a_run_dir_are_valid_settings(tmp_path):
     s = RunSettings.from_run_config({**config, "run-dir": str(tmp_path / "run")})
     # Assert
     assert s == RunSettings(run_dir=str(tmp_path / "run"))
+
+
+def test_clip_adapts_only_under_user_level_noise():
+    base = {"run-dir": "r"}
+    assert RunSettings.from_run_config(base).adapts_clip                      # the defaults: z = 1, local
+    assert not RunSettings.from_run_config({**base, "noise-mode": "none"}).adapts_clip
+    assert not RunSettings.from_run_config({**base, "noise-multiplier": 0.0}).adapts_clip
+    assert not RunSettings.from_run_config({**base, "clip-quantile": 0.0}).adapts_clip

@@ -358,8 +358,9 @@ def simulate_federation(model_config: ModelConfig, spec: FeatureSpec, clients: S
     rng = np.random.default_rng(seed)
     sampler = np.random.default_rng(seed + 1)
     m = min(protocol.expected_clients, len(clients))
+    # As the server: C adapts only under user-level noise (RunSettings.adapts_clip).
     adaptive = AdaptiveClip(protocol.clip_norm, protocol.clip_quantile, protocol.clip_learning_rate) \
-        if protocol.clip_quantile > 0 else None
+        if protocol.clip_quantile > 0 and protocol.user_noise else None
     for rnd in tqdm(range(protocol.rounds), desc=f"federation ({protocol.setting})", disable=not progress,
                     unit="round"):
         cohort = range(len(clients)) if m >= len(clients) else sorted(sampler.choice(len(clients), m, replace=False))
