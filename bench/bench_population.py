@@ -1,18 +1,23 @@
 """User-level DP at population scale: utility against user-level epsilon for 100 / 500 / 1000 devices.
 
-Each population is the private speakers of the development corpus's Speech Commands subset dealt
-into N virtual devices (the clips sorted by speaker and cut into N nearly equal runs, so a device
-holds a few clips of one speaker, at most two speakers at a run's border). The total data is the
-same at every N: more devices means fewer clips each, as when the same speech is spread over more
-phones. Test speakers never train. Each round samples m = q*N devices (without replacement) and
-every sampled device runs the device's own round (``fedser.client.update.train_round``: local
-training, clipping to C, Gaussian noise as the noise mode says); the server's aggregation
-combines them. User-level epsilon is the server's accountant (``UserLevelAccountant``: z, q = m/N,
-rounds). Sample-level DP-SGD is off in the sweep, so the curve shows what user-level noise costs.
+The development corpus's Speech Commands subset is split by speaker into private speakers (the
+devices'), a quarter standing for public speech the server pretrains on, and a quarter of unseen
+test speakers. Each population deals the private clips into N virtual devices (sorted by speaker
+and cut into N nearly equal runs, so a device holds a few clips of one speaker, at most two at a
+run's border). The total data is the same at every N: more devices means fewer clips each, as when
+the same speech is spread over more phones. Each round samples m = q*N devices (without
+replacement) and every sampled device runs the device's own round
+(``fedser.client.update.train_round``: local training, clipping to C, Gaussian noise as the noise
+mode says); the server's aggregation combines them. User-level epsilon is the server's accountant
+(``UserLevelAccountant``: z, q = m/N, rounds). Sample-level DP-SGD is off, so the curve shows what
+user-level noise costs.
 
-Printed: one row per (N, noise mode, z) with KWS accuracy on the unseen speakers, its share of the
-centralized model trained on the same clips, and user epsilon; the target row of the issue (user
-epsilon <= 10 at 1000 devices with utility >= 0.9x centralized); a plot of utility against epsilon.
+Printed: one row per (N, model, noise mode, clipping, z): the model from scratch, or private heads
+over the publicly pretrained encoder (``train-scope=heads``); C fixed at 2 or adaptive
+(``clip-quantile=0.5``); KWS accuracy on the unseen speakers, its share of the centralized model
+(trained on the private and public clips), the points it gained over its starting model, and user
+epsilon; the issue's target row (user epsilon <= 10 at 1000 devices with utility >= 0.9x
+centralized) for both models; a plot of utility against epsilon.
 
     python bench/bench_population.py [--populations 100 500 1000] [--noise 0.5 1 2] [--rounds 60]
     python bench/bench_population.py --quick      # one small population, few rounds
