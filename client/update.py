@@ -153,8 +153,9 @@ def train_round(model: torch.nn.Module, global_arrays: Mapping[str, np.ndarray],
     clip_bit = None
     if settings.clip_count_std is not None:
         # The only thing about the norm that leaves the device, noised like the update itself.
-        clip_bit = float(stats.norm_before <= settings.clip_norm) + float(rng.normal(0.0, settings.clip_count_std)) \
-            if settings.clip_count_std > 0 else float(stats.norm_before <= settings.clip_norm)
+        clip_bit = float(stats.norm_before <= settings.clip_norm)
+        if settings.clip_count_std > 0:
+            clip_bit += float(rng.normal(0.0, settings.clip_count_std))
     return RoundResult(sent, local_delta, stats, losses, steps, spend, clip_bit)
 
 

@@ -124,12 +124,12 @@ class HeteroFedAvg(FedAvg):
             raise ValueError("HeteroFedAvg: " + "; ".join(problems))
         self.model_config = model_config
         self.feature_spec = feature_spec
-        self.clip_norm = float(clip_norm)
+        self._fixed_clip = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier) if noise_mode != "none" else 0.0
         self.noise_mode = noise_mode
         self.adaptive_clip = adaptive_clip
         if adaptive_clip is not None:
-            adaptive_clip.clip_norm = self.clip_norm
+            adaptive_clip.clip_norm = self._fixed_clip   # it starts at the run's C
         # This round's update noise multiplier (above z under adaptive clipping) and bit noise std.
         self._update_noise = self.noise_multiplier
         self._bit_std: float | None = None
@@ -152,6 +152,11 @@ class HeteroFedAvg(FedAvg):
         self._expected_clients = 1
         self.outcome = RoundOutcome()
 
+    @property
+    def clip_norm(self) -> float:
+        """This round's clipping bound C: the adapted one, or the run's fixed one."""
+        return self.adaptive_clip.clip_norm if self.adaptive_clip is not None else self._fixed_clip
+
     # ---- state (checkpointed with the model) ------------------------------------------------
     def state_dict(self) -> dict:
         return {"model_version": self.model_version, "kws_head_version": self.kws_head_version,
@@ -165,7 +170,7 @@ class HeteroFedAvg(FedAvg):
         self.rejections = list(state.get("rejections", []))
         if self.adaptive_clip is not None and "clip_norm" in state:
             # An adapted C resumes where it was; a fixed one stays what the run configures.
-            self.clip_norm = self.adaptive_clip.clip_norm = float(state["clip_norm"])
+            self.adaptive_clip.clip_norm = float(state["clip_norm"])
 
     def summary(self) -> None:
         super().summary()
@@ -343,7 +348,7 @@ class HeteroFedAvg(FedAvg):
             # The released count is the sum of the used updates' bits: its noise is theirs together.
             self.outcome.noise_multiplier = combined_noise_multiplier(
                 self.outcome.noise_multiplier, (self._bit_std or 0.0) * math.sqrt(len(bits)))
-            self.clip_norm = self.adaptive_clip.step(bits)
+            self.adaptive_clip.step(bits)
             log.info("round %s: %s of %s updates within C=%.4g (noised); C -> %.4g", server_round,
                      f"{sum(bits):.1f}", len(bits), self.outcome.clip_norm, self.clip_norm)
         self.outcome.kws_contributors = stats.head_contributors.get("kws", 0)

@@ -29,15 +29,16 @@ from fedser.common.privacy import (AdaptiveClip, SpendRecord, UserLevelAccountan
                                    plan_spend)
 from fedser.common.training import TrainConfig, train_task
 from fedser.server.aggregation import ClientUpdate, aggregate, full_index
+from fedser.server.settings import RunSettings
 
 from .inputs import AuditInputError
 
 SETTINGS = ("no DP", "sample-level DP", "user-level DP", "both")
 """The four privacy settings the audit compares (sample-level = DP-SGD, user-level = update noise)."""
 
-DEFAULT_USER_NOISE = 1.0   # the run config's default noise-multiplier, used when a run had none
-DEFAULT_USER_NOISE_MODE = "local"   # and its default noise-mode
-DEFAULT_CLIP_QUANTILE = 0.5         # and its default clip-quantile (adaptive clipping)
+DEFAULT_USER_NOISE = RunSettings.noise_multiplier   # the run default noise-multiplier, used when a run had none
+DEFAULT_USER_NOISE_MODE = RunSettings.noise_mode   # and its default noise-mode
+DEFAULT_CLIP_QUANTILE = RunSettings.clip_quantile   # and its default clip-quantile (adaptive clipping)
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ def simulate_federation(model_config: ModelConfig, spec: FeatureSpec, clients: S
         cohort = range(len(clients)) if m >= len(clients) else sorted(sampler.choice(len(clients), m, replace=False))
         settings = protocol.round_settings()
         if adaptive is not None:
-            z = protocol.noise_multiplier if protocol.user_noise else 0.0
+            z = protocol.noise_multiplier
             settings = dataclasses.replace(
                 settings, clip_norm=adaptive.clip_norm, noise_multiplier=AdaptiveClip.update_noise(z, m),
                 clip_count_std=count_bit_std(z, protocol.noise_mode, m))
