@@ -18,19 +18,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedser.common import keys
 from fedser.common.encoders import EncoderResourceError, check_available
 from fedser.common.errors import ConfigError, FedserError, PrivacyBudgetExceeded
 from fedser.common.features import FeatureSpec
-from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope
+from fedser.common.models import ModelConfig, build_model, encoder_params_in_scope, trained_entries
 from fedser.common.params import arrays_to_state
 from fedser.common.records import arrays_to_record, model_from_config, record_to_arrays
+from fedser.common.secagg import Layout
+from fedser.common.slicing import slice_index
 from fedser.common.training import evaluate_task
 
 from .device import LocalData, DeviceSettings, load_local_data
+from . import secure
 from .ledger import LedgerCorruptError, PrivacyLedger, RoundPlan
 from .update import RoundSettings, train_round
 
@@ -116,6 +119,10 @@ def _plan(ledger: PrivacyLedger, settings: DeviceSettings, data: LocalData, cfg)
 @replies_declines
 def query(msg: Message, context: Context) -> Message:
     settings, cfg, _, spec = _instruction(msg, context)
+    if keys.SECAGG_STAGE in cfg:
+        with declining(keys.DECLINE_BAD_INSTRUCTION, ConfigError, KeyError, TypeError, ValueError):
+            reply = secure.handle_stage(cfg, context.state, int(context.node_id))
+        return Message(RecordDict({keys.SECAGG: reply}), reply_to=msg)
     # A query that says how the coming round will train lets a device that will not follow it,
     # or cannot afford it, say so now, before any model is sent to it.
     announced = None
@@ -153,6 +160,10 @@ def train(msg: Message, context: Context) -> Message:
         arrays_to_state(global_sub, model)
         encoder_params_in_scope(model, round_settings.scope)   # ConfigError for an unknown scope
     _within_policy(settings, round_settings)
+    secured = keys.SECAGG_SRCS in cfg
+    if secured:   # before any budget is spent: an instruction the protocol refuses costs nothing
+        with declining(keys.DECLINE_BAD_INSTRUCTION, ConfigError, KeyError, TypeError, ValueError):
+            secure.receive_shares(cfg, context.state, int(context.node_id))
     data = _local_data(settings, spec)
     ledger = _ledger(settings)
     sample_noise = None
@@ -170,7 +181,6 @@ def train(msg: Message, context: Context) -> Message:
                          sample_noise=sample_noise, delta=settings.delta, rng=np.random.default_rng())
     metrics = {
         keys.NUM_EXAMPLES: sum(len(data.train[t]) for t in data.tasks),
-        keys.LOSS: float(np.mean(result.losses)),
         keys.EPSILON: ledger.epsilon(),
         keys.DELTA: settings.delta,
         keys.TIER: settings.tier,
@@ -180,12 +190,25 @@ def train(msg: Message, context: Context) -> Message:
         keys.MODEL_VERSION: int(cfg[keys.MODEL_VERSION]),
         keys.DP_NOISE_MULTIPLIER: float(sample_noise or 0.0),
     }
-    if result.clip_bit is not None:
-        metrics[keys.CLIP_BIT] = result.clip_bit
+    if not round_settings.protects_users:
+        # The loss says something about this device's data; it is only sent when nothing else
+        # the device sends is protected either.
+        metrics[keys.LOSS] = float(np.mean(result.losses))
     for t in data.tasks:
         metrics[f"num-examples-{t}"] = len(data.train[t])
-    return Message(RecordDict({keys.ARRAYS: arrays_to_record(result.sent), keys.METRICS: MetricRecord(metrics)}),
-                   reply_to=msg)
+    if secured:
+        # The update and the clip bit travel only inside the masked sum.
+        layout = Layout.of({k: v.shape for k, v in build_model(model_config).state_dict().items()},
+                           trained_entries(model, round_settings.scope), result.clip_bit is not None)
+        padded = secure.padded_update(result.sent, slice_index(model_config, width), layout, set(data.tasks))
+        with declining(keys.DECLINE_BAD_INSTRUCTION, ConfigError):
+            masked = secure.masked_input(context.state, int(context.node_id), layout.flatten(padded, result.clip_bit))
+        record = ArrayRecord({keys.MASKED: Array(masked)})
+    else:
+        if result.clip_bit is not None:
+            metrics[keys.CLIP_BIT] = result.clip_bit
+        record = arrays_to_record(result.sent)
+    return Message(RecordDict({keys.ARRAYS: record, keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -68,6 +68,11 @@ class RoundSettings:
             raise ValueError(f"{keys.CLIP_COUNT_STD} must be a finite number >= 0, got {settings.clip_count_std}")
         return settings
 
+    @property
+    def protects_users(self) -> bool:
+        """Whether the update carries user-level noise (what the device sends is then DP for its owner)."""
+        return self.noise_mode != "none" and self.noise_multiplier > 0
+
     @classmethod
     def announced(cls, cfg: Mapping) -> "RoundSettings":
         """What a query says about the coming round: the keys it carries, the defaults for the rest

@@ -29,6 +29,24 @@ EXPECTED_CLIENTS = "expected-clients"  # m, for distributed noise z*C/sqrt(m)
 # instruction only when the run adapts C), and the noised bit in its reply.
 CLIP_COUNT_STD = "clip-count-std"
 CLIP_BIT = "clip-bit"
+# Secure aggregation (``fedser.common.secagg``). Its setup, share-keys and unmask stages are query
+# instructions carrying SECAGG_STAGE; the masked input is the train instruction's reply.
+SECAGG_STAGE = "secagg-stage"
+SECAGG_STAGES = ("setup", "share-keys", "unmask")
+SECAGG_NODES = "secagg-nodes"             # the cohort (setup), the devices whose keys follow (share-keys)
+SECAGG_THRESHOLD = "secagg-threshold"     # t: shares that rebuild a secret
+SECAGG_CLIP_RANGE = "secagg-clip-range"   # the quantizer's range this round
+SECAGG_ENC_KEYS = "secagg-enc-keys"       # public keys that encrypt shares, in SECAGG_NODES order
+SECAGG_MASK_KEYS = "secagg-mask-keys"     # public keys that agree pairwise masks, same order
+SECAGG_SEED_HASH = "secagg-seed-hash"     # sha256 of a device's self-mask seed
+SECAGG_SRCS = "secagg-srcs"               # senders of the ciphertexts that follow
+SECAGG_DSTS = "secagg-dsts"               # addressees of the ciphertexts that follow
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"
+SECAGG_ACTIVE = "secagg-active"           # devices whose masked input arrived (unmask)
+SECAGG_DEAD = "secagg-dead"               # devices that shared keys but sent no masked input
+SECAGG_SHARES = "secagg-shares"           # unmask reply: shares, in SECAGG_ACTIVE + SECAGG_DEAD order
+SECAGG = "secagg"                         # the ConfigRecord of a stage's reply
+MASKED = "masked"                         # the masked input's array (uint64)
 DP_ENABLED = "dp"                     # sample-level DP-SGD on devices
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # floor of the DP-SGD noise; devices calibrate above it
 ROUNDS_LEFT = "rounds-left"           # rounds still planned, this one included (budget calibration)

@@ -594,9 +594,12 @@ class AdaptiveClip:
 
     def step(self, bits: Sequence[float]) -> float:
         """Move C with this round's noised bits (one per used update); returns the new C."""
-        if len(bits):
-            share = float(np.mean(np.asarray(bits, dtype=np.float64)))
-            self.clip_norm = float(self.clip_norm * math.exp(-self.learning_rate * (share - self.quantile)))
+        return self.step_sum(float(np.sum(np.asarray(bits, dtype=np.float64))), len(bits))
+
+    def step_sum(self, total: float, count: int) -> float:
+        """Move C with the sum of ``count`` noised bits (all a secure aggregation reveals)."""
+        if count:
+            self.clip_norm = float(self.clip_norm * math.exp(-self.learning_rate * (total / count - self.quantile)))
         return self.clip_norm
 
 

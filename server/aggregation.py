@@ -38,7 +38,7 @@ import math
 import statistics
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -49,6 +49,7 @@ __all__ = [
     "EVAL_WEIGHT_CAP_FACTOR",
     "WEIGHT_CAP_FACTOR",
     "aggregate",
+    "aggregate_sum",
     "capped_weights",
     "full_index",
 ]
@@ -374,6 +375,23 @@ def _weighted_sum(group: _Group) -> np.ndarray:
     return total
 
 
+def _contributors(updates: Sequence[ClientUpdate], param_heads: dict[str, str | None]) -> AggregationStats:
+    """Stats without coverage: how many updates, examples, contributors per head and tier."""
+    head_names = [ENCODER] if any(h is None for h in param_heads.values()) else []
+    head_names += sorted({h for h in param_heads.values() if h is not None})
+    stats = AggregationStats(
+        num_updates=len(updates),
+        total_examples=int(sum(int(u.num_examples) for u in updates)),
+        head_contributors={h: 0 for h in head_names},
+    )
+    for u in updates:
+        stats.tier_contributors[u.width] = stats.tier_contributors.get(u.width, 0) + 1
+        for h in head_names:
+            if h == ENCODER or h in u.heads:
+                stats.head_contributors[h] += 1
+    return stats
+
+
 def aggregate(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[ClientUpdate],
@@ -411,18 +429,7 @@ def aggregate(
     if problems:
         raise ValueError("cannot aggregate: " + "; ".join(problems))
 
-    head_names = [ENCODER] if any(h is None for h in param_heads.values()) else []
-    head_names += sorted({h for h in param_heads.values() if h is not None})
-    stats = AggregationStats(
-        num_updates=len(updates),
-        total_examples=int(sum(int(u.num_examples) for u in updates)),
-        head_contributors={h: 0 for h in head_names},
-    )
-    for u in updates:
-        stats.tier_contributors[u.width] = stats.tier_contributors.get(u.width, 0) + 1
-        for h in head_names:
-            if h == ENCODER or h in u.heads:
-                stats.head_contributors[h] += 1
+    stats = _contributors(updates, param_heads)
 
     # One flat float64 buffer per quantity, with a per-parameter view into it: the
     # accumulation works on the views, the final mean on the whole buffer at once.
@@ -499,4 +506,44 @@ def aggregate(
     stats.coverage = count
     for name, size in zip(names, sizes):
         stats.fraction_updated[name] = np.count_nonzero(count[name]) / size if size else 0.0
+    return new_state, stats
+
+
+def aggregate_sum(
+    global_state: Mapping[str, np.ndarray],
+    sums: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    head_of: Callable[[str], str | None],
+    server_lr: float = 1.0,
+) -> tuple[dict[str, np.ndarray], AggregationStats]:
+    """Heterogeneous FedAvg from the sum of the updates alone (what secure aggregation reveals).
+
+    ``sums[name]`` has the global shape and holds the sum of every update's delta padded with
+    zeros outside its slice and its heads; each update counts once. An element's mean divides
+    by the updates that cover it, known from their tiers (``index``) and heads without their
+    deltas. Arrays not in ``sums`` (frozen under the run's scope) and elements no update covers
+    keep their value.
+    """
+    problems = _check_updates(global_state, [replace(u, delta={}) for u in updates], server_lr)
+    problems += [f"sum of {name!r} has shape {np.shape(v)}, the model {np.shape(global_state.get(name))}"
+                 for name, v in sums.items() if name not in global_state or np.shape(v) != np.shape(global_state[name])]
+    problems += [f"sum of {name!r} holds non-finite values" for name, v in sums.items() if not np.all(np.isfinite(v))]
+    if problems:
+        raise ValueError("cannot aggregate: " + "; ".join(problems))
+    stats = _contributors(updates, {name: head_of(name) for name in global_state})
+    new_state: dict[str, np.ndarray] = {}
+    for name, current in global_state.items():
+        current = np.asarray(current)
+        count = np.zeros(current.shape, dtype=np.int32)
+        if name in sums:
+            head = head_of(name)
+            for u in updates:
+                if head is None or head in u.heads:
+                    count[u.index[name]] += 1
+        covered = count > 0
+        step = np.divide(np.asarray(sums.get(name, 0.0), dtype=np.float64), count, out=np.zeros(current.shape),
+                         where=covered)
+        new_state[name] = np.where(covered, current.astype(np.float64) + server_lr * step, current).astype(current.dtype)
+        stats.coverage[name] = count
+        stats.fraction_updated[name] = np.count_nonzero(count) / count.size if count.size else 0.0
     return new_state, stats

@@ -36,6 +36,7 @@ from .report import write_metrics, write_plots
 from .server_eval import ServerEvaluator
 from .settings import RUN_COMPLETE, RUN_FAILED, RunSettings
 from .robust import TrimmedMeanHeteroFedAvg
+from .secure_round import SecureRound
 from .strategy import HeteroFedAvg
 
 log = logging.getLogger("fedser.server")
@@ -84,7 +85,9 @@ class FederatedRun:
                             keys.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm, keys.TRAIN_SCOPE: settings.train_scope,
                             "timeout": settings.round_timeout},
             adaptive_clip=AdaptiveClip(settings.clip_norm, settings.clip_quantile, settings.clip_learning_rate)
-            if settings.adapts_clip else None, **extra)
+            if settings.adapts_clip else None, secure=settings.secure_aggregation, **extra)
+        self.secure_round = SecureRound(self.strategy, settings.secure_aggregation_threshold,
+                                        settings.round_timeout) if settings.secure_aggregation else None
         self.cache = FeatureCache(settings.feature_cache or None)
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec, self.cache) if settings.eval_data else None
 
@@ -134,10 +137,13 @@ class FederatedRun:
         for rnd in range(state.round + 1, self.s.num_server_rounds + 1):
             t0 = time.perf_counter()
             _progress(self.run_dir, f"round {rnd}/{self.s.num_server_rounds}: training")
-            replies = grid.send_and_receive(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
-                                            timeout=self.s.round_timeout)
+            instructions = list(self.strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+            if self.secure_round is not None:
+                new_arrays, train_metrics = self.secure_round.run(grid, rnd, instructions)
+            else:
+                replies = grid.send_and_receive(instructions, timeout=self.s.round_timeout)
+                new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             t_train = time.perf_counter() - t0
-            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             out = self.strategy.outcome
             if new_arrays is not None:
                 arrays = new_arrays
@@ -162,6 +168,9 @@ class FederatedRun:
                    "bytes-sent": out.bytes_sent, "bytes-received": out.bytes_received,
                    "train-loss": out.train_loss, "round-noise-multiplier": out.noise_multiplier,
                    "clip-norm": out.clip_norm,
+                   **({"secagg-threshold": out.secure_threshold, "secagg-dropped": out.secure_dropped,
+                       "secagg-aborted": out.secure_aborted, "secagg-seconds": out.secure_seconds}
+                      if self.secure_round is not None else {}),
                    "user-epsilon": user_eps, "user-delta": self.s.user_delta,
                    "max-device-epsilon": out.max_device_epsilon}
             if fed_eval is not None:

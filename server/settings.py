@@ -64,9 +64,14 @@ class RunSettings:
     clip_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     noise_multiplier: float = 1.0     # user-level noise multiplier z
-    # local | distributed | none. Local until secure aggregation exists: the server reads each update,
-    # and only local noise gives each one the full z*C (distributed gives it z*C/sqrt(m)).
+    # local | distributed | none. Local by default: without secure aggregation the server reads each
+    # update, and only local noise gives each one the full z*C (distributed gives it z*C/sqrt(m)).
     noise_mode: str = "local"
+    # Secure aggregation (fedser.common.secagg): the server learns only the sum of each round's
+    # updates, which is what distributed noise needs. A share of the cohort (above one half) must
+    # stay to the end of a round for its sum to be revealed.
+    secure_aggregation: bool = False
+    secure_aggregation_threshold: float = 0.6
     user_delta: float = 1e-5
     dp: bool = True                   # sample-level DP-SGD on devices
     dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it
@@ -169,6 +174,14 @@ class RunSettings:
             p.append(f"kws-pretrain-epochs must be >= 1, got {self.kws_pretrain_epochs}")
         if not (self.connect_timeout > 0):
             p.append(f"connect-timeout must be > 0 seconds, got {self.connect_timeout}")
+        if not 0.5 < self.secure_aggregation_threshold <= 1:
+            p.append("secure-aggregation-threshold must be in (0.5, 1] (above one half, so no two disjoint "
+                     f"groups of devices can each reveal a secret), got {self.secure_aggregation_threshold}")
+        if self.secure_aggregation and self.aggregation != "fedavg":
+            p.append(f"aggregation={self.aggregation} needs each update, and secure aggregation reveals only "
+                     "their sum: use aggregation=fedavg with secure-aggregation")
+        if self.secure_aggregation and self.min_clients < 2:
+            p.append("secure-aggregation needs min-clients >= 2: the sum of one update is that update")
         if self.aggregation not in ("fedavg", "trimmed-mean"):
             p.append(f"aggregation must be fedavg or trimmed-mean, got {self.aggregation!r}")
         if not 0 <= self.aggregation_trim < 0.5:

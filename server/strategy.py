@@ -28,16 +28,17 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedser.common import keys
+from fedser.common import keys, secagg
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model, head_of, trained_entries
 from fedser.common.privacy import (AdaptiveClip, combined_noise_multiplier, count_bit_std, max_expected_norm,
                                    update_noise_std)
 from fedser.common.records import arrays_to_record, model_to_config, record_to_arrays
+from fedser.common.secagg import Layout
 from fedser.common.slicing import slice_index, slice_state
 
 from .aggregation import (EVAL_WEIGHT_CAP_FACTOR, WEIGHT_CAP_FACTOR, AggregationStats, ClientUpdate, aggregate,
-                          capped_weights)
+                          aggregate_sum, capped_weights)
 from .sampling import sample_nodes
 from .user_privacy import Contribution, round_noise_multiplier
 from .validation import (TaskScore, UpdateNoise, decode_update, expected_shapes, validate_evaluation,
@@ -81,6 +82,12 @@ class RoundOutcome:
     max_device_epsilon: float = 0.0
     train_loss: float = float("nan")
     clip_norm: float = 0.0           # the bound C devices clipped to this round
+    # Secure aggregation: shares needed (t), devices that shared keys but sent no input, why the
+    # round was aborted (no sum revealed), and the seconds its four stages took.
+    secure_threshold: int = 0
+    secure_dropped: int = 0
+    secure_aborted: str = ""
+    secure_seconds: float = 0.0
 
 
 class HeteroFedAvg(FedAvg):
@@ -92,7 +99,9 @@ class HeteroFedAvg(FedAvg):
     (local epochs, batch size, learning rate, DP-SGD noise and gradient bound). With
     ``adaptive_clip`` C starts at ``clip_norm`` and follows a quantile of the update norms
     (:class:`fedser.common.privacy.AdaptiveClip`): devices send a noised bit "norm <= C" and the
-    update noise rises so that the round, bits included, is accounted at z.
+    update noise rises so that the round, bits included, is accounted at z. With ``secure``
+    replies are masked inputs whose sum only is revealed (:meth:`aggregate_sum`), and every
+    device weighs the same.
     """
 
     def __init__(self, model_config: ModelConfig, feature_spec: FeatureSpec, *, clip_norm: float,
@@ -100,7 +109,7 @@ class HeteroFedAvg(FedAvg):
                  fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  fraction_evaluate: float = 1.0, min_evaluate_nodes: int = 2, max_staleness: int = 0,
                  connect_timeout: float = math.inf, weight_cap: int | None = WEIGHT_CAP_FACTOR,
-                 adaptive_clip: AdaptiveClip | None = None):
+                 adaptive_clip: AdaptiveClip | None = None, secure: bool = False):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
@@ -151,6 +160,12 @@ class HeteroFedAvg(FedAvg):
         self._sent_messages: list[Message] = []
         self._expected_clients = 1
         self.outcome = RoundOutcome()
+        # Secure aggregation: replies carry masked inputs (``fedser.server.secure_round`` unmasks
+        # their sum); every device counts once, so the server cannot weigh one above the others' noise.
+        self.secure = bool(secure)
+        self.layout: Layout | None = None
+        self.pending: list[ClientUpdate] = []
+        self.masked: dict[int, np.ndarray] = {}
 
     @property
     def clip_norm(self) -> float:
@@ -255,11 +270,15 @@ class HeteroFedAvg(FedAvg):
         self.outcome.clip_norm = self.clip_norm
         base[keys.EXPECTED_CLIENTS] = self._expected_clients
         self._bits = {}
+        self.pending, self.masked = [], {}
         if self.adaptive_clip is not None:
             self._update_noise = AdaptiveClip.update_noise(self.noise_multiplier, self._expected_clients)
             self._bit_std = count_bit_std(self.noise_multiplier, self.noise_mode, self._expected_clients)
             base[keys.NOISE_MULTIPLIER] = self._update_noise
             base[keys.CLIP_COUNT_STD] = self._bit_std
+        if self.secure:
+            shapes = {k: np.shape(v) for k, v in self._global.items()}
+            self.layout = Layout.of(shapes, self.trained_entries, with_bit=self._bit_std is not None)
         messages, self._sent_tiers = [], {}
         for n in usable:
             tier = self.profiles[n].tier
@@ -273,6 +292,12 @@ class HeteroFedAvg(FedAvg):
                  sorted(self._sent_tiers.values()))
         self._sent_messages = messages
         return messages
+
+    def expect_replies(self, messages: list[Message]) -> None:
+        """The train instructions actually sent (a subset of ``configure_train``'s, with more config):
+        their devices alone owe a reply."""
+        self._sent_messages = messages
+        self._sent_tiers = {m.metadata.dst_node_id: self._sent_tiers[m.metadata.dst_node_id] for m in messages}
 
     def _addressee(self, reply: Message) -> int:
         """The node a reply concerns: errors such as "Node Unavailable" come from the SuperLink
@@ -325,9 +350,11 @@ class HeteroFedAvg(FedAvg):
             log.warning("round %s: node %s: %s", server_round, node, NO_TRAIN_REPLY)
         counts = [u.num_examples for u in accepted]
         weights = capped_weights(counts, self.weight_cap) if self.weight_cap is not None else counts
+        if self.secure:
+            weights = [1] * len(accepted)
         updates = []
         for u, w in zip(accepted, weights):
-            if w < u.num_examples:
+            if w < u.num_examples and not self.secure:
                 self.outcome.capped.append((u.node_id, u.num_examples, w))
                 log.info("round %s: node %s claims %s examples; weighted as %s (%s x the cohort's lower "
                          "median)", server_round, u.node_id, u.num_examples, w, self.weight_cap)
@@ -338,19 +365,59 @@ class HeteroFedAvg(FedAvg):
         if not updates:
             log.warning("round %s: no valid update; the global model is unchanged", server_round)
             return None, MetricRecord({"updates": 0})
+        if self.secure:
+            # Only their sum can be read: fedser.server.secure_round unmasks it, then aggregate_sum.
+            self.pending = updates
+            return None, None
         new_state, stats = self.combine(updates)
-        noise_std = update_noise_std(self.clip_norm, self._update_noise, self.noise_mode, self._expected_clients)
-        contributions = [Contribution(weight=w, width=u.width, heads=frozenset(u.heads), noise_std=noise_std)
+        return self._finish(server_round, updates, new_state, stats,
+                            [self._bits[u.node_id] for u in updates] if self.adaptive_clip is not None else None)
+
+    def aggregate_sum(self, server_round: int, total: np.ndarray) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new model from the unmasked sum (quantized words, mod 2**64) of :attr:`pending`'s inputs.
+
+        Each element's mean is the sum over the devices whose slice and heads cover it divided by
+        their number (the server knows each device's tier and heads). A sum no honest cohort can
+        produce (a device sent words beyond the quantizer's range) leaves the model unchanged;
+        it was revealed all the same, so the round is still accounted.
+        """
+        assert self.layout is not None and self._global is not None, "configure_train must run first"
+        updates = self.pending
+        clip_range = secagg.clamp_range(self.clip_norm, self.update_noise_std, self._bit_std)
+        if not secagg.in_range(total, len(updates)):
+            reason = "the unmasked sum lies outside what quantized inputs can add up to: a masked input was malformed"
+            self.outcome.used = len(updates)
+            self.outcome.noise_multiplier = self._round_noise_multiplier(updates)
+            self.rejections.append({"round": server_round, "node": -1, "stage": "train", "reasons": [reason]})
+            log.warning("round %s: %s; the global model is unchanged", server_round, reason)
+            return None, MetricRecord({"updates": 0})
+        sums, bit_sum = self.layout.unflatten(secagg.dequantize_sum(total, clip_range, len(updates)))
+        new_state, stats = aggregate_sum(self._global, sums, updates, head_of)
+        return self._finish(server_round, updates, new_state, stats, bit_sum)
+
+    @property
+    def update_noise_std(self) -> float:
+        """This round's per-element std of one device's update noise."""
+        return update_noise_std(self.clip_norm, self._update_noise, self.noise_mode, self._expected_clients)
+
+    def _round_noise_multiplier(self, updates: list[ClientUpdate]) -> float:
+        contributions = [Contribution(weight=w, width=u.width, heads=frozenset(u.heads), noise_std=self.update_noise_std)
                          for u, w in zip(updates, self.accounting_weights(updates))]
-        self.outcome.noise_multiplier = round_noise_multiplier(contributions, self.clip_norm)
+        z = round_noise_multiplier(contributions, self.clip_norm)
         if self.adaptive_clip is not None:
-            bits = [self._bits[u.node_id] for u in updates]
             # The released count is the sum of the used updates' bits: its noise is theirs together.
-            self.outcome.noise_multiplier = combined_noise_multiplier(
-                self.outcome.noise_multiplier, (self._bit_std or 0.0) * math.sqrt(len(bits)))
-            self.adaptive_clip.step(bits)
-            log.info("round %s: %s of %s updates within C=%.4g (noised); C -> %.4g", server_round,
-                     f"{sum(bits):.1f}", len(bits), self.outcome.clip_norm, self.clip_norm)
+            z = combined_noise_multiplier(z, (self._bit_std or 0.0) * math.sqrt(len(updates)))
+        return z
+
+    def _finish(self, server_round: int, updates: list[ClientUpdate], new_state: dict[str, np.ndarray],
+                stats: AggregationStats, bits) -> tuple[ArrayRecord, MetricRecord]:
+        """Account, adapt C and move to ``new_state``; ``bits`` is each update's clip bit, or their sum."""
+        self.outcome.used = len(updates)
+        self.outcome.noise_multiplier = self._round_noise_multiplier(updates)
+        if self.adaptive_clip is not None:
+            self.adaptive_clip.step_sum(float(np.sum(bits)), len(updates))
+            log.info("round %s: %.1f of %s updates within C=%.4g (noised); C -> %.4g", server_round,
+                     float(np.sum(bits)), len(updates), self.outcome.clip_norm, self.clip_norm)
         self.outcome.kws_contributors = stats.head_contributors.get("kws", 0)
         self.outcome.emotion_contributors = stats.head_contributors.get("emotion", 0)
         self.model_version += 1
@@ -402,17 +469,20 @@ class HeteroFedAvg(FedAvg):
             return None
         self.outcome.bytes_received += record.count_bytes()
         index = slice_index(self.model_config, tier)
-        shapes = expected_shapes(index)
+        if self.secure:
+            # A masked input is uniform noise to the server: only its form can be checked.
+            shapes, dtype, noise, bound = {keys.MASKED: (self.layout.size,)}, np.uint64, None, None
+        else:
+            shapes, dtype = expected_shapes(index), np.float32
+            noise = UpdateNoise(self.trained_entries, self.update_noise_std, self.clip_norm)
+            n_noisy = max(1, int(sum(int(np.prod(s)) for k, s in shapes.items() if k in noise.trained)))
+            bound = max_expected_norm(self.clip_norm, self._update_noise, self.noise_mode,
+                                      self._expected_clients, n_noisy)
         # Declared shapes and dtypes are checked before anything is decoded.
-        arrays, reasons = decode_update(record, shapes)
+        arrays, reasons = decode_update(record, shapes, dtype)
         unreadable = set(record.keys()) - set(arrays)
-        noise = UpdateNoise(self.trained_entries, update_noise_std(
-            self.clip_norm, self._update_noise, self.noise_mode, self._expected_clients), self.clip_norm)
-        n_noisy = max(1, int(sum(int(np.prod(s)) for k, s in shapes.items() if k in noise.trained)))
-        bound = max_expected_norm(self.clip_norm, self._update_noise, self.noise_mode,
-                                  self._expected_clients, n_noisy)
         profile = self.profiles.get(node)
-        reasons += validate_update(arrays, {k: s for k, s in shapes.items() if k not in unreadable},
+        reasons += validate_update(arrays, {k: s for k, s in shapes.items() if k not in unreadable}, dtype=dtype,
                                    max_norm=bound, current_model_version=self.model_version,
                                    reply_model_version=m.get(keys.MODEL_VERSION),
                                    num_examples=m.get(keys.NUM_EXAMPLES), heads_mask=m.get(keys.HEADS),
@@ -429,7 +499,7 @@ class HeteroFedAvg(FedAvg):
             reasons.append(f"metric {keys.LOSS!r} must be a finite number; got {m[keys.LOSS]!r}")
         if keys.EPSILON in m and not (_is_number(m[keys.EPSILON]) and m[keys.EPSILON] >= 0):
             reasons.append(f"metric {keys.EPSILON!r} must be a number >= 0; got {m[keys.EPSILON]!r}")
-        if self._bit_std is not None:
+        if self._bit_std is not None and not self.secure:
             reasons += _clip_bit_problems(m.get(keys.CLIP_BIT), self._bit_std)
         claimed = m.get(keys.NUM_EXAMPLES)
         if profile is not None and _is_number(claimed) and claimed > profile.num_examples:
@@ -441,11 +511,13 @@ class HeteroFedAvg(FedAvg):
             self._reject(server_round, node, reasons)
             return None
         heads = set(keys.mask_to_heads(int(m[keys.HEADS])))
+        if self.secure:
+            self.masked[node] = arrays.pop(keys.MASKED)
         update = ClientUpdate(node_id=node, delta=arrays, index=index, num_examples=int(m[keys.NUM_EXAMPLES]),
                               heads=heads, width=tier)
         if keys.EPSILON in m and profile is not None:
             profile.epsilon = float(m[keys.EPSILON])
-        if self._bit_std is not None:
+        if self._bit_std is not None and not self.secure:
             self._bits[node] = float(m[keys.CLIP_BIT])
         return update, (float(m[keys.LOSS]) if keys.LOSS in m else None)
 

@@ -66,6 +66,7 @@ class InProcessGrid:
         self.run_config = run_config
         self.log: list[tuple[str, int, int]] = []       # (message type, node, server round)
         self.replies: list[Message] = []
+        self.states: dict[int, RecordDict] = {}          # each node's Context.state, kept as a SuperNode does
 
     def get_node_ids(self):
         return list(self.node_configs)
@@ -75,8 +76,8 @@ class InProcessGrid:
         for m in messages:
             node = m.metadata.dst_node_id
             self.log.append((m.metadata.message_type, node, int(m.content["config"]["server-round"])))
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config=self.run_config)
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node],
+                              state=self.states.setdefault(node, RecordDict()), run_config=self.run_config)
             replies.append(client_app(m, context))
         self.replies += replies
         return replies
@@ -501,3 +502,37 @@ def test_adaptive_clipping_through_the_real_client_app_moves_c_and_keeps_the_acc
     accountant = UserLevelAccountant(1.0, 2, 2)
     accountant.step(2, noise_multiplier=want)
     assert rows[-1]["user-epsilon"] == pytest.approx(accountant.epsilon(1e-5))
+
+
+# ---------------------------------------------------------------- secure aggregation, real ClientApp
+
+
+def test_secure_aggregation_through_the_real_client_app_trains_on_sums_alone(tmp_path, identity):
+    from fedser.common import keys
+
+    # Prepare: the two synthesized devices, distributed noise, the server sees only the sum
+    emotion, kws = _make_corpora(tmp_path / "data")
+    nodes = {EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "l11.json"),
+                            "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0},
+             KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "l22.json"),
+                        "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0}}
+    config = _scripted_config(tmp_path / "run", **{"num-server-rounds": 2, "dp": True, "dp-noise-multiplier": 1.0,
+                                                   "batch-size": 64, "evaluate-every": 0,
+                                                   "secure-aggregation": True})
+    grid = InProcessGrid(nodes, config)
+    # Execute
+    FederatedRun(RunSettings.from_run_config(config)).execute(grid)
+    # Assert: each round took setup, share-keys, train and unmask from both devices, none declined
+    assert not any(r.has_error() for r in grid.replies)
+    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trained) == 4
+    for reply in trained:   # one masked word vector; no loss, no clip bit, no float array
+        assert list(reply.content["arrays"]) == [keys.MASKED]
+        assert reply.content["arrays"][keys.MASKED].dtype == "uint64"
+        assert not {"loss", "clip-bit"} & set(reply.content["metrics"])
+    assert sum(keys.SECAGG in r.content for r in grid.replies) == 2 * 3 * 2
+    rows = _rows(tmp_path / "run")
+    assert [r["clients-used"] for r in rows] == [2, 2] and [r["model-version"] for r in rows] == [1, 2]
+    assert all(r["secagg-aborted"] == "" for r in rows) and rows[1]["clip-norm"] != 2.0
+    # the device state holds no secret once a round is over
+    assert all("fedser-secagg" not in state for state in grid.states.values())
