@@ -1,13 +1,14 @@
-"""Flower Simulation Engine at scale: 200 virtual clients, partitioned by speaker, sampled per round.
+"""Flower Simulation Engine at scale: 200 or 1000 virtual clients, partitioned by speaker, sampled per round.
 
 Corpus (synthesized, so it needs espeak-ng but not the development corpus): ``fedser synth``
-makes at most 99 speakers per corpus, so three corpora of 75 speakers (seeds 0, 1, 2; one
-repetition per emotion and per command word, 6 unknown words, 10 s of each noise) are merged
-into one manifest in which each synthetic person keeps ONE speaker id across both tasks
-(``s<seed>-<actor>``; the loaders would otherwise give a person's emotion clips and command
-clips two ids) and the ``_silence_`` slices of each noise file count as one more "speaker".
-That is 225 people + 12 noise sources; ``fedser partition --test 0.1`` holds about a tenth
-out for the server's test and shares the rest among 200 devices (a few get two speakers).
+makes at most 99 speakers per corpus, so corpora of 75 speakers (seeds 0, 1, 2, ...: as many as
+the clients need, three for 200, fifteen for 1000; one repetition per emotion and per command
+word, 6 unknown words, 10 s of each noise) are merged into one manifest in which each synthetic
+person keeps ONE speaker id across both tasks (``s<seed>-<actor>``; the loaders would otherwise
+give a person's emotion clips and command clips two ids) and the ``_silence_`` slices of each
+noise file count as one more "speaker". For 200 clients that is 225 people + 12 noise sources;
+``fedser partition --test 0.1`` holds about a tenth out for the server's test and shares the rest
+among the devices (a few get two speakers).
 
 Run: ``fedser simulate`` with fraction-train m/N = 20/200 clients per round and
 fraction-evaluate 10/200, Ray on ``--ray-cpus`` CPUs with ``--client-cpus`` per client, DP-SGD
@@ -21,7 +22,9 @@ largest single process), user-level and device-level epsilon, server-side accura
 on the held-out speakers after the last round.
 
     python bench/bench_simulation.py [--clients 200] [--per-round 20] [--rounds 10]
-                                     [--noise-multiplier 1.0] [--work DIR] [--quick]
+                                     [--noise-multiplier 1.0] [--secure-aggregation] [--work DIR] [--quick]
+
+``--secure-aggregation``: the rounds run under secure aggregation (the server sees only sums).
 
 ``--quick``: 40 clients, 8 per round, 2 rounds (checks the pipeline; figures mean little).
 """
@@ -39,8 +42,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Report, load_average, load_note, machine_line, md_table  # noqa: E402
 
-SEEDS = (0, 1, 2)
 SPEAKERS_PER_CORPUS = 75
+
+
+def corpora_for(clients: int) -> int:
+    """Synthesized corpora whose people fill ``clients`` devices after a tenth is held out (three at least)."""
+    return max(3, -(-int(clients / 0.88) // SPEAKERS_PER_CORPUS))
 
 
 # ---------------------------------------------------------------- process-tree memory
@@ -157,17 +164,17 @@ def bench_env(work: Path) -> dict:
 
 # ---------------------------------------------------------------- corpus
 
-def synth_corpus(work: Path) -> Path:
-    """Three synthesized corpora merged into one manifest, one speaker id per synthetic person."""
+def synth_corpus(work: Path, corpora: int) -> Path:
+    """``corpora`` synthesized corpora merged into one manifest, one speaker id per synthetic person."""
     from fedser.tools import synth
     from fedser.common.corpora import load_corpus, write_manifest
     from dataclasses import replace
 
-    merged = work / "corpus.csv"
+    merged = work / ("corpus.csv" if corpora == 3 else f"corpus-{corpora}.csv")
     if merged.exists():
         return merged
     utterances = []
-    for seed in SEEDS:
+    for seed in range(corpora):
         root = work / f"synth-{seed}"
         if not synth.is_complete(root):
             t0 = time.perf_counter()
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="user-level z (distributed noise)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--client-cpus", type=int, default=1)
+    p.add_argument("--secure-aggregation", action="store_true", help="rounds under secure aggregation")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedser-bench/simulation"),
                    help="corpus, partitions and runs (kept between invocations; finished runs are reused)")
     p.add_argument("--quick", action="store_true", help="40 clients, 8 per round, 2 rounds")
@@ -237,18 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = bench_env(work)
-    name = "bench_simulation" + ("_quick" if args.quick else "")
+    name = "bench_simulation" + ("_quick" if args.quick else f"_{args.clients}" if args.clients != 200 else "") \
+        + ("_secagg" if args.secure_aggregation else "")
     rep = Report(name, "Flower Simulation Engine: virtual clients partitioned by speaker")
     load0 = load_average()
     t0 = time.perf_counter()
-    corpus = synth_corpus(work)
+    corpora = corpora_for(args.clients)
+    corpus = synth_corpus(work, corpora)
     meta = partition(corpus, work / f"parts-{args.clients}", args.clients, 0.1, env)
     prep = time.perf_counter() - t0
     q = args.per_round / args.clients
     config = {"fraction-train": q, "fraction-evaluate": min(1.0, max(0.5 * args.per_round, 2) / args.clients),
               "min-clients": 2, "local-epochs": args.local_epochs, "dp": True, "noise-mode": "distributed",
               "noise-multiplier": args.noise_multiplier, "clip-norm": 2.0, "partition-max-epsilon": 8.0}
-    res = run_simulation(work / f"parts-{args.clients}", work / f"run-{args.clients}-z{args.noise_multiplier:g}",
+    if args.secure_aggregation:
+        config["secure-aggregation"] = True
+    res = run_simulation(work / f"parts-{args.clients}", work / (f"run-{args.clients}-z{args.noise_multiplier:g}"
+                                                                 + ("-secagg" if args.secure_aggregation else "")),
                          args.rounds, config, env, args.ray_cpus, args.client_cpus)
     load1 = load_average()
     rows, summary = res["rows"], res["summary"]
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rep.add(f"{machine_line()}. {load_note(load0, load1)}.")
     rep.add("")
-    rep.add(f"Corpus: 3 synthesized corpora x {SPEAKERS_PER_CORPUS} speakers (one id per person across "
+    rep.add(f"Corpus: {corpora} synthesized corpora x {SPEAKERS_PER_CORPUS} speakers (one id per person across "
             f"both tasks) + noise sources for `_silence_`; {args.clients} devices holding {speakers} speakers "
             f"({sizes[0]}-{sizes[-1]} utterances each, median {sizes[len(sizes) // 2]}); test: "
             f"{meta['test-speakers']} held-out speakers, {meta['test-utterances']} utterances. Corpus and "
@@ -268,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("")
     rep.add(f"Run: `fedser simulate` {args.rounds} rounds, {args.per_round} of {args.clients} clients sampled per "
             f"round (q = {q:g}), {args.local_epochs} local epoch(s), DP-SGD on every device (budget eps 8, "
-            f"delta 1e-5), update clipping C = 2 with distributed user-level noise z = {args.noise_multiplier:g}; "
+            f"delta 1e-5), update clipping C = 2 (adapting to the median norm) with distributed user-level noise "
+            f"z = {args.noise_multiplier:g}{' under secure aggregation' if args.secure_aggregation else ''}; "
             f"Ray with {args.ray_cpus} CPU(s), {args.client_cpus} per virtual client "
             f"({args.ray_cpus // args.client_cpus} client(s) at a time).")
     rep.add("")
@@ -285,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         ["round wall time: first / median of the rest",
          f"{round_secs[0]:.1f} s / {sorted(round_secs[1:])[len(round_secs[1:]) // 2]:.1f} s"
          if len(round_secs) > 1 else f"{round_secs[0]:.1f} s"],
+        ["rounds per second (the rounds' own wall time)", f"{len(rows) / sum(round_secs):.4f}"],
         ["peak memory, whole process tree (sum of PSS)", f"{res['peak_pss_mb']:.0f} MiB"],
         ["peak RSS of one process (a Ray ClientAppActor or flwr-simulation)", f"{res['peak_rss_one_mb']:.0f} MiB"],
         ["most processes at once", res["peak_processes"]],

@@ -34,7 +34,7 @@ pytestmark = [
 CLIENTS = 3
 ROUNDS = 2
 MAX_EPSILON = 8.0
-USER_NOISE = 1.0   # both privacy layers on: DP-SGD on devices, distributed user-level noise
+USER_NOISE = 1.0   # both privacy layers on: DP-SGD on devices, distributed user-level noise (secure aggregation)
 _LISTENING = re.compile(r"Fleet API \(gRPC, TLS\) on 127\.0\.0\.1:(\d+)")
 
 
@@ -129,12 +129,16 @@ def test_demo_finishes_and_writes_a_complete_run_directory(demo_run):
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["rounds"] == ROUNDS
     assert all(r["round-noise-multiplier"] > 0 for r in rows), rows
+    # User-level noise in the demo is distributed, so it runs under secure aggregation over the same
+    # gRPC links: every round completed its four stages with all devices and revealed only the sum.
+    assert all(r["secagg-aborted"] == "" and r["secagg-dropped"] == 0 and r["secagg-threshold"] == 2 for r in rows)
     assert 0 < summary["user-epsilon"] < float("inf") and summary["user-delta"] == pytest.approx(1e-5)
     bundle = load_bundle(out)
     assert bundle.meta["mode"] == "federated" and bundle.meta["rounds"] == ROUNDS
     assert set(bundle.tasks) == {"emotion", "kws"}
     report = (out / "report.md").read_text()
     assert f"{ROUNDS} rounds" in report and "user-level epsilon" in report
+    assert "the server sees only the sum of each round's updates" in report
     # By default the server pretrains on the public share of the speakers; the devices fine-tune
     # the whole small model over the frozen encoders, and the report says how accuracy moved.
     assert (out / "devices" / "public.csv").stat().st_size > 0

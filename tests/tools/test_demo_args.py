@@ -65,6 +65,10 @@ def test_report_of_a_run_without_a_server_test_set_shows_the_devices_evaluation(
      ["no DP-SGD on the devices: single utterances are not protected", "no user-level guarantee"]),
     ({"dp": True, "noise_mode": "local"}, {"user-epsilon": 5.0, "user-delta": 1e-5}, 7.98,
      ["protected with epsilon 5.00", "each update carries the full user-level noise (local mode)"]),
+    ({"dp": True, "noise_mode": "distributed", "secure_aggregation": True, "secure_aggregation_threshold": 0.6},
+     {"user-epsilon": 3.2, "user-delta": 1e-5}, 7.98,
+     ["the server sees only the sum of each round's updates", "fewer than 60% of a round's devices",
+      "holds against the server operator too"]),
 ])
 def test_demo_report_says_plainly_which_guarantee_holds(tmp_path, settings, summary, device_eps, says):
     import json

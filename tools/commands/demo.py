@@ -38,9 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tiers", default="1.0,0.5,0.25", help="width tiers, assigned to devices in turn")
     p.add_argument("--no-dp", action="store_true", help="no sample-level DP-SGD and no user-level noise")
     p.add_argument("--user-noise", type=float, default=0.0, metavar="Z",
-                   help="user-level noise multiplier (distributed noise). Off by default here: with a handful "
-                        "of devices the noise a meaningful user-level epsilon needs swamps the model; it is "
-                        "meant for large cohorts (see the simulation engine)")
+                   help="user-level noise multiplier (distributed noise, under secure aggregation, so the server "
+                        "sees only each round's sum). Off by default here: with a handful of devices the noise "
+                        "a meaningful user-level epsilon needs swamps the model; it is meant for large cohorts")
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--max-epsilon", type=float, default=8.0, help="each device's sample-level budget")
     p.add_argument("--test", type=float, default=0.2, help="share of speakers held out for the server's test")
@@ -118,6 +118,14 @@ def _guarantees(settings: dict, user_eps, max_device_eps: float, delta) -> list[
                 "through their utterances (user-level epsilon is infinite"
                 + (": this run adds no user-level noise; with a handful of devices the noise a finite epsilon "
                    "needs swamps the model, it is meant for large cohorts)" if mode == "none" else ")"))
+    if settings.get("secure_aggregation"):
+        share = float(settings.get("secure_aggregation_threshold", 0.6))
+        secure = ("secure aggregation: the server sees only the sum of each round's updates, never one of them "
+                  f"(a server that colludes with fewer than {share:.0%} of a round's devices learns nothing more)")
+        if finite_user and mode == "distributed":
+            secure += ", and that sum carries the whole user-level noise, so the figure above holds against the " \
+                      "server operator too"
+        return ["", "What this run guarantees:", "", f"- {sample};", f"- {user};", f"- {secure}."]
     secure = "the server sees each device's update (no secure aggregation): "
     if finite_user and mode == "distributed":
         secure += ("the distributed noise on one update is sqrt(m) times smaller than on their sum, so against the "
@@ -253,7 +261,8 @@ def run(args) -> int:
     if args.no_dp:
         server_argv += ["--config", "dp=false", "--config", "noise-mode=none"]
     elif args.user_noise > 0:
-        server_argv += ["--config", "noise-mode=distributed", "--config", f"noise-multiplier={args.user_noise}"]
+        server_argv += ["--config", "noise-mode=distributed", "--config", f"noise-multiplier={args.user_noise}",
+                        "--config", "secure-aggregation=true"]
     else:
         server_argv += ["--config", "noise-mode=none"]
     for kv in args.config:
