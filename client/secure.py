@@ -98,7 +98,7 @@ def _share_keys(cfg: Mapping, state: RecordDict, node: int, server_round: int) -
         raise SecAggError(f"{len(nodes)} devices shared keys, fewer than the threshold {threshold}")
     seed = os.urandom(32)
     seed_shares = secagg.split(seed, threshold, len(nodes))
-    key_shares = secagg.split(held["mask-sk"], threshold, len(nodes))
+    key_shares = secagg.split(secagg.private_scalar(held["mask-sk"]), threshold, len(nodes))
     dsts, ciphertexts = [], []
     for i, peer in enumerate(nodes):
         if peer != node:

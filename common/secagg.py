@@ -7,7 +7,7 @@ quantization; ``flwr.supercore.primitives.asymmetric``: P-384 keys). One round, 
 
 1. **setup**: two key pairs, one to encrypt what it sends other devices through the server, one
    to agree a pairwise mask seed ``s_uv`` with each other device v;
-2. **share keys**: a self-mask seed ``b_u``; ``b_u`` and the mask private key split into t-of-n
+2. **share keys**: a self-mask seed ``b_u``; ``b_u`` and the mask private key (its scalar) split into t-of-n
    Shamir shares, one per device, each encrypted for its holder (the server only routes
    ciphertexts) and a hash of ``b_u``, so a wrong reconstruction is caught;
 3. **masked input**: its update, quantized to integers, plus ``PRG(b_u)`` plus ``+PRG(s_uv)``
@@ -90,6 +90,23 @@ def public_key_of(private: bytes) -> bytes | None:
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, public_key_to_bytes
     try:
         return public_key_to_bytes(bytes_to_private_key(private).public_key())
+    except (ValueError, TypeError):
+        return None
+
+
+def private_scalar(private: bytes) -> bytes:
+    """The 48-byte secret scalar of a PEM P-384 private key: what is shared, a quarter of the PEM's
+    size, so its shares travel and rebuild four times faster."""
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key
+    return bytes_to_private_key(private).private_numbers().private_value.to_bytes(48, "big")
+
+
+def private_from_scalar(scalar: bytes) -> bytes | None:
+    """The PEM private key of a rebuilt scalar; None when the bytes are no P-384 scalar."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import private_key_to_bytes
+    try:
+        return private_key_to_bytes(ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1()))
     except (ValueError, TypeError):
         return None
 

@@ -49,6 +49,13 @@ def _bytes_list(value: object, length: int) -> list[bytes] | None:
     return list(value)
 
 
+def _rebuild_key(shares: list[bytes], threshold: int, public: bytes) -> bytes | None:
+    """A dropped device's mask private key from shares of its scalar, checked against its public key."""
+    scalar = secagg.reconstruct(shares, threshold,
+                                lambda k: secagg.public_key_of(secagg.private_from_scalar(k)) == public)
+    return None if scalar is None else secagg.private_from_scalar(scalar)
+
+
 class SecureRound:
     """One training round of ``strategy`` (built with ``secure=True``) under secure aggregation."""
 
@@ -195,8 +202,7 @@ class SecureRound:
             return self._abort(server_round, f"{len(unmasked)} device(s) sent their shares, fewer than the threshold {t}")
         seeds = {n: secagg.reconstruct(seed_shares[n], t, lambda b, n=n: secagg.commitment(b) == seed_hash[n])
                  for n in delivered}
-        mask_keys = {n: secagg.reconstruct(key_shares[n], t, lambda k, n=n: secagg.public_key_of(k) == mask[n])
-                     for n in dropped}
+        mask_keys = {n: _rebuild_key(key_shares[n], t, mask[n]) for n in dropped}
         lost = sorted(n for n, v in {**seeds, **mask_keys}.items() if v is None)
         if lost:
             return self._abort(server_round, f"the secrets of device(s) {lost} could not be rebuilt from their shares")

@@ -113,3 +113,11 @@ def test_only_p384_public_keys_are_accepted(pairs):
     assert secagg.is_public_key(pairs[0].public)
     assert not secagg.is_public_key(b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
     assert not secagg.is_public_key(pairs[0].private)
+
+
+def test_a_private_key_travels_as_its_scalar_and_comes_back_whole(pairs):
+    scalar = secagg.private_scalar(pairs[1].private)
+    rebuilt = secagg.private_from_scalar(scalar)
+    assert len(scalar) == 48 and secagg.public_key_of(rebuilt) == pairs[1].public
+    assert secagg.mask_seed(rebuilt, pairs[0].public) == secagg.mask_seed(pairs[1].private, pairs[0].public)
+    assert secagg.private_from_scalar(b"") is None and secagg.public_key_of(None) is None
