@@ -70,7 +70,7 @@ class SecureRound:
     # ---- one stage: a query to each device, its valid replies -------------------------------
     def _ask(self, grid: Grid, server_round: int, stage: str, per_node: Mapping[int, dict]) -> dict[int, ConfigRecord]:
         out = self.strategy.outcome
-        base = {**self.strategy._base_config(server_round), keys.SECAGG_STAGE: stage}
+        base = {**self.strategy.base_config(server_round), keys.SECAGG_STAGE: stage}
         messages = {}
         for node, extra in per_node.items():
             record = ConfigRecord({**base, **extra})
@@ -125,11 +125,10 @@ class SecureRound:
             return self._abort(server_round, f"{len(cohort)} device(s) in the cohort; a secure sum needs at least 2")
         t = secagg.threshold_for(len(cohort), self.threshold)
         s.outcome.secure_threshold = t
-        clip_range = secagg.clamp_range(s.clip_norm, s.update_noise_std, s._bit_std)
 
         # 1. setup: public keys
-        setup = self._ask(grid, server_round, "setup", {n: {keys.SECAGG_NODES: cohort, keys.SECAGG_THRESHOLD: t,
-                                                            keys.SECAGG_CLIP_RANGE: clip_range} for n in cohort})
+        announced = {keys.SECAGG_NODES: cohort, keys.SECAGG_THRESHOLD: t, keys.SECAGG_CLIP_RANGE: s.secure_clip_range}
+        setup = self._ask(grid, server_round, "setup", {n: announced for n in cohort})
         enc, mask = {}, {}
         for node, record in setup.items():
             e, m = record.get(keys.SECAGG_ENC_KEYS), record.get(keys.SECAGG_MASK_KEYS)

@@ -193,7 +193,7 @@ class HeteroFedAvg(FedAvg):
                  self.noise_mode, keys.TIERS)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _base_config(self, server_round: int) -> dict:
+    def base_config(self, server_round: int) -> dict:
         return {**model_to_config(self.model_config, self.feature_spec),
                 keys.SERVER_ROUND: server_round, keys.MODEL_VERSION: self.model_version,
                 keys.KWS_HEAD_VERSION: self.kws_head_version}
@@ -209,7 +209,7 @@ class HeteroFedAvg(FedAvg):
         todo = [n for n in node_ids if n not in self.profiles or self.profiles[n].declined]
         if not todo:
             return
-        cfg = ConfigRecord({**(plan or {}), **self._base_config(server_round)})
+        cfg = ConfigRecord({**(plan or {}), **self.base_config(server_round)})
         msgs = [Message(RecordDict({keys.CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=n)
                 for n in todo]
         answered = set()
@@ -247,7 +247,7 @@ class HeteroFedAvg(FedAvg):
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes),
                                    max_wait=self.connect_timeout)
-        base = {**self._base_config(server_round), **dict(config), **self.train_settings,
+        base = {**self.base_config(server_round), **dict(config), **self.train_settings,
                 keys.CLIP_NORM: self.clip_norm, keys.NOISE_MULTIPLIER: self.noise_multiplier,
                 keys.NOISE_MODE: self.noise_mode}
         base.pop("timeout", None)
@@ -383,7 +383,6 @@ class HeteroFedAvg(FedAvg):
         """
         assert self.layout is not None and self._global is not None, "configure_train must run first"
         updates = self.pending
-        clip_range = secagg.clamp_range(self.clip_norm, self.update_noise_std, self._bit_std)
         if not secagg.in_range(total, len(updates)):
             reason = "the unmasked sum lies outside what quantized inputs can add up to: a masked input was malformed"
             self.outcome.used = len(updates)
@@ -391,9 +390,14 @@ class HeteroFedAvg(FedAvg):
             self.rejections.append({"round": server_round, "node": -1, "stage": "train", "reasons": [reason]})
             log.warning("round %s: %s; the global model is unchanged", server_round, reason)
             return None, MetricRecord({"updates": 0})
-        sums, bit_sum = self.layout.unflatten(secagg.dequantize_sum(total, clip_range, len(updates)))
+        sums, bit_sum = self.layout.unflatten(secagg.dequantize_sum(total, self.secure_clip_range, len(updates)))
         new_state, stats = aggregate_sum(self._global, sums, updates, head_of)
         return self._finish(server_round, updates, new_state, stats, bit_sum)
+
+    @property
+    def secure_clip_range(self) -> float:
+        """This round's quantizer range for masked inputs: a clipped update's elements, their noise, the clip bit."""
+        return secagg.clamp_range(self.clip_norm, self.update_noise_std, self._bit_std)
 
     @property
     def update_noise_std(self) -> float:
@@ -530,7 +534,7 @@ class HeteroFedAvg(FedAvg):
         # A device that failed this round (silent, or no training reply) is not waited for again.
         failed = {n for n, _ in self.outcome.failed}
         node_ids = [n for n in node_ids if n not in failed]
-        cfg = ConfigRecord({**self._base_config(server_round), **dict(config)})
+        cfg = ConfigRecord({**self.base_config(server_round), **dict(config)})
         self.outcome.bytes_sent += arrays.count_bytes() * len(node_ids)
         return [Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg}), message_type=MessageType.EVALUATE,
                         dst_node_id=n) for n in node_ids]

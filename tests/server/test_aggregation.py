@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedser.server.aggregation import ClientUpdate, aggregate, capped_weights, full_index
+from fedser.server.aggregation import ClientUpdate, aggregate, aggregate_sum, capped_weights, full_index
 
 
 def head_of(name: str) -> str | None:
@@ -460,6 +461,40 @@ def test_matches_per_element_oracle(data):
     for name in state:
         np.testing.assert_allclose(new[name], expected[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(stats.coverage[name] > 0, masks[name])
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_the_mean_from_the_padded_sum_alone_is_the_mean_of_the_updates_each_counted_once(data):
+    # Prepare: what secure aggregation reveals, the sum of the updates padded to the global shapes
+    state = data.draw(models())
+    updates = [replace(u, num_examples=1) for u in data.draw(updates_for(state))]
+    sums = {}
+    for name, g in state.items():
+        total = np.zeros(g.shape)
+        for u in updates:
+            if (head_of(name) is None or head_of(name) in u.heads) and name in u.delta:
+                total[u.index[name]] += u.delta[name]
+        sums[name] = total
+
+    # Execute
+    new, stats = aggregate_sum(state, sums, updates, head_of)
+    reference, ref_stats = aggregate(state, updates, head_of)
+
+    # Assert: the same model and coverage as aggregating each update with weight 1
+    for name in state:
+        np.testing.assert_allclose(new[name], reference[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(stats.coverage[name], ref_stats.coverage[name])
+    assert stats.head_contributors == ref_stats.head_contributors
+
+
+def test_a_sum_of_the_wrong_shape_or_with_nan_is_refused():
+    state = {"w": np.zeros((2, 2), np.float32)}
+    update = ClientUpdate(1, {}, full_index(state), 1, {"emotion"}, 1.0)
+    with pytest.raises(ValueError, match="has shape"):
+        aggregate_sum(state, {"w": np.zeros(3)}, [update], head_of)
+    with pytest.raises(ValueError, match="non-finite"):
+        aggregate_sum(state, {"w": np.full((2, 2), np.nan)}, [update], head_of)
 
 
 @settings(max_examples=100, deadline=None)
