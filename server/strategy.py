@@ -349,9 +349,10 @@ class HeteroFedAvg(FedAvg):
             self.outcome.failed.append((node, NO_TRAIN_REPLY))
             log.warning("round %s: node %s: %s", server_round, node, NO_TRAIN_REPLY)
         counts = [u.num_examples for u in accepted]
-        weights = capped_weights(counts, self.weight_cap) if self.weight_cap is not None else counts
-        if self.secure:
+        if self.secure:   # every device counts once: the server cannot weigh one above the others' noise
             weights = [1] * len(accepted)
+        else:
+            weights = capped_weights(counts, self.weight_cap) if self.weight_cap is not None else counts
         updates = []
         for u, w in zip(accepted, weights):
             if w < u.num_examples and not self.secure:

@@ -469,16 +469,21 @@ def test_public_pretraining_then_head_only_rounds_never_move_the_encoder(tmp_pat
 # ---------------------------------------------------------------- adaptive clipping, real ClientApp
 
 
+def _two_devices(tmp_path: Path) -> dict[int, dict]:
+    """Node configs of the two synthesized devices: emotion at width 1.0, keywords at 0.5."""
+    emotion, kws = _make_corpora(tmp_path / "data")
+    return {EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "l11.json"),
+                            "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0},
+             KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "l22.json"),
+                        "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0}}
+
+
 def test_adaptive_clipping_through_the_real_client_app_moves_c_and_keeps_the_accounted_z(tmp_path, identity):
     from fedser.common import keys
     from fedser.common.privacy import UserLevelAccountant
 
     # Prepare: the two synthesized devices (one DP-SGD step an epoch), C adapting to the median update norm
-    emotion, kws = _make_corpora(tmp_path / "data")
-    nodes = {EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "l11.json"),
-                            "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0},
-             KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "l22.json"),
-                        "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0}}
+    nodes = _two_devices(tmp_path)
     config = _scripted_config(tmp_path / "run", **{"num-server-rounds": 2, "dp": True, "dp-noise-multiplier": 1.0,
                                                    "batch-size": 64, "clip-quantile": 0.5, "evaluate-every": 0})
     grid = InProcessGrid(nodes, config)
@@ -511,11 +516,7 @@ def test_secure_aggregation_through_the_real_client_app_trains_on_sums_alone(tmp
     from fedser.common import keys
 
     # Prepare: the two synthesized devices, distributed noise, the server sees only the sum
-    emotion, kws = _make_corpora(tmp_path / "data")
-    nodes = {EMOTION_NODE: {"data": str(emotion), "tier": 1.0, "ledger": str(tmp_path / "l11.json"),
-                            "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0},
-             KWS_NODE: {"data": str(kws), "tier": 0.5, "ledger": str(tmp_path / "l22.json"),
-                        "cache": str(tmp_path / "cache"), "holdout": 0.25, "max-epsilon": 1000.0}}
+    nodes = _two_devices(tmp_path)
     config = _scripted_config(tmp_path / "run", **{"num-server-rounds": 2, "dp": True, "dp-noise-multiplier": 1.0,
                                                    "batch-size": 64, "evaluate-every": 0,
                                                    "secure-aggregation": True})
