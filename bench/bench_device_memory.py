@@ -5,12 +5,18 @@ Each row is a fresh process, so nothing one measurement loads inflates another:
 * ``python``: the interpreter alone;
 * ``import torch``: the floor every fedser process pays;
 * ``import ClientApp``: ``fedser.client.app`` (torch, torchaudio, Opacus, Flower);
-* ``ClientApp round``: what ``flwr-clientapp`` does on a device in one round, through the real
-  ClientApp: the server's own strategy builds the query and train instructions, then the
-  ClientApp profiles the device, trains one DP-SGD round on its data (default model,
-  Opacus, ledger written) and evaluates the new model;
-* ``ClientApp round, 1 thread``: the same with ``torch.set_num_threads(1)``, as on a small board;
-* the resident agent, its feature preparation, and a round that extracts its own features.
+* ``ClientApp profile query``: the query with which the server's strategy profiles the device
+  before each round;
+* ``ClientApp train instruction``: what ``flwr-clientapp`` does on a device for the round's
+  train instruction, through the real ClientApp: the server's own strategy builds the query and
+  train instructions, then the ClientApp profiles the device and trains one DP-SGD round on its
+  data (default model, Opacus, ledger written);
+* ``ClientApp train instruction, 1 thread``: the same with ``torch.set_num_threads(1)``, as on a
+  small board;
+* ``ClientApp evaluate instruction``: the round's evaluate instruction, in a process of its own as
+  Flower runs it (one ``flwr-clientapp`` process per instruction);
+* the resident agent, its feature preparation, and a train instruction that extracts its own
+  features.
 
 The data is the device's folder or manifest (``--data``); by default one synthesized speaker
 with the demo corpus's words and emotions, about what one person records. Peak RSS is
@@ -32,9 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, load_average, load_note, machine_line, md_table, now, peak_rss_mb  # noqa: E402
 
 TARGET_MB = 600.0
-# Shared objects that only a CUDA build of torch maps: PyPI's x86-64 torch is such a build, the
-# CPU wheels a device installs (and PyPI's aarch64 torch) are not.
-CUDA_LIBRARY = re.compile(r"/nvidia/|libtorch_cuda|libc10_cuda|libcudart|libcudnn|libcublas|libnccl|libnv")
+# Shared objects that only a CUDA build of torch maps: the CUDA libraries and triton (its GPU
+# compiler, which torch's optimizers load through torch._dynamo). PyPI's Linux torch 2.11 wheels
+# are such builds on x86-64 and aarch64 alike (their metadata requires the CUDA toolkit and triton);
+# the CPU wheels a device installs require neither.
+CUDA_LIBRARY = re.compile(r"/nvidia/|/triton/|libtorch_cuda|libc10_cuda|libcudart|libcudnn|libcublas|libnccl|libnv")
 
 
 def cuda_library_rss_mb() -> float:
@@ -71,15 +79,16 @@ def _child(args) -> None:
 
         prepare_features({"data": args.data, "cache": str(Path(args.state) / "cache")})
     else:
-        _client_round(args)
+        _client_message(args)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "cuda_rss_mb": cuda_library_rss_mb(),
                       "seconds": time.perf_counter() - t0}))
 
 
-def _client_round(args) -> None:
+def _client_message(args) -> None:
+    """One instruction through the real ClientApp, as ``flwr-clientapp`` runs it on a device: a
+    fresh process per message, so a train and an evaluate instruction never share a peak."""
     import torch
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.app.message_type import MessageType
+    from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -91,7 +100,7 @@ def _client_round(args) -> None:
     from fedser.common.records import arrays_to_record
     from fedser.server.strategy import HeteroFedAvg
 
-    if args.child == "round-1thread":
+    if args.child == "train-1thread":
         torch.set_num_threads(1)
     # Messages built outside a ServerApp process need the identity Flower gives that process.
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, SUPERLINK_NODE_ID
@@ -101,8 +110,8 @@ def _client_round(args) -> None:
     ctx = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                   node_config={"data": args.data, "tier": args.tier, "max-epsilon": 8.0, "delta": 1e-5,
                                "ledger": str(state / f"ledger-{args.child}.json"),
-                               # "round-cold": a cache of its own, so the round extracts every clip itself
-                               "cache": str(state / ("cache-cold" if args.child == "round-cold" else "cache"))})
+                               # "train-cold": a cache of its own, so the round extracts every clip itself
+                               "cache": str(state / ("cache-cold" if args.child == "train-cold" else "cache"))})
 
     class Loopback:   # a Grid whose only node is the ClientApp in this process
         def get_node_ids(self):
@@ -119,19 +128,20 @@ def _client_round(args) -> None:
                                             keys.DP_MAX_GRAD_NORM: 1.0, "timeout": 600.0})
     torch.manual_seed(0)
     arrays = arrays_to_record(state_to_arrays(build_model(model)))
-    train = list(strategy.configure_train(1, arrays, ConfigRecord(), Loopback()))
-    if len(train) != 1:
+    if args.child == "evaluate":
+        # Only the instruction: the profile query that precedes training is a process of its own.
+        messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Loopback()))
+    else:
+        messages = list(strategy.configure_train(1, arrays, ConfigRecord(), Loopback()))
+    if args.child == "query":
+        return   # configure_train has sent the profile query through the ClientApp; nothing else runs
+    if len(messages) != 1:
         raise SystemExit(f"the device was not selected: {strategy.outcome}")
-    reply = app(train[0], ctx)
+    reply = app(messages[0], ctx)
     if reply.has_error():
         raise SystemExit(f"the device declined: {reply.error.reason}")
-    new_arrays, _ = strategy.aggregate_train(1, [reply])
-    evaluate = list(strategy.configure_evaluate(1, new_arrays, ConfigRecord(), Loopback()))
-    answer = app(evaluate[0], ctx)
-    if answer.has_error():
-        raise SystemExit(f"evaluation failed: {answer.error.reason}")
-    assert evaluate[0].metadata.message_type == MessageType.EVALUATE
-    del Message
+    if args.child == "evaluate" and not any(k.endswith("-n") for k in reply.content[keys.METRICS]):
+        raise SystemExit("the device evaluated nothing")
 
 
 def _torch_build() -> str:
@@ -181,20 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         for kind, label in (("python", "python"), ("torch", "import torch"), ("import", "import ClientApp"),
                             ("agent", "agent (`fedser-client start`), resident"),
                             ("prepare", "agent's feature preparation (a child process, before joining)"),
-                            ("round", "ClientApp round, features prepared"),
-                            ("round-1thread", "ClientApp round, features prepared, 1 thread"),
-                            ("round-cold", "ClientApp round, extracting its features")):
+                            ("query", "ClientApp profile query (the round's first message)"),
+                            ("train", "ClientApp train instruction, features prepared"),
+                            ("train-1thread", "ClientApp train instruction, features prepared, 1 thread"),
+                            ("evaluate", "ClientApp evaluate instruction, features prepared"),
+                            ("train-cold", "ClientApp train instruction, extracting its features")):
             r = _measure(kind, args, tmp_path)
-            rows.append((label, r["peak_rss_mb"], r["cuda_rss_mb"], r["seconds"]))
-    base = dict((label, mb) for label, mb, _, _ in rows)["import torch"]
-    cuda_build = any(cuda > 0 for _, _, cuda, _ in rows)
+            rows.append((kind, label, r["peak_rss_mb"], r["cuda_rss_mb"], r["seconds"]))
+    base = {kind: mb for kind, _, mb, _, _ in rows}["torch"]
+    cuda_build = any(cuda > 0 for *_, cuda, _ in rows)
     table = md_table(["process", "peak RSS (MiB)", "over import torch (MiB)", "of the 600 MB target",
-                      "CUDA libraries' pages (MiB)", "peak without them (MiB)", "seconds"],
+                      "CUDA build's libraries' pages (MiB)", "peak without them (MiB)", "seconds"],
                      [(label, f"{mb:.0f}", f"{mb - base:+.0f}", f"{mb / TARGET_MB:.0%}", f"{cuda:.0f}",
-                       f"{mb - cuda:.0f}", f"{s:.1f}") for label, mb, cuda, s in rows])
-    rounds = [(mb, cuda) for label, mb, cuda, _ in rows if label.startswith("ClientApp round")]
+                       f"{mb - cuda:.0f}", f"{s:.1f}") for _, label, mb, cuda, s in rows])
+    # A round's processes, features prepared as the agent does before joining: each instruction's own.
+    rounds = [(mb, cuda) for kind, _, mb, cuda, _ in rows if kind in ("query", "train", "train-1thread", "evaluate")]
     worst = max(mb for mb, _ in rounds)
     worst_cpu = max(mb - cuda for mb, cuda in rounds)
+    cold = {kind: (mb, cuda) for kind, _, mb, cuda, _ in rows}["train-cold"]
     text = "\n".join([
         "# Device agent memory", "",
         f"{now()}; {machine_line()}", "",
@@ -202,20 +216,23 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(sorted(corpus.tasks()))}); tier {args.tier}; {args.epochs} local epoch(s), batch 16, "
         "DP-SGD on, default model.", "",
         table, "",
-        f"Peak of a training round: {worst:.0f} MiB, target < {TARGET_MB:.0f} MiB: "
-        f"{'met' if worst < TARGET_MB else 'NOT met'}.", "",
-        *([f"This torch build bundles CUDA ({_torch_build()}); a device installs the CPU-only wheels "
-           "(PyPI's aarch64 torch is one), which map none of the CUDA libraries. Without those libraries' "
-           f"resident pages (measured in each process at its end) a round peaks at about {worst_cpu:.0f} MiB: "
-           f"{'within' if worst_cpu < TARGET_MB else 'over'} the target. That is an estimate (a CPU build "
-           "was not installable here), and a lower bound on what a CPU build saves: the CUDA libraries' "
-           "start-up also allocates anonymous memory, which is not counted as theirs.", ""]
+        f"Peak of a training round (the largest of its instruction processes, features prepared): "
+        f"{worst:.0f} MiB, target < {TARGET_MB:.0f} MiB: {'met' if worst < TARGET_MB else 'NOT met'}.", "",
+        *([f"This torch build bundles CUDA ({_torch_build()}): PyPI's Linux torch 2.11 wheels, x86-64 and "
+           "aarch64 alike, require the CUDA toolkit and triton. A device installs the CPU wheels "
+           "(download.pytorch.org/whl/cpu), which map none of those libraries. Without their resident "
+           f"pages (measured in each process at its end) a round peaks at about {worst_cpu:.0f} MiB: "
+           f"{'within' if worst_cpu < TARGET_MB else 'over'} the target; a train instruction that extracts "
+           f"its own features, about {cold[0] - cold[1]:.0f} MiB. That is an estimate (a CPU build was not "
+           "installable here), and a lower bound on what a CPU build saves: the CUDA libraries' start-up "
+           "also allocates anonymous memory, which is not counted as theirs.", ""]
           if cuda_build else []),
-        "On a device the ClientApp runs in its own `flwr-clientapp` process per instruction; the agent "
-        "(`fedser-client start`, row above) and the SuperNode stay resident beside it and hold no model or "
-        "data. The agent prepares the device's features in a child process before it joins, so rounds read "
-        "them from the cache; a round that must extract them (cache off or new recordings) loads the "
-        "encoders' runtimes too (last row).", "",
+        "On a device the ClientApp runs in its own `flwr-clientapp` process per instruction (Flower "
+        "starts one for each message), so a round's train and evaluate instructions never share a "
+        "process; the agent (`fedser-client start`, row above) and the SuperNode stay resident beside it "
+        "and hold no model or data. The agent prepares the device's features in a child process before "
+        "it joins, so rounds read them from the cache; a train instruction that must extract them (cache "
+        "off or new recordings) loads the encoders' runtimes too (last row).", "",
         load_note(load_before, load_average()),
     ])
     print(text)

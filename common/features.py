@@ -252,6 +252,13 @@ def _coerce(v: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def chroma_filterbank(spec: FeatureSpec) -> torch.Tensor:
+    """librosa's chroma filterbank, ``(n_chroma, n_fft // 2 + 1)`` float32; tuning fixed at 0 so
+    the front end never estimates pitch per clip."""
+    bank = librosa.filters.chroma(sr=spec.sample_rate, n_fft=spec.n_fft, n_chroma=spec.n_chroma, tuning=0.0)
+    return torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+
+
 class FrontEnd(nn.Module):
     """Waveforms to stacked features, batched.
 
@@ -318,10 +325,10 @@ class FrontEnd(nn.Module):
         )
         # DCT-II, orthonormal: (n_mels, n_mfcc), as torchaudio.transforms.MFCC builds it.
         self.register_buffer("dct_mat", AF.create_dct(s.n_mfcc, s.n_mels, norm="ortho"))
-        # librosa's chroma filterbank, (n_chroma, n_fft // 2 + 1); tuning fixed at 0 so the
-        # front end never estimates pitch per clip.
-        chroma_fb = librosa.filters.chroma(sr=s.sample_rate, n_fft=s.n_fft, n_chroma=s.n_chroma, tuning=0.0)
-        self.register_buffer("chroma_fb", torch.from_numpy(np.ascontiguousarray(chroma_fb, dtype=np.float32)))
+        # Built only for a spec that stacks chroma: librosa's filterbank code loads numba, about
+        # 190 MB of a device's memory. ``raw("chroma")`` builds it on first use otherwise.
+        self.register_buffer("chroma_fb", chroma_filterbank(s) if "chroma" in self.kinds
+                             else torch.zeros(0, s.n_fft // 2 + 1))
 
     def extra_repr(self) -> str:
         return f"kinds={tuple(self.kinds)}, n_features={self.spec.n_features()}, normalize={self.spec.normalize!r}"
@@ -371,6 +378,8 @@ class FrontEnd(nn.Module):
         if kind == "mfcc":
             return self._mfcc(self._logmel(power))
         if kind == "chroma":
+            if self.chroma_fb.numel() == 0:
+                self.chroma_fb = chroma_filterbank(self.spec).to(self.dct_mat.device)
             return self._chroma(power)
         raise ValueError(f"unknown feature kind {kind!r}; allowed: {', '.join(KINDS)}")
 

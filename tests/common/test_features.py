@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import librosa
@@ -276,6 +278,35 @@ def test_buffers_follow_the_module():
     assert {"dct_mat", "chroma_fb", "mel_scale.fb", "spectrogram.window"} <= names
     assert fe.chroma_fb.shape == (12, 257)
     assert fe.dct_mat.shape == (40, 20)
+
+
+def test_chroma_filterbank_is_built_on_first_use_without_chroma_in_the_spec():
+    # Prepare
+    wave = torch.from_numpy(np.random.default_rng(3).standard_normal(16000).astype(np.float32))
+    without = FrontEnd(FeatureSpec(normalize="utterance", kinds=("logmel",)))
+    with_chroma = FrontEnd(FeatureSpec(normalize="utterance", kinds=("logmel", "chroma")))
+
+    # Execute
+    empty_before = without.chroma_fb.numel() == 0
+    chroma = without.raw("chroma", wave)
+
+    # Assert
+    assert empty_before
+    assert torch.equal(without.chroma_fb, with_chroma.chroma_fb)
+    assert torch.allclose(chroma, with_chroma.raw("chroma", wave))
+
+
+def test_default_front_end_does_not_load_numba():
+    # librosa's filterbank module loads numba (~190 MB): a device on the default features never pays it.
+    code = ("import sys; from fedser.common.features import FeatureSpec, FrontEnd; "
+            "FrontEnd(FeatureSpec()); print('numba' in sys.modules)")
+
+    # Execute
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 # -- fit_length ----------------------------------------------------------------
