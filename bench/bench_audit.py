@@ -11,6 +11,7 @@ model is attacked:
 * membership, speaker level: member speakers' held-back utterances vs speakers never trained on.
 
     python bench/bench_audit.py [--quick] [--jobs 2] [--data DIR]
+    python bench/bench_audit.py --attribute-draws 6 --jobs 2   # the no-DP gender attack over 6 draws
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="federated rounds (default 20; 1 with --quick)")
     p.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 5; 1 with --quick)")
     p.add_argument("--jobs", type=int, default=1, help="federations run side by side in forked processes")
+    p.add_argument("--attribute-draws", type=int, default=0, metavar="N",
+                   help="instead of the full audit: the no-DP federation and its gender attack for N draws "
+                        "(seeds SEED..SEED+N-1: member speakers, their utterance splits, the federation, the "
+                        "attack's updates), each with its luck band, and their mean against the band of a mean")
     p.add_argument("--central-epochs", type=int, default=None,
                    help="epochs of the centrally trained no-DP target, long enough to memorise (default 100; 2 with --quick)")
     args = p.parse_args(argv)
@@ -65,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         reference_confidences,
         simulate_federation,
         speaker_parts,
-        subset,
     )
     from fedser.tools.audit.report import roc_png
     from fedser.tools.audit.runner import attribute_audit
@@ -95,25 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     genders = speaker_genders(utts)
     data = build_task_data(utts, spec, "emotion", FeatureCache(default_cache_dir() / "features"), progress=False)
     speakers = speaker_parts(data)
-    rng = np.random.default_rng(args.seed)
-    names = sorted(speakers)
-    rng.shuffle(names)
-    # Non-member speakers: 3 per corpus, half of each gender where possible.
-    outsiders = []
-    for corpus_name in ("ravdess", "emodb"):
-        for g in ("m", "f"):
-            pick = [s for s in names if s.startswith(corpus_name) and genders[s] == g and s not in outsiders]
-            outsiders += pick[: 1 if quick else 2]
-    insiders = [s for s in names if s not in outsiders]
-    if quick:
-        insiders = insiders[:6]
-    train_parts, held_parts = [], []
-    for s in insiders:
-        d = speakers[s]
-        perm = rng.permutation(len(d))
-        cut = int(0.7 * len(d))
-        train_parts.append(subset(d, sorted(perm[:cut].tolist())))
-        held_parts.append(subset(d, sorted(perm[cut:].tolist())))
+    if args.attribute_draws:
+        return attribute_draws(args, speakers, genders, spec, mc)
+    insiders, outsiders, train_parts, held_parts = draw(speakers, genders, args.seed, quick)
     members, held = concat(train_parts), concat(held_parts)
     non_members = concat([speakers[s] for s in outsiders])
     attack_speakers = {s: speakers[s] for s in (insiders + outsiders)}
@@ -311,6 +299,126 @@ def main(argv: list[str] | None = None) -> int:
                                                             speaker_bar=max(0.60, band_speaker),
                                                             update_bar=max(0.55, band_update),
                                                             uar_band=chance_uar)))
+    rep.add("")
+    rep.add(f"Wall time {time.perf_counter() - t0:.0f} s; {load_note(load0, load_average())}.")
+    rep.save()
+    return 0
+
+
+def draw(speakers: dict, genders: dict, seed: int, quick: bool):
+    """One draw of the audit's federation: (member speakers, non-member speakers, each member's
+    training utterances, each member's held-back ones)."""
+    import numpy as np
+    from fedser.tools.audit.protocol import subset
+
+    rng = np.random.default_rng(seed)
+    names = sorted(speakers)
+    rng.shuffle(names)
+    # Non-member speakers: 3 per corpus, half of each gender where possible.
+    outsiders = []
+    for corpus_name in ("ravdess", "emodb"):
+        for g in ("m", "f"):
+            pick = [s for s in names if s.startswith(corpus_name) and genders[s] == g and s not in outsiders]
+            outsiders += pick[: 1 if quick else 2]
+    insiders = [s for s in names if s not in outsiders]
+    if quick:
+        insiders = insiders[:6]
+    train_parts, held_parts = [], []
+    for s in insiders:
+        d = speakers[s]
+        perm = rng.permutation(len(d))
+        cut = int(0.7 * len(d))
+        train_parts.append(subset(d, sorted(perm[:cut].tolist())))
+        held_parts.append(subset(d, sorted(perm[cut:].tolist())))
+    return insiders, outsiders, train_parts, held_parts
+
+
+def _attribute_draw(job) -> dict:
+    """The no-DP federation of one draw and the gender attack on its final model."""
+    import torch
+    from fedser.common.models import build_model
+    from fedser.common.params import arrays_to_state, state_to_arrays
+    from fedser.common.training import evaluate_task
+    from fedser.tools.audit.protocol import concat, simulate_federation
+    from fedser.tools.audit.runner import attribute_audit
+
+    seed, speakers, genders, spec, mc, protocol, quick = job
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    insiders, outsiders, train_parts, _ = draw(speakers, genders, seed, quick)
+    torch.manual_seed(seed)
+    init = state_to_arrays(build_model(mc))
+    arrays = simulate_federation(mc, spec, train_parts, protocol, seed=seed, progress=False, init=init)
+    model = build_model(mc)
+    arrays_to_state(arrays, model)
+    utility = evaluate_task(model, concat([speakers[s] for s in outsiders]))["uar"]
+    ai, _, _ = attribute_audit(arrays, mc, spec, {s: speakers[s] for s in insiders + outsiders}, genders, protocol,
+                               updates_per_speaker=2 if quick else 6, seed=seed,
+                               chance_permutations=4 if quick else 12)
+    print(f"  draw {seed}: utility {utility:.3f}, attribute UAR {ai.uar:.3f} (band {ai.chance_uar:.3f})",
+          file=sys.stderr, flush=True)
+    return {"seed": seed, "utility": utility, "ai": ai, "members": len(insiders),
+            "attacked": len(insiders) + len(outsiders), "seconds": time.perf_counter() - t}
+
+
+def attribute_draws(args, speakers: dict, genders: dict, spec, mc) -> int:
+    """Gender inference from updates without DP over several draws: how far one draw's figure is
+    from what the attack does on average, and whether the mean clears the band a mean reaches by
+    luck (the i-th shuffled run of every draw averaged, its 95th percentile over i)."""
+    import numpy as np
+    from fedser.tools.audit.protocol import Protocol
+
+    quick = args.quick
+    n = args.attribute_draws
+    rounds = args.rounds or (1 if quick else 20)
+    local_epochs = args.local_epochs or (1 if quick else 5)
+    members = len(draw(speakers, genders, args.seed, quick)[0])   # the same count in every draw
+    protocol = Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode="local", expected_clients=members,
+                        total_clients=members, dp=True, max_epsilon=8.0, rounds=rounds, local_epochs=local_epochs,
+                        batch_size=16, learning_rate=3e-3).variant("no DP")
+    name = f"audit_attribute_draws{'_quick' if quick else ''}"
+    rep = Report(name, "Gender inference from updates without DP, over several draws")
+    load0 = load_average()
+    t0 = time.perf_counter()
+    jobs = [(args.seed + i, speakers, genders, spec, mc, protocol, quick) for i in range(n)]
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("fork")) as pool_ex:
+            done = list(pool_ex.map(_attribute_draw, jobs))
+    else:
+        done = [_attribute_draw(job) for job in jobs]
+    uars = [r["ai"].uar for r in done]
+    mean_band = float(np.quantile(np.mean([r["ai"].chance_uars for r in done], axis=0), 0.95))
+    mean_uar = float(np.mean(uars))
+    rep.add(machine_line() + ".")
+    rep.add("")
+    rep.add(f"Data: RAVDESS + EmoDB emotion, {len(speakers)} speakers ({sum(g == 'm' for g in genders.values())} m). "
+            f"Each draw (seed) picks the {done[0]['members']} member speakers (one device each), the 70% of "
+            f"each one's utterances it trains on, runs the federation without DP ({rounds} rounds x "
+            f"{local_epochs} local epochs, batch 16, Adam lr 0.003, every device every round, update clip "
+            f"C=2.0) and attacks its final model as `bench_audit.py` does: {2 if quick else 6} updates per "
+            f"speaker from each of the {done[0]['attacked']} member and non-member speakers, grouped cross-validation, each corpus's updates centred "
+            "on its shadow updates' mean. Luck band: the 95th percentile of the attack's UAR with the speakers' "
+            f"genders shuffled ({4 if quick else 12} shufflings per draw); for the mean, the i-th shuffled run "
+            "of every draw is averaged and the 95th percentile taken over i.")
+    rep.add("")
+    rows = [[str(r["seed"]), f"{r['utility']:.3f}", f"{r['ai'].uar:.3f}", f"{r['ai'].auc:.3f}",
+             f"{r['ai'].chance_uar:.3f}", "yes" if r["ai"].uar > r["ai"].chance_uar else "no",
+             f"{r['seconds']:.0f}"] for r in done]
+    rows.append([f"mean of {n}", f"{np.mean([r['utility'] for r in done]):.3f}", f"**{mean_uar:.3f}**",
+                 f"{np.mean([r['ai'].auc for r in done]):.3f}", f"{mean_band:.3f}",
+                 "yes" if mean_uar > mean_band else "no", ""])
+    rep.add(md_table(["draw (seed)", "utility: emotion UAR (non-members)", "attribute UAR (clients)",
+                      "attribute AUC (clients)", "luck band (UAR)", "above its band", "seconds"], rows))
+    rep.add("")
+    rep.add(f"UAR over draws: min {min(uars):.3f}, max {max(uars):.3f}, standard deviation "
+            f"{np.std(uars, ddof=1) if n > 1 else 0.0:.3f}.")
+    rep.add("")
+    rep.add(md_table(["target", "measured", "met"],
+                     [[f"no DP: attribute UAR >= 0.75 and above its luck band ({mean_band:.3f}), mean of {n} draws",
+                       f"{mean_uar:.3f}", "yes" if mean_uar >= max(0.75, mean_band) else "**no**"]]))
     rep.add("")
     rep.add(f"Wall time {time.perf_counter() - t0:.0f} s; {load_note(load0, load_average())}.")
     rep.save()

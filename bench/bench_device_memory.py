@@ -133,10 +133,10 @@ def _client_message(args) -> None:
         messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Loopback()))
     else:
         messages = list(strategy.configure_train(1, arrays, ConfigRecord(), Loopback()))
-    if args.child == "query":
-        return   # configure_train has sent the profile query through the ClientApp; nothing else runs
     if len(messages) != 1:
         raise SystemExit(f"the device was not selected: {strategy.outcome}")
+    if args.child == "query":
+        return   # configure_train has sent the profile query through the ClientApp; nothing else runs
     reply = app(messages[0], ctx)
     if reply.has_error():
         raise SystemExit(f"the device declined: {reply.error.reason}")

@@ -23,6 +23,7 @@ from fedser.common.models import (
     count_parameters,
     head_of,
     register_encoder,
+    stats_pool,
 )
 
 N_FEATURES = ModelConfig().n_features  # rows of the default features
@@ -359,3 +360,17 @@ def test_crnn_state_uses_nn_gru_names_and_loads_inside_opacus_wrapper():
     assert gru_keys == [f"encoder.gru.{n}_l0" for n in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
     assert torch.equal(m.encoder.gru.l0.hh.weight, values["encoder.gru.weight_hh_l0"])
     assert list(wrapped.state_dict()) == [f"_module.{k}" for k in values]
+
+
+def test_stats_pool_is_mean_and_population_std_with_exact_gradients():
+    # Prepare
+    h = torch.randn(3, 5, 9, dtype=torch.float64, requires_grad=True)
+
+    # Execute
+    pooled = stats_pool(h)
+
+    # Assert
+    expected = torch.cat([h.mean(dim=-1), (h.var(dim=-1, unbiased=False) + 1e-5).sqrt()], dim=1)
+    assert pooled.shape == (3, 10)
+    assert torch.allclose(pooled, expected)
+    assert torch.autograd.gradcheck(stats_pool, (h,))

@@ -12,6 +12,7 @@ from fedser.tools.audit.attacks import (
     attribute_inference,
     calibrated_attack,
     chance_band,
+    chance_uars,
     loss_attack,
     roc_summary,
     speaker_scores,
@@ -56,6 +57,20 @@ def test_chance_band_lies_between_pure_noise_and_a_planted_attribute():
     assert 0.5 <= band < attribute_inference(X, y, g, seed=0).uar
     with pytest.raises(AuditInputError, match="permutations"):
         chance_band(X, y, g, permutations=0)
+
+
+def test_chance_uars_are_the_runs_the_band_takes_its_quantile_of():
+    # Prepare
+    X, y, g = _updates(planted=1.0, seed=4, n_clients=12, per_client=2, dim=40)
+
+    # Execute
+    runs = chance_uars(X, y, g, permutations=6, seed=2)
+
+    # Assert
+    assert len(runs) == 6 and all(0.0 <= u <= 1.0 for u in runs)
+    assert chance_band(X, y, g, permutations=6, seed=2) == pytest.approx(float(np.quantile(runs, 0.95)))
+    with pytest.raises(AuditInputError, match="permutations"):
+        chance_uars(X, y, g, permutations=0)
 
 
 def test_population_centring_removes_a_corpus_offset():

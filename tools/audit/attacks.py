@@ -21,7 +21,8 @@
   update is the sum of the steps a device took down its own examples' loss gradients, so it
   points along the negative gradient of an example it trained on more than along that of one it
   did not (white-box attack on updates, Nasr et al., S&P 2019).
-* :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels).
+* :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels);
+  :func:`chance_uars`: each shuffled run's UAR.
 * :func:`auc_chance_band`: the ROC AUC any score reaches by luck on the same labels.
 * :func:`roc_summary`: ROC AUC and TPR at 1 % FPR (chance: 0.5 and 0.01).
 """
@@ -77,6 +78,7 @@ class AttributeResult:
     client_label: dict[str, int]
     roc: RocSummary | None = None
     chance_uar: float | None = None  # 95th percentile of the UAR with shuffled labels (chance_band)
+    chance_uars: list[float] | None = None  # each shuffled run's UAR (chance_uars)
 
 
 def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
@@ -158,6 +160,15 @@ def chance_band(features: np.ndarray, labels: Sequence[int], clients: Sequence[s
     With a few dozen target clients the UAR of an attack that learns nothing spreads widely around
     0.5; a measured UAR means something only above this band.
     """
+    return float(np.quantile(chance_uars(features, labels, clients, populations=populations,
+                                         permutations=permutations, seed=seed), quantile))
+
+
+def chance_uars(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
+                populations: Sequence[str] | None = None, permutations: int = 20, seed: int = 0) -> list[float]:
+    """The attack's UAR in each of ``permutations`` runs with the clients' labels shuffled (the
+    values :func:`chance_band` takes its quantile of; the i-th of several audits' lists can be
+    averaged into the band of their mean)."""
     if permutations < 1:
         raise AuditInputError(f"permutations must be >= 1; got {permutations}")
     g = np.asarray(clients)
@@ -170,7 +181,7 @@ def chance_band(features: np.ndarray, labels: Sequence[int], clients: Sequence[s
         shuffled = dict(zip(names, rng.permutation([client_label[c] for c in names]).tolist()))
         uars.append(attribute_inference(features, [shuffled[c] for c in g.tolist()], g, populations=populations,
                                         seed=seed + i + 1).uar)
-    return float(np.quantile(uars, quantile))
+    return uars
 
 
 def auc_chance_band(n_pos: int, n_neg: int, *, permutations: int = 1000, seed: int = 0,

@@ -20,7 +20,7 @@ from .attacks import (
     attribute_inference,
     auc_chance_band,
     calibrated_attack,
-    chance_band,
+    chance_uars,
     gradient_alignment,
     loss_attack,
     roc_summary,
@@ -128,8 +128,9 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     X, pop_list = np.stack(feats), [pops[c] for c in clients]
     result = attribute_inference(X, labels, clients, populations=pop_list, seed=seed)
     if chance_permutations > 0:
-        result.chance_uar = chance_band(X, labels, clients, populations=pop_list, permutations=chance_permutations,
-                                        seed=seed)
+        result.chance_uars = chance_uars(X, labels, clients, populations=pop_list,
+                                         permutations=chance_permutations, seed=seed)
+        result.chance_uar = float(np.quantile(result.chance_uars, 0.95))
     update_mi = roc_summary(np.concatenate(mi_labels), np.concatenate(mi_scores)) if mi_scores else None
     return result, pairs, update_mi
 
