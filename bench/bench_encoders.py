@@ -9,8 +9,9 @@ development corpus), printed beside its baseline from the same run:
   training set), the other heads (``gru``, ``mlp``), the from-scratch ``cnn`` over log-mel and
   the raw-waveform M5;
 * cross-corpus: train on one emotion corpus, test on the other over their shared classes;
-* DP-SGD at epsilon 8 (delta 1e-5), same head, against its plain run, and the time of a DP-SGD
-  epoch against a plain one;
+* DP-SGD at epsilon 8 (delta 1e-5), same head, against its plain run (also after public
+  pretraining: on the other emotion corpus, and for KWS on commands synthesized by ``fedser synth``),
+  and the time of a DP-SGD epoch against a plain one;
 * federated: one device per speaker, each the real ClientApp (DP-SGD within its own budget of
   epsilon 8, its ledger, update clipping) and the real strategy; then the same with user-level
   (distributed) noise, with the user-level epsilon the server's accountant reports for the
@@ -121,9 +122,10 @@ def wanted(args, corpora: Corpora, name: str) -> bool:
 
 
 def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp: bool = False,
-               allowed=None, public=None, regularize: bool | None = None) -> dict:
+               allowed=None, public=None, regularize: bool | None = None, lr: float | None = None) -> dict:
     """Train on ``train`` (early stopping on ``val``), score on ``test``; with ``public``, the model
-    first trains without DP on that public corpus (public pretraining, private fine-tuning)."""
+    first trains without DP on that public corpus (public pretraining, private fine-tuning). ``lr``
+    replaces the learning rate of the (private) training."""
     import torch
 
     from fedser.common.augment import Augmenter
@@ -136,7 +138,7 @@ def train_eval(train, val, test, spec, encoder: str, epochs: int, seed: int, dp:
     if public is not None:
         train_task(model, public.task, public, None, TrainConfig(epochs=PUBLIC_EPOCHS, batch_size=64, seed=seed),
                    spec, None, progress=False)
-    tcfg = TrainConfig(epochs=epochs, batch_size=256 if dp else 64, lr=1e-2 if dp else 3e-3,
+    tcfg = TrainConfig(epochs=epochs, batch_size=256 if dp else 64, lr=lr or (1e-2 if dp else 3e-3),
                        patience=max(epochs // 4, 3), seed=seed, dp=dp,
                        target_epsilon=DP_EPSILON if dp else None, delta=DELTA, regularize=regularize)
     t0 = time.perf_counter()
@@ -223,6 +225,23 @@ def cross(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> Non
 
 # --------------------------------------------------------------------------- DP
 
+SYNTH_VOICES = 64
+
+
+def synthesized_commands(corpora: Corpora, spec, cache: Path):
+    """``fedser synth``'s command clips of ``SYNTH_VOICES`` voices (seed 7; built once under
+    ``cache``) as public KWS training data."""
+    from fedser.common.corpora import load_corpora
+    from fedser.common.data import build_task_data
+    from fedser.tools import synth
+
+    root = cache.parent / f"bench-synth-{SYNTH_VOICES}"
+    if not synth.is_complete(root):
+        synth.synthesize_corpus(root, n_speakers=SYNTH_VOICES, seed=7, emotions=("neutral",), statements=1,
+                                repetitions=1, overwrite=True, progress=True)
+    utts = [u for u in load_corpora([str(root / "commands")]).utterances if u.task == "kws"]
+    return build_task_data(utts, spec, "kws", corpora.cache, progress=True, desc="features synthesized commands")
+
 
 def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
     import torch
@@ -248,15 +267,24 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
         figures[f"dp/{name}/plain"] = plain
         other = {"ravdess": "emodb"}.get(name)
         # The default trains without dropout and augmentation under DP-SGD; the second row keeps them.
-        variants = [("default", "", None, None), ("with dropout and augmentation", "/regularized", None, True)]
+        variants = [("default", "", None, None, None),
+                    ("with dropout and augmentation", "/regularized", None, True, None)]
         if other in corpora.utterances:
             # The product's path under DP: pretrain on public speech (here the other emotion corpus:
             # another language, other speakers), then DP-SGD on the private data.
             variants.append((f"default, pretrained on all of {other} (public; {PUBLIC_EPOCHS} epochs, no DP)",
-                             f"/public-{other}", corpora.task_data(other, spec, "all"), None))
-        for label, key, public, regularize in variants:
+                             f"/public-{other}", corpora.task_data(other, spec, "all"), None, None))
+        if name == "kws":
+            # Without a public command corpus, synthesized speech is one: no person's voice, so it
+            # needs no privacy. Fine-tuning from it, the lower learning rate keeps what it taught.
+            synth = synthesized_commands(corpora, spec, Path(args.cache))
+            label = f"default, pretrained on synthesized commands ({SYNTH_VOICES} espeak-ng voices, public; " \
+                f"{PUBLIC_EPOCHS} epochs, no DP)"
+            variants += [(label, "/public-synth", synth, None, None),
+                         (f"{label}, fine-tuning learning rate 3e-3", "/public-synth-lr", synth, None, 3e-3)]
+        for label, key, public, regularize, lr in variants:
             runs = [train_eval(train, val, test, spec, "tcn", epochs, s, dp=True, public=public,
-                               regularize=regularize) for s in seeds]
+                               regularize=regularize, lr=lr) for s in seeds]
             figures[f"dp/{name}{key}"] = runs
             values = [r[metric] for r in runs]
             eps = max(r["epsilon"] for r in runs)
