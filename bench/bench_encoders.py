@@ -13,7 +13,8 @@ development corpus), printed beside its baseline from the same run:
   pretraining: on the other emotion corpus, and for KWS on commands synthesized by ``fedser synth``),
   and the time of a DP-SGD epoch against a plain one;
 * federated: one device per speaker, each the real ClientApp (DP-SGD within its own budget of
-  epsilon 8, its ledger, update clipping) and the real strategy; then the same with user-level
+  epsilon 8, its ledger, update clipping) and the real strategy, from scratch or after the server's
+  public pretraining (public speakers, or for KWS synthesized commands); then the same with user-level
   (distributed) noise, with the user-level epsilon the server's accountant reports for the
   population.
 
@@ -320,7 +321,7 @@ class Federation:
     ``max_devices``), each the real ClientApp; the real strategy; in this process."""
 
     def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int,
-                 max_devices: int, public_share: float = 0.0):
+                 max_devices: int, public_share: float = 0.0, public_data=None):
         import torch
 
         from fedser.common.augment import Augmenter
@@ -348,6 +349,10 @@ class Federation:
                                    corpora.cache, progress=False)
             train_task(model, self.task, data, None, TrainConfig(epochs=30, seed=seed), self.spec,
                        Augmenter(self.spec, seed=seed), progress=False)
+        elif public_data is not None:
+            # Public speech from elsewhere (synthesized): every real speaker stays a device.
+            train_task(model, self.task, public_data, None, TrainConfig(epochs=30, seed=seed), self.spec,
+                       Augmenter(self.spec, seed=seed), progress=False)
         self.init = state_to_arrays(model)
         n = min(len(speakers), max_devices)
         owner = {s: i % n for i, s in enumerate(speakers)}
@@ -356,7 +361,7 @@ class Federation:
                                          work / name / f"device-{i}.csv") for i in range(n)]
         self.test = corpora.task_data(name, self.spec, "test")
         self.work, self.name, self.rounds, self.user_noise = work, name, rounds, user_noise
-        self.tag = f"{name}-z{user_noise:g}-p{public_share:g}"
+        self.tag = f"{name}-z{user_noise:g}-p{public_share:g}" + ("-synth" if public_data is not None else "")
         self.cache = corpora.cache.root
 
     def run(self) -> tuple[list[float], dict]:
@@ -413,6 +418,7 @@ class Federation:
 
 
 def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) -> None:
+    from fedser.common.features import FeatureSpec
     from fedser.common.privacy import UserLevelAccountant
 
     with tempfile.TemporaryDirectory(prefix="fedser-bench-encoders-") as tmp:
@@ -422,9 +428,14 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
             task = corpora.utterances[name][0]
             metric = "accuracy" if task == "kws" else "uar"
             central_figure = default_baseline(corpora, name, figures, 60, args.seed)[metric]
-            for public, user_noise, share in ((0.0, 0.0, 0.95), (0.2, 0.0, 0.95), (0.2, 1.0, 0.90)):
+            settings = [(0.0, 0.0, 0.95), (0.2, 0.0, 0.95), (0.2, 1.0, 0.90)]
+            if name == "kws":
+                settings.append(("synth", 0.0, 0.95))   # the server pretrains on synthesized commands
+            for public, user_noise, share in settings:
                 t0 = time.perf_counter()
-                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices, public)
+                synth = synthesized_commands(corpora, FeatureSpec(), Path(args.cache)) if public == "synth" else None
+                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices,
+                                 0.0 if synth is not None else public, public_data=synth)
                 curve, info = fed.run()
                 n = info["devices"]
                 final = curve[-1]
@@ -436,12 +447,15 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                     big = UserLevelAccountant(user_noise, 100, 10_000)
                     big.step(rounds)
                     user += f"{big.epsilon(DELTA):.2f} with 100 of 10,000 sampled per round"
-                figures[f"federated/{name}/z{user_noise:g}/public{public:g}"] = {
+                origin = "synth" if synth is not None else f"{public:g}"
+                figures[f"federated/{name}/z{user_noise:g}/public{origin}"] = {
                     "curve": curve, "devices": n, "user_epsilon": user, "public_speakers": fed.public_speakers}
                 ratio = f"{final / central_figure:.0%} of centralized" if central_figure else "—"
                 per = info["speakers_per_device"]
                 who = "one per speaker" if per == 1 else f"{per:.1f} speakers each"
-                start = (f"pretrained by the server on {fed.public_speakers} public speakers" if public
+                start = (f"pretrained by the server on synthesized commands ({SYNTH_VOICES} espeak-ng voices)"
+                         if synth is not None else
+                         f"pretrained by the server on {fed.public_speakers} public speakers" if public
                          else "from scratch")
                 rows.append([f"{name} federated", f"{n} devices ({who}), {start}, DP-SGD epsilon <= 8 each, "
                              f"user noise z={user_noise:g}; user epsilon {user}",
