@@ -387,7 +387,8 @@ class TemporalHead(Encoder):
 
     channels = 64
     kernel = 3
-    # ExpandedWeights: a DP-SGD epoch of the KWS bench set in 1.6x the plain time, hooks 2.0x.
+    # ExpandedWeights: a DP-SGD epoch of the KWS bench set in 0.26 s, hooks 0.32 s, functorch 0.43 s
+    # (plain 0.13 s).
     grad_sample_mode = "ew"
 
     def __init__(self, cfg: ModelConfig):
