@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from fedser.tools.audit.inputs import speaker_genders
     from fedser.tools.audit.protocol import (
-        Protocol,
         concat,
         example_scores,
         reference_confidences,
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedser.common.params import arrays_to_state, state_to_arrays
     from fedser.server.plots import curves_png
     from fedser.common.training import TrainConfig, evaluate_task, train_task
-    from fedser.server.settings import RunSettings
 
     torch.set_num_threads(1)
     quick = args.quick
@@ -119,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     n_perm = 4 if quick else 12     # label shufflings for the attribute attack's chance band
     n_ref_central = 1 if quick else 2
     n_ref_fed = 1 if quick else 4
-    mode = RunSettings(run_dir="-").noise_mode
+    base = default_protocol(len(insiders), rounds, local_epochs)
+    mode = base.noise_mode
     other_mode = "distributed" if mode == "local" else "local"
-    base = Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode=mode,
-                    expected_clients=len(insiders), total_clients=len(insiders), dp=True, max_epsilon=8.0,
-                    rounds=rounds, local_epochs=local_epochs, batch_size=16, learning_rate=3e-3)
     rep.add(machine_line() + ".")
     rep.add("")
     rep.add(f"Data: RAVDESS + EmoDB emotion, {len(speakers)} speakers ({sum(g == 'm' for g in genders.values())} m). "
@@ -305,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def default_protocol(members: int, rounds: int, local_epochs: int):
+    """The audit's federation at the project's default privacy settings (device budget epsilon 8,
+    user-level z=1 in the run settings' default noise mode, C=2), every member every round."""
+    from fedser.server.settings import RunSettings
+    from fedser.tools.audit.protocol import Protocol
+
+    return Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode=RunSettings(run_dir="-").noise_mode,
+                    expected_clients=members, total_clients=members, dp=True, max_epsilon=8.0,
+                    rounds=rounds, local_epochs=local_epochs, batch_size=16, learning_rate=3e-3)
+
+
 def draw(speakers: dict, genders: dict, seed: int, quick: bool):
     """One draw of the audit's federation: (member speakers, non-member speakers, each member's
     training utterances, each member's held-back ones)."""
@@ -366,16 +373,13 @@ def attribute_draws(args, speakers: dict, genders: dict, spec, mc) -> int:
     from what the attack does on average, and whether the mean clears the band a mean reaches by
     luck (the i-th shuffled run of every draw averaged, its 95th percentile over i)."""
     import numpy as np
-    from fedser.tools.audit.protocol import Protocol
 
     quick = args.quick
     n = args.attribute_draws
     rounds = args.rounds or (1 if quick else 20)
     local_epochs = args.local_epochs or (1 if quick else 5)
     members = len(draw(speakers, genders, args.seed, quick)[0])   # the same count in every draw
-    protocol = Protocol(clip_norm=2.0, noise_multiplier=1.0, noise_mode="local", expected_clients=members,
-                        total_clients=members, dp=True, max_epsilon=8.0, rounds=rounds, local_epochs=local_epochs,
-                        batch_size=16, learning_rate=3e-3).variant("no DP")
+    protocol = default_protocol(members, rounds, local_epochs).variant("no DP")
     name = f"audit_attribute_draws{'_quick' if quick else ''}"
     rep = Report(name, "Gender inference from updates without DP, over several draws")
     load0 = load_average()

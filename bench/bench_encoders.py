@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_DATA, REPO, Report, data_or_skip, load_average, load_note, machine_line, md_table
 
 SECTIONS = ("central", "cross", "dp", "federated")
+SYNTH_VOICES = 64   # voices of the synthesized public command corpus
 TARGETS = {"kws": 0.95, "emotion": 0.70}
 DP_EPSILON, DELTA = 8.0, 1e-5
 DP_SEEDS = 3
@@ -101,6 +102,24 @@ class Corpora:
             utts = {"train": train, "val": val, "test": test, "all": train + val + test}[part]
             self._built[key] = build_task_data(utts, spec, task, self.cache, progress=True,
                                                desc=f"features {name}/{part}")
+        return self._built[key]
+
+    def synthesized_commands(self, spec):
+        """``fedser synth``'s command clips of ``SYNTH_VOICES`` voices (seed 7; synthesized once beside
+        the feature cache) as public KWS training data."""
+        from fedser.common.corpora import load_corpora
+        from fedser.common.data import build_task_data
+        from fedser.tools import synth
+
+        key = ("synthesized commands", spec, "all")
+        if key not in self._built:
+            root = self.cache.root.parent / f"bench-synth-{SYNTH_VOICES}"
+            if not synth.is_complete(root):
+                synth.synthesize_corpus(root, n_speakers=SYNTH_VOICES, seed=7, emotions=("neutral",), statements=1,
+                                        repetitions=1, overwrite=True, progress=True)
+            utts = [u for u in load_corpora([str(root / "commands")]).utterances if u.task == "kws"]
+            self._built[key] = build_task_data(utts, spec, "kws", self.cache, progress=True,
+                                               desc="features synthesized commands")
         return self._built[key]
 
 
@@ -226,24 +245,6 @@ def cross(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> Non
 
 # --------------------------------------------------------------------------- DP
 
-SYNTH_VOICES = 64
-
-
-def synthesized_commands(corpora: Corpora, spec, cache: Path):
-    """``fedser synth``'s command clips of ``SYNTH_VOICES`` voices (seed 7; built once under
-    ``cache``) as public KWS training data."""
-    from fedser.common.corpora import load_corpora
-    from fedser.common.data import build_task_data
-    from fedser.tools import synth
-
-    root = cache.parent / f"bench-synth-{SYNTH_VOICES}"
-    if not synth.is_complete(root):
-        synth.synthesize_corpus(root, n_speakers=SYNTH_VOICES, seed=7, emotions=("neutral",), statements=1,
-                                repetitions=1, overwrite=True, progress=True)
-    utts = [u for u in load_corpora([str(root / "commands")]).utterances if u.task == "kws"]
-    return build_task_data(utts, spec, "kws", corpora.cache, progress=True, desc="features synthesized commands")
-
-
 def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
     import torch
 
@@ -278,7 +279,7 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
         if name == "kws":
             # Without a public command corpus, synthesized speech is one: no person's voice, so it
             # needs no privacy. Fine-tuning from it, the lower learning rate keeps what it taught.
-            synth = synthesized_commands(corpora, spec, Path(args.cache))
+            synth = corpora.synthesized_commands(spec)
             label = f"default, pretrained on synthesized commands ({SYNTH_VOICES} espeak-ng voices, public; " \
                 f"{PUBLIC_EPOCHS} epochs, no DP)"
             variants += [(label, "/public-synth", synth, None, None),
@@ -318,7 +319,9 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
 
 class Federation:
     """One device per training speaker (speakers dealt round-robin when there are more than
-    ``max_devices``), each the real ClientApp; the real strategy; in this process."""
+    ``max_devices``), each the real ClientApp; the real strategy; in this process. The server
+    pretrains on ``public_share`` of the training speakers (kept off the devices) or on
+    ``public_data``."""
 
     def __init__(self, corpora: Corpora, name: str, work: Path, user_noise: float, rounds: int, seed: int,
                  max_devices: int, public_share: float = 0.0, public_data=None):
@@ -339,18 +342,18 @@ class Federation:
         torch.manual_seed(seed)
         model = build_model(self.model_config)
         self.public_speakers = 0
+        external = public_data is not None
         if public_share > 0:
-            # The server's public speech: every k-th speaker, never a device; it pretrains the model
-            # (no DP: public data) before the first round, as `fedser-server start --public-corpus` does.
+            # The server's public speech: every k-th speaker, never a device. (Public speech from
+            # elsewhere, ``public_data``, leaves every real speaker a device.)
             public = set(speakers[::max(1, round(1 / public_share))])
             speakers = [s for s in speakers if s not in public]
             self.public_speakers = len(public)
-            data = build_task_data([u for u in train + val if u.speaker in public], self.spec, self.task,
-                                   corpora.cache, progress=False)
-            train_task(model, self.task, data, None, TrainConfig(epochs=30, seed=seed), self.spec,
-                       Augmenter(self.spec, seed=seed), progress=False)
-        elif public_data is not None:
-            # Public speech from elsewhere (synthesized): every real speaker stays a device.
+            public_data = build_task_data([u for u in train + val if u.speaker in public], self.spec, self.task,
+                                          corpora.cache, progress=False)
+        if public_data is not None:
+            # It pretrains the model (no DP: public data) before the first round, as
+            # `fedser-server start --public-corpus` does.
             train_task(model, self.task, public_data, None, TrainConfig(epochs=30, seed=seed), self.spec,
                        Augmenter(self.spec, seed=seed), progress=False)
         self.init = state_to_arrays(model)
@@ -361,7 +364,7 @@ class Federation:
                                          work / name / f"device-{i}.csv") for i in range(n)]
         self.test = corpora.task_data(name, self.spec, "test")
         self.work, self.name, self.rounds, self.user_noise = work, name, rounds, user_noise
-        self.tag = f"{name}-z{user_noise:g}-p{public_share:g}" + ("-synth" if public_data is not None else "")
+        self.tag = f"{name}-z{user_noise:g}-p{public_share:g}" + ("-external" if external else "")
         self.cache = corpora.cache.root
 
     def run(self) -> tuple[list[float], dict]:
@@ -428,14 +431,14 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
             task = corpora.utterances[name][0]
             metric = "accuracy" if task == "kws" else "uar"
             central_figure = default_baseline(corpora, name, figures, 60, args.seed)[metric]
-            settings = [(0.0, 0.0, 0.95), (0.2, 0.0, 0.95), (0.2, 1.0, 0.90)]
+            # (share of speakers kept public, pretraining on synthesized commands, user noise, target)
+            settings = [(0.0, False, 0.0, 0.95), (0.2, False, 0.0, 0.95), (0.2, False, 1.0, 0.90)]
             if name == "kws":
-                settings.append(("synth", 0.0, 0.95))   # the server pretrains on synthesized commands
-            for public, user_noise, share in settings:
+                settings.append((0.0, True, 0.0, 0.95))
+            for public, synthesized, user_noise, share in settings:
                 t0 = time.perf_counter()
-                synth = synthesized_commands(corpora, FeatureSpec(), Path(args.cache)) if public == "synth" else None
-                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices,
-                                 0.0 if synth is not None else public, public_data=synth)
+                fed = Federation(corpora, name, Path(tmp), user_noise, rounds, args.seed, args.max_devices, public,
+                                 corpora.synthesized_commands(FeatureSpec()) if synthesized else None)
                 curve, info = fed.run()
                 n = info["devices"]
                 final = curve[-1]
@@ -447,14 +450,13 @@ def federated(corpora: Corpora, args, rounds: int, rows: list, figures: dict) ->
                     big = UserLevelAccountant(user_noise, 100, 10_000)
                     big.step(rounds)
                     user += f"{big.epsilon(DELTA):.2f} with 100 of 10,000 sampled per round"
-                origin = "synth" if synth is not None else f"{public:g}"
-                figures[f"federated/{name}/z{user_noise:g}/public{origin}"] = {
+                figures[f"federated/{name}/z{user_noise:g}/public{'synth' if synthesized else f'{public:g}'}"] = {
                     "curve": curve, "devices": n, "user_epsilon": user, "public_speakers": fed.public_speakers}
                 ratio = f"{final / central_figure:.0%} of centralized" if central_figure else "—"
                 per = info["speakers_per_device"]
                 who = "one per speaker" if per == 1 else f"{per:.1f} speakers each"
                 start = (f"pretrained by the server on synthesized commands ({SYNTH_VOICES} espeak-ng voices)"
-                         if synth is not None else
+                         if synthesized else
                          f"pretrained by the server on {fed.public_speakers} public speakers" if public
                          else "from scratch")
                 rows.append([f"{name} federated", f"{n} devices ({who}), {start}, DP-SGD epsilon <= 8 each, "
