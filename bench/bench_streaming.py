@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{len({u.speaker for u in utts})} speakers not seen in training; {n_words} command words per "
                    f"SNR plus {UNKNOWN_SHARE:.0%} non-keywords, words at {WORD_DBFS:.0f} dBFS, gaps "
                    f"{GAP[0]}-{GAP[1]} s, noise beds from {', '.join(noises)}; threshold {cfg.threshold}, "
-                   f"refractory {cfg.refractory_s} s, smoothing {cfg.smooth_s} s, hop {cfg.hop_s} s, "
-                   f"{cfg.vad.kind} VAD unless the mode says otherwise.")
+                   f"hop {cfg.hop_s} s; sliding decisions: refractory {cfg.refractory_s} s, smoothing "
+                   f"{cfg.smooth_s} s.")
 
         def clip(u) -> np.ndarray:
             return trim(audio.load(u.path, sample_rate=sr, max_seconds=2.0), sr)
@@ -302,17 +302,18 @@ def main(argv: list[str] | None = None) -> int:
         noise_s = sum(n.size for _, n in noise_streams) / sr
 
         clips = {i: per_clip(bundle_rt, st, sr) for i, st in enumerate(streams)}
-        # The default (window, Silero VAD), the energy VAD beside it, crnn's recurrent modes.
-        settings = [("window", "silero"), ("window", "energy")] + ([("state", "silero"), ("carry", "silero")]
-                                                                   if enc == "crnn" else [])
+        # The default (segment decisions, Silero VAD), sliding decisions and the energy VAD beside it,
+        # crnn's recurrent modes (which decide sliding).
+        settings = [("segment", "window", "silero"), ("sliding", "window", "silero"), ("segment", "window", "energy")]
+        if enc == "crnn":
+            settings += [("sliding", "state", "silero"), ("sliding", "carry", "silero")]
         rows, rtf_rows = [], []
-        done: dict[tuple[str, float], dict] = {}
-        for recurrent, vad in settings:
-            mode = f"{recurrent}, {vad} VAD"
+        done: dict[tuple[str, str, str, float], dict] = {}
+        for decision, recurrent, vad in settings:
+            mode = f"{decision}{'' if recurrent == 'window' else f', {recurrent} state'}, {vad} VAD"
             r = evaluate(bundle_rt, streams, noise_streams,
-                         replace(cfg, recurrent=recurrent, vad=replace(cfg.vad, kind=vad)), clips)
-            if vad == cfg.vad.kind:
-                done[recurrent, cfg.threshold] = r
+                         replace(cfg, decision=decision, recurrent=recurrent, vad=replace(cfg.vad, kind=vad)), clips)
+            done[decision, recurrent, vad, cfg.threshold] = r
             for snr, a in r["snr"].items():
                 lat = np.array(a["latency"] or [np.nan])
                 rows.append([mode, f"{snr:.0f} dB", a["commands"], pct(a["clip_ok"], a["commands"]),
@@ -337,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                    f"Threshold {cfg.threshold}. Per-clip accuracy: top-1 of the 1 s of the same stream centred on "
                    f"the word; 'p >= threshold': top-1 right and at least as confident as a detection must be.")
         report.add("")
-        report.add(md_table(["mode / VAD", "SNR", "command words", "per-clip accuracy", "per-clip, p >= threshold",
+        report.add(md_table(["decision / VAD", "SNR", "command words", "per-clip accuracy", "per-clip, p >= threshold",
                              "streaming detection", "detection - per-clip (points)", "wrong keyword",
                              "false alarms / h", "latency median (s)", "latency p90 (s)"], rows))
         sweep = []
         for thr in SWEEP:
-            r = done.get(("window", thr)) or evaluate(bundle_rt, streams, noise_streams,
-                                                      replace(cfg, threshold=thr, recurrent="window"), clips)
+            r = done.get((cfg.decision, "window", cfg.vad.kind, thr)) or evaluate(
+                bundle_rt, streams, noise_streams, replace(cfg, threshold=thr), clips)
             tot = {k: sum(a[k] for a in r["snr"].values()) for k in ("commands", "hits", "clip_ok", "clip_ok_thr",
                                                                    "subs", "false_alarms")}
             speech_h = sum(a["seconds"] for a in r["snr"].values()) / 3600
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                           pct(tot["hits"], tot["commands"]), pct(tot["subs"], tot["commands"]),
                           f"{tot['false_alarms'] / speech_h:.0f}", f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f}"])
         report.add("")
-        report.add(f"Threshold sweep (window mode, {cfg.vad.kind} VAD, all SNRs):")
+        report.add(f"Threshold sweep ({cfg.decision} decisions, {cfg.vad.kind} VAD, all SNRs):")
         report.add("")
         report.add(md_table(["threshold", "per-clip accuracy", "per-clip, p >= threshold", "streaming detection",
                              "wrong keyword", "false alarms / h (speech streams)", "false alarms / h (noise only)"],
@@ -368,13 +369,12 @@ def main(argv: list[str] | None = None) -> int:
             n = bundle_rt.spec.clip_samples("kws")
             lat_rows = [["bundle (PyTorch eager)", f"{(Path(model_dir) / 'model.fedser').stat().st_size / 1024:.0f}",
                          f"{window_latency(bundle_rt, n, 200):.2f}"]]
-            wcfg = replace(cfg, recurrent="window")
             sample = streams[: max(1, len(streams) // 3)]
             sample_s = sum(s.wave.size for s in sample) / sr
             for fmt, (path, rt) in exports.items():
                 lat_rows.append([fmt, f"{path.stat().st_size / 1024:.0f}", f"{window_latency(rt, n, 200):.2f}"])
-                timing = [run_listener(rt, s.wave, wcfg)[1:] for s in sample]
-                rtf_rows.append([f"{fmt} export, window", f"{sample_s:.0f}",
+                timing = [run_listener(rt, s.wave, cfg)[1:] for s in sample]
+                rtf_rows.append([f"{fmt} export, {cfg.decision}, {cfg.vad.kind} VAD", f"{sample_s:.0f}",
                                  f"{sum(c for _, c in timing) / sample_s:.4f}",
                                  f"{sum(w for w, _ in timing) / sample_s:.4f}"])
         report.add("")

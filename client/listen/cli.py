@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 from fedser.client.vad import VAD_KINDS, VADConfig
 from fedser.common.errors import ConfigError
 
-from .config import RECURRENT_MODES, STDIN_FORMATS, ListenConfig
+from .config import DECISIONS, RECURRENT_MODES, STDIN_FORMATS, ListenConfig
 
 if TYPE_CHECKING:
     from .listener import Event
@@ -34,12 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=int, default=None, help="sample rate of raw stdin samples (default: the model's)")
     p.add_argument("--device", default=None, help="input device for --mic (name or index)")
     d = ListenConfig()
+    p.add_argument("--decision", choices=DECISIONS, default=d.decision,
+                   help="segment (default): decide each voiced segment that fits in the keyword window once, on "
+                        "the window centred on it, when it ends; sliding: decide every hop over the last window "
+                        "(quicker to report, less accurate; segments longer than the window always slide)")
     p.add_argument("--threshold", type=float, default=d.threshold, help=f"keyword probability (default {d.threshold})")
     p.add_argument("--refractory", type=float, default=d.refractory_s,
-                   help=f"seconds after a keyword during which no other is reported (default {d.refractory_s})")
+                   help=f"sliding decisions: seconds after a keyword during which no other is reported "
+                        f"(default {d.refractory_s})")
     p.add_argument("--hop", type=float, default=d.hop_s, help=f"hop in seconds (default {d.hop_s})")
     p.add_argument("--smooth", type=float, default=d.smooth_s,
-                   help=f"seconds of keyword probabilities averaged (default {d.smooth_s})")
+                   help=f"sliding decisions: seconds of keyword probabilities averaged (default {d.smooth_s})")
     p.add_argument("--recurrent", choices=RECURRENT_MODES, default="window",
                    help="window (default): re-run the whole window each hop; crnn bundles only: state = carry "
                         "the GRU state within voiced segments, reset at their end; carry = never reset (only "
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace, stdin: BinaryIO | None = None, stdout: TextIO 
     to_stderr(f"model: {runtime.describe()}")
     cfg = ListenConfig(hop_s=args.hop, threshold=args.threshold, refractory_s=args.refractory,
                        smooth_s=args.smooth, keywords=not args.no_keywords, emotion=not args.no_emotion,
-                       recurrent=args.recurrent, vad=VADConfig(kind=args.vad))
+                       recurrent=args.recurrent, decision=args.decision, vad=VADConfig(kind=args.vad))
     sr = runtime.spec.sample_rate
     if args.mic:
         chunks = mic_chunks(sr, block_s=cfg.hop_s, device=args.device)

@@ -11,6 +11,9 @@ from fedser.client.vad import VADConfig
 from fedser.common.errors import ConfigError, collect
 
 RECURRENT_MODES = ("window", "state", "carry")
+# "segment": one decision per voiced segment that fits in the KWS window, on the window centred on it;
+# "sliding": a decision every hop over the last window (and for segments longer than the window).
+DECISIONS = ("segment", "sliding")
 STDIN_FORMATS = ("auto", "wav", "f32", "s16")
 
 
@@ -19,7 +22,9 @@ class ListenConfig:
     """Settings of a ``Listener`` (times in seconds).
 
     ``hop_s`` is rounded to whole feature frames (and, in ``"state"`` mode, to whole GRU
-    steps). ``threshold`` is the smoothed keyword probability needed to report it.
+    steps). ``threshold`` is the keyword probability needed to report it. ``decision`` says
+    when keywords are decided (``DECISIONS``; ``fedser.client.listen.listener``); ``smooth_s``,
+    ``peak_wait_s``, ``refractory_s`` and ``voice_recent_s`` shape the sliding decisions only.
     """
 
     hop_s: float = 0.08
@@ -32,6 +37,7 @@ class ListenConfig:
     keywords: bool = True
     emotion: bool = True
     recurrent: str = "window"
+    decision: str = "segment"
     dc_cutoff_hz: float = 10.0
     vad: VADConfig = field(default_factory=VADConfig)
 
@@ -46,6 +52,8 @@ class ListenConfig:
                 problems.append(f"{name}: expected >= 0 seconds; got {getattr(self, name)!r}")
         if self.recurrent not in RECURRENT_MODES:
             problems.append(f"recurrent: expected one of {', '.join(RECURRENT_MODES)}; got {self.recurrent!r}")
+        if self.decision not in DECISIONS:
+            problems.append(f"decision: expected one of {', '.join(DECISIONS)}; got {self.decision!r}")
         if not self.dc_cutoff_hz > 0:
             problems.append(f"dc_cutoff_hz: expected > 0; got {self.dc_cutoff_hz!r}")
         collect(problems, ConfigError, "ListenConfig")

@@ -7,9 +7,19 @@ speech embedding the default model reads):
    ``dc_cutoff_hz`` removes any DC offset, so neither reaches the model or the VAD.
 2. Voice activity: Silero's neural VAD (``fedser.client.vad``; or the energy detector,
    ``vad.kind="energy"``) opens and closes voiced segments.
-3. Keywords: while voice was heard in the last ``voice_recent_s`` (the newer half of
-   the window; scoring starts once the stream has filled one window), the keyword head
-   scores the window, the last KWS clip length (1 s) of audio. Windows holding only the
+3. Keywords, decided once per word (``decision="segment"``, the default): when a voiced
+   segment that fits in the KWS window (1 s) closes, the keyword head scores the one window
+   centred on it (or, when the end of the stream comes first, the last window heard), the
+   view of a word the model was trained on. A command word on top with probability at least
+   ``threshold`` is reported; ``_unknown_`` and ``_silence_`` never are. Nothing is scored
+   while a word is still being spoken, so the model runs once per word, and the event comes
+   when the segment closes (the VAD's hangover, 300 ms, after the word).
+   Segments longer than the window (a sentence, words run together) cannot be centred in
+   one window; they are scanned with sliding decisions once they pass the window's length.
+   Sliding decisions (``decision="sliding"``, and those long segments): while voice was
+   heard in the last ``voice_recent_s`` (the newer half of the window; scoring starts once
+   the stream has filled one window), the keyword head scores the window, the last KWS clip
+   length of audio, every hop. Windows holding only the
    tail of a word, at their old edge, are not scored: the model was trained on words
    near the middle of the clip and guesses on tails; probabilities are averaged over the last
    ``smooth_s`` seconds of hops. When a command word becomes the top class with a
@@ -18,17 +28,18 @@ speech embedding the default model reads):
    segment has begun since: one word is reported once however long it stays in the
    window), it becomes a candidate; the candidate follows the rising
    probability and is reported at its peak (the first hop that does not improve on
-   it, at most ``peak_wait_s`` after it appeared), so the decision is taken on the window
-   that holds the word best. ``_unknown_`` and ``_silence_`` are never reported.
+   it, at most ``peak_wait_s`` after it appeared). Sliding decisions report sooner but
+   trail the per-clip accuracy of the same model further: the window that crosses the
+   threshold first often holds a word off-centre (``bench/results/streaming_quick.md``).
 4. Emotion: when a segment closes, the emotion head classifies its audio (shorter
    segments are centred in one emotion clip, longer ones are cut into clips whose
    probabilities are averaged) and the segment is reported with its label.
 
-Every model re-runs the whole window each hop (``recurrent="window"``, the default):
-for a recurrent encoder that is a GRU started from zero one window back, exactly the
-per-clip computation it was trained on. ``crnn`` bundles can instead carry their GRU
-state across hops (``"state"``, ``"carry"``; see ``fedser.client.listen.kws``), which
-detects fewer keywords and is why it is not the default.
+Every scored window is run whole (``recurrent="window"``, the default): for a recurrent
+encoder that is a GRU started from zero one window back, exactly the per-clip computation
+it was trained on. ``crnn`` bundles can instead carry their GRU state across hops
+(``"state"``, ``"carry"``; see ``fedser.client.listen.kws``), which implies sliding
+decisions, detects fewer keywords and is why it is not the default.
 
 Events: ``KeywordEvent`` (``12.34s keyword=stop p=0.97``) and ``EmotionEvent``
 (``15.10-17.80s emotion=angry p=0.71``); ``to_dict()`` is the ``--json`` line.
@@ -127,6 +138,9 @@ class Listener:
         if cfg.emotion and not self.emotion_on:
             notice("the model has no trained emotion head: emotion events are off")
         self.mode = self._mode(cfg.recurrent)
+        # A carried recurrent state must advance every hop: those modes decide sliding.
+        self.decision = cfg.decision if self.mode == "window" else "sliding"
+        self.window_s = self.window / self.sr
         unit = spec.hop_length
         if self.mode in ("state", "carry"):
             unit *= RecurrentKWS.frames_per_step(runtime.pipeline.model.encoder)
@@ -245,6 +259,16 @@ class Listener:
         return events
 
     def _keywords(self, segment_closed: bool) -> list[Event]:
+        if self.decision == "sliding" or self._in_long_segment():
+            return self._slide(segment_closed)
+        return []
+
+    def _in_long_segment(self) -> bool:
+        """A voiced segment has outgrown the window: no one window can centre it, so it slides."""
+        start = self.vad.segment_start
+        return self.vad.active and start is not None and self.time - start > self.window_s
+
+    def _slide(self, segment_closed: bool) -> list[Event]:
         now = self.time
         if self.samples < self.window:
             # Zeros before the stream began would look like an onset at the window's edge.
@@ -279,6 +303,21 @@ class Listener:
                 return []
         return self._fire(now)
 
+    def _decide_word(self, seg: Segment) -> list[Event]:
+        """The one decision on a segment that fits in the window: the window centred on it."""
+        now = self.time
+        # A segment no longer than the window is inside its centred window; at the end of the
+        # stream that window may reach past what was heard, so it is clamped to the last window.
+        end = min((seg.start + seg.end) / 2 + self.window_s / 2, now)
+        stop = int(round(end * self.sr))
+        p = self.rt.probs(self._audio(stop - self.window, stop))["kws"][0]
+        self.windows_scored += 1
+        top = int(np.argmax(p))
+        if top not in self.keyword_idx or p[top] < self.cfg.threshold:
+            return []
+        self._last_fire, self._last_keyword = now, top
+        return [KeywordEvent(self.classes[top], now, float(p[top]))]
+
     def _armed(self, keyword: int, now: float) -> bool:
         if now - self._last_fire < self.cfg.refractory_s:
             return False
@@ -298,11 +337,19 @@ class Listener:
     def _segment_end(self, seg: Segment) -> list[Event]:
         if self.mode == "state":
             self.recurrent.reset()
+        events: list[Event] = []
+        if self.kws_on and self.decision == "segment":
+            if seg.duration <= self.window_s:
+                events += self._decide_word(seg)
+            else:
+                self._recent.clear()
+                if self._candidate is not None:
+                    events += self._fire(self.time)  # the long segment's last sliding candidate
         if not self.emotion_on or seg.duration < self.cfg.min_emotion_s:
-            return []
+            return events
         wave = self._audio(int(round(seg.start * self.sr)), int(round(seg.end * self.sr)))
         label, p = self.classify_emotion(wave)
-        return [EmotionEvent(label, seg.start, seg.end, p)]
+        return events + [EmotionEvent(label, seg.start, seg.end, p)]
 
     def classify_emotion(self, wave: np.ndarray) -> tuple[str, float]:
         """Top emotion of ``(T,)`` audio and its probability (clip-length-weighted mean over clips)."""
