@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{100 * (tot['hits'] - tot['clip_ok']) / tot['commands']:+.1f}",
                          pct(tot["subs"], tot["commands"]), "", "", ""])
             rows.append([mode, "noise only", "", "", "", "", "", "",
-                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} "
-                         f"({r['noise_fa']} in {r['noise_s'] / 60:.0f} min: "
-                         + ", ".join(f"{k} {v}" for k, v in r["noise_by_kind"].items() if v) + ")", "", ""])
+                         f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} ({r['noise_fa']} in {r['noise_s'] / 60:.0f} min"
+                         + "".join(f"{', ' if i else ': '}{k} {v}"
+                                   for i, (k, v) in enumerate((k, v) for k, v in r["noise_by_kind"].items() if v))
+                         + ")", "", ""])
             rtf_rows.append([f"bundle (PyTorch), {mode}", f"{r['audio']:.0f}", f"{r['cpu'] / r['audio']:.4f}",
                              f"{r['wall'] / r['audio']:.4f}"])
         report.add("")

@@ -10,7 +10,9 @@ outputs of the last window, and the listener resets the state when the voiced se
 per-utterance feature normalisation of ``FrontEnd`` a frame's features depend on the window it
 is computed in, so the steps a carried state has seen were normalised against other windows
 than the ones it is pooled with: the state modes detect fewer keywords than re-running the
-window (see ``bench/results/streaming.md``), which is why they are not the default.
+window (a from-scratch ``crnn`` model over log-mel, ``bench/bench_streaming.py --model``: 42.8 % of
+900 command words in ``"state"`` mode, 28.3 % in ``"carry"``, 69.1 % re-running the window), which
+is why they are not the default.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ speech embedding the default model reads):
    probability and is reported at its peak (the first hop that does not improve on
    it, at most ``peak_wait_s`` after it appeared). Sliding decisions report sooner but
    trail the per-clip accuracy of the same model further: the window that crosses the
-   threshold first often holds a word off-centre (``bench/results/streaming_quick.md``).
+   threshold first often holds a word off-centre (``bench/results/streaming.md``).
 4. Emotion: when a segment closes, the emotion head classifies its audio (shorter
    segments are centred in one emotion clip, longer ones are cut into clips whose
    probabilities are averaged) and the segment is reported with its label.
