@@ -264,9 +264,10 @@ class Listener:
         return []
 
     def _in_long_segment(self) -> bool:
-        """A voiced segment has outgrown the window: no one window can centre it, so it slides."""
-        start = self.vad.segment_start
-        return self.vad.active and start is not None and self.time - start > self.window_s
+        """A voiced segment has outgrown the window: no one window can centre it, so it slides.
+        Its voiced extent counts, as its duration will when it closes, not the hangover after it."""
+        start, voiced = self.vad.segment_start, self.vad.last_voiced
+        return self.vad.active and start is not None and voiced is not None and voiced - start > self.window_s
 
     def _slide(self, segment_closed: bool) -> list[Event]:
         now = self.time

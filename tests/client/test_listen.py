@@ -196,6 +196,14 @@ def test_a_segment_longer_than_the_window_slides(pinned):
     assert truth[0][0] + 1.0 < kw[0].time <= truth[0][1] + VADConfig().hangover_s + ListenConfig().hop_s + 0.1
 
 
+def test_a_word_almost_as_long_as_the_window_is_one_decision(pinned):
+    # 0.9 s of voice: the segment is still open a second after its start (the hangover), but
+    # its voiced extent fits in the window, so it is decided once, as a word.
+    wave, _ = stream([("noise", 1.2), ("voice", 0.9), ("noise", 1.5)])
+    events, l = events_of(pinned(), wave)
+    assert len(keywords(events)) == 1 and l.windows_scored == 1
+
+
 def test_an_unknown_decision_is_a_config_error():
     with pytest.raises(ConfigError, match="decision"):
         ListenConfig(decision="eventually")
