@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth", type=float, default=d.smooth_s,
                    help=f"sliding decisions: seconds of keyword probabilities averaged (default {d.smooth_s})")
     p.add_argument("--recurrent", choices=RECURRENT_MODES, default="window",
-                   help="window (default): re-run the whole window each hop; crnn bundles only: state = carry "
-                        "the GRU state within voiced segments, reset at their end; carry = never reset (only "
+                   help="window (default): run every window scored whole; crnn bundles only, with sliding "
+                        "decisions: state = carry the GRU state within voiced segments, reset at their end; "
+                        "carry = never reset (only "
                         "to measure what the reset is worth)")
     p.add_argument("--vad", choices=VAD_KINDS, default=VADConfig().kind,
                    help="voice-activity detector: Silero's neural VAD (default), or energy over a noise floor")

@@ -209,6 +209,17 @@ def test_an_unknown_decision_is_a_config_error():
         ListenConfig(decision="eventually")
 
 
+def test_cli_decision_option_both_report_the_word_once_and_a_bad_one_is_refused(pinned_run, tmp_path):
+    wave, _ = stream([("noise", 1.2), ("voice", 0.5), ("noise", 1.5)])
+    sf.write(tmp_path / "in.wav", wave, SR, subtype="FLOAT")
+    base = ["--model", str(pinned_run), "--input", str(tmp_path / "in.wav"), "--vad", "energy", "--no-emotion"]
+    for decision in ("segment", "sliding"):
+        rc, lines = cli(base + ["--decision", decision])
+        assert rc == 0 and len(lines) == 1 and lines[0].endswith("keyword=stop p=1.00")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["listen", *base, "--decision", "eventually"])
+
+
 @pytest.mark.parametrize("label", ["_unknown_", "_silence_"])
 def test_unknown_and_silence_are_never_reported(pinned, label):
     wave, _ = stream([("noise", 1.0), ("voice", 0.6), ("noise", 1.0)])
