@@ -373,6 +373,7 @@ def attribute_draws(args, speakers: dict, genders: dict, spec, mc) -> int:
     from what the attack does on average, and whether the mean clears the band a mean reaches by
     luck (the i-th shuffled run of every draw averaged, its 95th percentile over i)."""
     import numpy as np
+    from fedser.tools.audit.attacks import luck_band
 
     quick = args.quick
     n = args.attribute_draws
@@ -394,7 +395,7 @@ def attribute_draws(args, speakers: dict, genders: dict, spec, mc) -> int:
     else:
         done = [_attribute_draw(job) for job in jobs]
     uars = [r["ai"].uar for r in done]
-    mean_band = float(np.quantile(np.mean([r["ai"].chance_uars for r in done], axis=0), 0.95))
+    mean_band = luck_band(np.mean([r["ai"].chance_uars for r in done], axis=0))
     mean_uar = float(np.mean(uars))
     rep.add(machine_line() + ".")
     rep.add("")

@@ -327,11 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                          pct(tot["clip_ok_thr"], tot["commands"]), pct(tot["hits"], tot["commands"]),
                          f"{100 * (tot['hits'] - tot['clip_ok']) / tot['commands']:+.1f}",
                          pct(tot["subs"], tot["commands"]), "", "", ""])
+            by_kind = ", ".join(f"{k} {v}" for k, v in r["noise_by_kind"].items() if v)
             rows.append([mode, "noise only", "", "", "", "", "", "",
                          f"{r['noise_fa'] / (r['noise_s'] / 3600):.0f} ({r['noise_fa']} in {r['noise_s'] / 60:.0f} min"
-                         + "".join(f"{', ' if i else ': '}{k} {v}"
-                                   for i, (k, v) in enumerate((k, v) for k, v in r["noise_by_kind"].items() if v))
-                         + ")", "", ""])
+                         f"{': ' + by_kind if by_kind else ''})", "", ""])
             rtf_rows.append([f"bundle (PyTorch), {mode}", f"{r['audio']:.0f}", f"{r['cpu'] / r['audio']:.4f}",
                              f"{r['wall'] / r['audio']:.4f}"])
         report.add("")

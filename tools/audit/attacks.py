@@ -22,7 +22,7 @@
   points along the negative gradient of an example it trained on more than along that of one it
   did not (white-box attack on updates, Nasr et al., S&P 2019).
 * :func:`chance_band`: the UAR an attribute attack reaches by luck (shuffled labels);
-  :func:`chance_uars`: each shuffled run's UAR.
+  :func:`chance_uars`: each shuffled run's UAR; :func:`luck_band`: the band of such runs.
 * :func:`auc_chance_band`: the ROC AUC any score reaches by luck on the same labels.
 * :func:`roc_summary`: ROC AUC and TPR at 1 % FPR (chance: 0.5 and 0.01).
 """
@@ -151,17 +151,25 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
                            client_prob, client_label, roc)
 
 
+LUCK_QUANTILE = 0.95   # a figure means something only above this quantile of what luck gives
+
+
+def luck_band(uars: Sequence[float] | np.ndarray, quantile: float = LUCK_QUANTILE) -> float:
+    """The band of shuffled-label UARs (``chance_uars``, or the mean of several audits' runs)."""
+    return float(np.quantile(uars, quantile))
+
+
 def chance_band(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
                 populations: Sequence[str] | None = None, permutations: int = 20, seed: int = 0,
-                quantile: float = 0.95) -> float:
+                quantile: float = LUCK_QUANTILE) -> float:
     """The UAR the attack reaches by luck: its ``quantile`` over ``permutations`` runs with the
     clients' labels shuffled (whole clients keep one label; class counts are kept).
 
     With a few dozen target clients the UAR of an attack that learns nothing spreads widely around
     0.5; a measured UAR means something only above this band.
     """
-    return float(np.quantile(chance_uars(features, labels, clients, populations=populations,
-                                         permutations=permutations, seed=seed), quantile))
+    return luck_band(chance_uars(features, labels, clients, populations=populations,
+                                 permutations=permutations, seed=seed), quantile)
 
 
 def chance_uars(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,

@@ -22,6 +22,7 @@ from .attacks import (
     calibrated_attack,
     chance_uars,
     gradient_alignment,
+    luck_band,
     loss_attack,
     roc_summary,
     speaker_scores,
@@ -130,7 +131,7 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     if chance_permutations > 0:
         result.chance_uars = chance_uars(X, labels, clients, populations=pop_list,
                                          permutations=chance_permutations, seed=seed)
-        result.chance_uar = float(np.quantile(result.chance_uars, 0.95))
+        result.chance_uar = luck_band(result.chance_uars)
     update_mi = roc_summary(np.concatenate(mi_labels), np.concatenate(mi_scores)) if mi_scores else None
     return result, pairs, update_mi
 
