@@ -223,3 +223,26 @@ def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monke
     assert moved, "training changed the model"
     for k in whole:
         torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_dp_step_is_the_mean_of_each_examples_own_unweighted_gradient():
+    # Imbalanced labels: balanced class weights would scale examples by their class's count in the
+    # dataset and by the batch's total weight, so one example's gradient would depend on the others
+    # and the clip would no longer bound what adding it changes. With nothing clipped (C huge), no
+    # noise and every example in the batch (q = 1), one SGD step must be -lr * mean of the plain
+    # per-example gradients.
+    data = separable(n=20, classes=(0, 0, 0, 1))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dropout=0.0))
+    reference = build_model(ModelConfig(dropout=0.0))
+    reference.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.named_parameters() if k.startswith("heads.kws.")}
+    cfg = TrainConfig(epochs=1, batch_size=len(data), lr=0.5, optimizer="sgd", weight_decay=0.0, dp=True,
+                      noise_multiplier=0.0, max_grad_norm=1e6)
+    train_task(model, "kws", data, None, cfg, SPEC, progress=False)
+    loss = torch.nn.functional.cross_entropy(reference(data.feats, "kws"), data.y)
+    loss.backward()
+    for name, p in reference.named_parameters():
+        if name in before:
+            torch.testing.assert_close(dict(model.named_parameters())[name], before[name] - 0.5 * p.grad,
+                                       rtol=1e-4, atol=1e-6)
