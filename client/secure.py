@@ -5,7 +5,9 @@ The device keeps its keys, its self-mask seed and the shares other devices gave 
 stage against what it agreed before:
 
 - each stage follows the one before, in the same server round; a new setup starts afresh;
-- the cohort holds this device with its own keys, every key once, and at least t devices;
+- the cohort (its neighbourhood: the devices it masks with and holds shares for) holds this device
+  with its own keys, every key once, and at least t devices; at share-keys only devices announced
+  at setup;
 - the ciphertexts it is given come from devices of the cohort, to this device;
 - at unmask it reveals the seed shares of devices the server says delivered and the key shares of
   devices the server says dropped out, never both for one device, and nothing unless at least
@@ -76,7 +78,7 @@ def _setup(cfg: Mapping, state: RecordDict, node: int, server_round: int) -> Con
         raise SecAggError(f"{keys.SECAGG_CLIP_RANGE} must be a finite number > 0, got {clip_range}")
     enc, mask = KeyPair.new(), KeyPair.new()
     state[STATE] = ConfigRecord({"round": server_round, "stage": "setup", "threshold": threshold,
-                                 "clip-range": clip_range, "enc-sk": enc.private, "enc-pk": enc.public,
+                                 "clip-range": clip_range, "cohort": cohort, "enc-sk": enc.private, "enc-pk": enc.public,
                                  "mask-sk": mask.private, "mask-pk": mask.public})
     return ConfigRecord({keys.SECAGG_ENC_KEYS: enc.public, keys.SECAGG_MASK_KEYS: mask.public})
 
@@ -89,6 +91,9 @@ def _share_keys(cfg: Mapping, state: RecordDict, node: int, server_round: int) -
     threshold = int(held["threshold"])
     if len(set(nodes)) != len(nodes) or node not in nodes:
         raise SecAggError(f"the devices {nodes} must list this device ({node}) and every device once")
+    if not set(nodes) <= set(held["cohort"]):
+        raise SecAggError(f"devices {sorted(set(nodes) - set(held['cohort']))} were not in the cohort announced "
+                          "at setup")
     mine = nodes.index(node)
     if (enc_keys[mine], mask_keys[mine]) != (held["enc-pk"], held["mask-pk"]):
         raise SecAggError("the keys listed for this device are not the ones it made")

@@ -61,6 +61,32 @@ def threshold_for(cohort: int, fraction: float) -> int:
     return min(cohort, max(2, math.ceil(fraction * cohort)))
 
 
+def check_degree(degree: int) -> None:
+    """ConfigError unless ``degree`` is 0 (every device a neighbour of every other) or even and >= 2."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0 or degree == 1 or degree % 2:
+        raise ConfigError("secure-aggregation-neighbours must be 0 (every device masks with every other) or an "
+                          f"even number >= 2 (half on either side of a ring), got {degree!r}")
+
+
+def neighbourhoods(cohort: Sequence[int], degree: int, rng: random.Random) -> dict[int, list[int]]:
+    """Who masks with and holds shares for whom: each device's neighbourhood, itself included, sorted.
+
+    SecAgg+'s graph (Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+    Overhead"): the cohort in a random order around a ring, each device joined to the ``degree / 2``
+    nearest on either side, so every neighbourhood has ``degree + 1`` devices and the relation is
+    symmetric (a pairwise mask needs both ends). Degree 0, or one that reaches round the ring, joins
+    every device to every other (SecAgg's complete graph).
+    """
+    check_degree(degree)
+    nodes = list(cohort)
+    if degree == 0 or degree >= len(nodes) - 1:
+        return {n: sorted(nodes) for n in nodes}
+    ring = nodes[:]
+    rng.shuffle(ring)
+    half, n = degree // 2, len(ring)
+    return {ring[i]: sorted(ring[(i + d) % n] for d in range(-half, half + 1)) for i in range(n)}
+
+
 def clamp_range(clip_norm: float, noise_std: float, bit_std: float | None) -> float:
     """The quantizer's range: a clipped update's element is within C, its noise within 8 stds;
     the clip bit (adaptive clipping) within [0, 1] and 8 of its stds."""

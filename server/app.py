@@ -86,8 +86,8 @@ class FederatedRun:
                             "timeout": settings.round_timeout},
             adaptive_clip=AdaptiveClip(settings.clip_norm, settings.clip_quantile, settings.clip_learning_rate)
             if settings.adapts_clip else None, secure=settings.secure_aggregation, **extra)
-        self.secure_round = SecureRound(self.strategy, settings.secure_aggregation_threshold,
-                                        settings.round_timeout) if settings.secure_aggregation else None
+        self.secure_round = SecureRound(self.strategy, settings.secure_aggregation_threshold, settings.round_timeout,
+                                        settings.secure_aggregation_neighbours) if settings.secure_aggregation else None
         self.cache = FeatureCache(settings.feature_cache or None)
         self.evaluator = ServerEvaluator(settings.eval_data, self.spec, self.cache) if settings.eval_data else None
 

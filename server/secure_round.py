@@ -3,12 +3,17 @@
 ``SecureRound.run`` takes the round's train instructions (``HeteroFedAvg.configure_train``) and
 sends, to the devices still in the round at each step:
 
-1. setup (query): the cohort, the threshold t and the quantizer's range -> two public keys each;
-2. share keys (query): everyone's public keys -> ciphertexts for each other device, and a hash of
-   the device's self-mask seed;
+1. setup (query): the device's neighbourhood, the threshold t and the quantizer's range -> two
+   public keys each;
+2. share keys (query): the neighbours' public keys -> ciphertexts for each neighbour, and a hash
+   of the device's self-mask seed;
 3. the train instructions, each with the ciphertexts addressed to its device -> masked inputs,
    validated by the strategy as any reply is (all but the numbers, which nobody can read);
-4. unmask (query): who delivered, who dropped out -> the survivors' shares.
+4. unmask (query): which neighbours delivered, which dropped out -> the survivors' shares.
+
+A neighbourhood is the whole cohort by default (SecAgg); with ``neighbours`` = k it is the device
+and k others on SecAgg+'s random ring (``secagg.neighbourhoods``), so a device's work and the
+shares a secret needs grow with k instead of the cohort, and t is a share of the neighbourhood.
 
 The server then rebuilds each delivered device's self-mask seed (checked against its hash) and
 each dropped device's mask key (checked against its public key), removes those masks and hands
@@ -22,6 +27,7 @@ is not charged (devices that trained have charged their own sample-level ledgers
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping
 
@@ -59,13 +65,16 @@ def _rebuild_key(shares: list[bytes], threshold: int, public: bytes) -> bytes | 
 class SecureRound:
     """One training round of ``strategy`` (built with ``secure=True``) under secure aggregation."""
 
-    def __init__(self, strategy: HeteroFedAvg, threshold: float, timeout: float):
+    def __init__(self, strategy: HeteroFedAvg, threshold: float, timeout: float, neighbours: int = 0):
         if not strategy.secure:
             raise ValueError("SecureRound needs a strategy built with secure=True")
         secagg.threshold_for(2, threshold)   # ConfigError for a fraction outside (0, 1]
+        secagg.check_degree(neighbours)
         self.strategy = strategy
         self.threshold = threshold
         self.timeout = timeout
+        self.neighbours = neighbours
+        self._rng = random.SystemRandom()   # the graph must not be predictable from earlier rounds
 
     # ---- one stage: a query to each device, its valid replies -------------------------------
     def _ask(self, grid: Grid, server_round: int, stage: str, per_node: Mapping[int, dict]) -> dict[int, ConfigRecord]:
@@ -123,12 +132,14 @@ class SecureRound:
         cohort = sorted(instructions)
         if len(cohort) < 2:
             return self._abort(server_round, f"{len(cohort)} device(s) in the cohort; a secure sum needs at least 2")
-        t = secagg.threshold_for(len(cohort), self.threshold)
+        near = secagg.neighbourhoods(cohort, self.neighbours, self._rng)
+        t = secagg.threshold_for(len(near[cohort[0]]), self.threshold)   # every neighbourhood is the same size
         s.outcome.secure_threshold = t
 
-        # 1. setup: public keys
-        announced = {keys.SECAGG_NODES: cohort, keys.SECAGG_THRESHOLD: t, keys.SECAGG_CLIP_RANGE: s.secure_clip_range}
-        setup = self._ask(grid, server_round, "setup", {n: announced for n in cohort})
+        # 1. setup: public keys; each device learns its neighbourhood (the whole cohort by default)
+        setup = self._ask(grid, server_round, "setup", {
+            n: {keys.SECAGG_NODES: near[n], keys.SECAGG_THRESHOLD: t, keys.SECAGG_CLIP_RANGE: s.secure_clip_range}
+            for n in cohort})
         enc, mask = {}, {}
         for node, record in setup.items():
             e, m = record.get(keys.SECAGG_ENC_KEYS), record.get(keys.SECAGG_MASK_KEYS)
@@ -146,19 +157,21 @@ class SecureRound:
             return self._abort(server_round, f"{len(keyed)} device(s) sent keys, fewer than the threshold {t}")
 
         # 2. share keys: ciphertexts routed, never read
+        peers = {n: [k for k in near[n] if k in enc] for n in keyed}   # keyed neighbours, the device included
         shared = self._ask(grid, server_round, "share-keys", {
-            n: {keys.SECAGG_NODES: keyed, keys.SECAGG_ENC_KEYS: [enc[k] for k in keyed],
-                keys.SECAGG_MASK_KEYS: [mask[k] for k in keyed]} for n in keyed})
+            n: {keys.SECAGG_NODES: peers[n], keys.SECAGG_ENC_KEYS: [enc[k] for k in peers[n]],
+                keys.SECAGG_MASK_KEYS: [mask[k] for k in peers[n]]} for n in keyed})
         routed: dict[int, dict[int, bytes]] = {}     # addressee -> sender -> ciphertext
         seed_hash: dict[int, bytes] = {}
         for node, record in shared.items():
             dsts = _node_list(record.get(keys.SECAGG_DSTS))
             cts = _bytes_list(record.get(keys.SECAGG_CIPHERTEXTS), len(dsts or []))
             digest = record.get(keys.SECAGG_SEED_HASH)
-            if dsts is None or cts is None or sorted(dsts) != [k for k in keyed if k != node] \
+            if dsts is None or cts is None or sorted(dsts) != [k for k in peers[node] if k != node] \
                     or not (isinstance(digest, bytes) and len(digest) == 32):
                 self._fail(server_round, node, "share-keys",
-                           "the reply must hold one ciphertext for each other device and a 32-byte seed hash")
+                           "the reply must hold one ciphertext for each other device of its neighbourhood and a "
+                           "32-byte seed hash")
                 continue
             seed_hash[node] = digest
             for dst, ct in zip(dsts, cts):
@@ -170,7 +183,7 @@ class SecureRound:
         # 3. train: each instruction carries the shares addressed to its device
         trained = []
         for node in holders:
-            srcs = [k for k in holders if k != node]
+            srcs = [k for k in near[node] if k in seed_hash and k != node]
             m = instructions[node]
             cfg = ConfigRecord({**m.content[keys.CONFIG], keys.SECAGG_SRCS: srcs,
                                 keys.SECAGG_CIPHERTEXTS: [routed[node][k] for k in srcs]})
@@ -185,8 +198,10 @@ class SecureRound:
             return self._abort(server_round, f"{len(delivered)} masked input(s) arrived, fewer than the threshold {t}")
 
         # 4. unmask
-        extra = {keys.SECAGG_ACTIVE: delivered, **({keys.SECAGG_DEAD: dropped} if dropped else {})}
-        unmasked = self._ask(grid, server_round, "unmask", {n: extra for n in delivered})
+        unmasked = self._ask(grid, server_round, "unmask", {
+            n: {keys.SECAGG_ACTIVE: [k for k in delivered if k in near[n]],
+                **({keys.SECAGG_DEAD: dead} if (dead := [k for k in dropped if k in near[n]]) else {})}
+            for n in delivered})
         seed_shares: dict[int, list[bytes]] = {n: [] for n in delivered}
         key_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
         for node, record in unmasked.items():
@@ -212,7 +227,7 @@ class SecureRound:
             for node in delivered:
                 total += s.masked[node] - secagg.prg(seeds[node], size)
             for gone, key in mask_keys.items():
-                for node in delivered:
+                for node in (k for k in delivered if k in near[gone]):   # those that masked with it
                     total -= secagg.pairwise_mask(node, gone, secagg.mask_seed(key, mask[node]), size)
         s.masked = {}
         s.outcome.secure_seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from fedser.common.errors import ConfigError
 from fedser.common.features import spec_for
 from fedser.common.keys import NOISE_MODES, TRAIN_SCOPES, parse_tiers
+from fedser.common.secagg import check_degree
 
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
@@ -72,6 +73,9 @@ class RunSettings:
     # stay to the end of a round for its sum to be revealed.
     secure_aggregation: bool = False
     secure_aggregation_threshold: float = 0.6
+    # 0: every device masks with every other (SecAgg). k (even): with k others on a random ring
+    # (SecAgg+), so a round's cost grows with k, not the cohort; t is then a share of k + 1.
+    secure_aggregation_neighbours: int = 0
     user_delta: float = 1e-5
     dp: bool = True                   # sample-level DP-SGD on devices
     dp_noise_multiplier: float = 0.0  # floor; each device calibrates z to its own budget above it
@@ -177,6 +181,10 @@ class RunSettings:
         if not 0.5 < self.secure_aggregation_threshold <= 1:
             p.append("secure-aggregation-threshold must be in (0.5, 1] (above one half, so no two disjoint "
                      f"groups of devices can each reveal a secret), got {self.secure_aggregation_threshold}")
+        try:
+            check_degree(self.secure_aggregation_neighbours)
+        except ConfigError as exc:
+            p.append(str(exc))
         if self.secure_aggregation and self.aggregation != "fedavg":
             p.append(f"aggregation={self.aggregation} needs each update, and secure aggregation reveals only "
                      "their sum: use aggregation=fedavg with secure-aggregation")

@@ -120,3 +120,14 @@ def test_senders_outside_the_cohort_are_refused(states):
     with pytest.raises(SecAggError, match="other devices of the cohort"):
         secure.receive_shares({keys.SERVER_ROUND: 1, keys.SECAGG_SRCS: [2, 9], keys.SECAGG_CIPHERTEXTS: [b"a", b"b"]},
                               states[1], 1)
+
+
+def test_share_keys_listing_a_device_not_announced_at_setup_is_refused(states):
+    # Prepare: device 1 was told at setup that its neighbourhood is {1, 2}
+    cfg = {keys.SERVER_ROUND: 1, keys.SECAGG_STAGE: "setup", keys.SECAGG_NODES: [1, 2], keys.SECAGG_THRESHOLD: 2,
+           keys.SECAGG_CLIP_RANGE: 4.0}
+    public = {n: dict(secure.handle_stage({**cfg, keys.SECAGG_NODES: [1, 2] if n < 3 else [2, 3]}, states[n], n))
+              for n in NODES}
+    # Execute / Assert: share-keys then lists device 3 too; device 1 shares nothing
+    with pytest.raises(SecAggError, match=r"devices \[3\] were not in the cohort announced at setup"):
+        secure.handle_stage(_share_cfg(public), states[1], 1)

@@ -121,3 +121,28 @@ def test_a_private_key_travels_as_its_scalar_and_comes_back_whole(pairs):
     assert len(scalar) == 48 and secagg.public_key_of(rebuilt) == pairs[1].public
     assert secagg.mask_seed(rebuilt, pairs[0].public) == secagg.mask_seed(pairs[1].private, pairs[0].public)
     assert secagg.private_from_scalar(b"") is None and secagg.public_key_of(None) is None
+
+
+@pytest.mark.parametrize("n, degree", [(10, 4), (11, 2), (25, 8), (7, 6), (7, 0), (5, 40)])
+def test_neighbourhoods_are_symmetric_of_one_size_and_complete_at_degree_0_or_round_the_ring(n, degree):
+    cohort = list(range(100, 100 + n))
+    near = secagg.neighbourhoods(cohort, degree, random.Random(n))
+    size = n if degree == 0 or degree >= n - 1 else degree + 1
+    assert sorted(near) == cohort
+    for node, hood in near.items():
+        assert node in hood and len(hood) == size == len(set(hood)) and hood == sorted(hood)
+        assert all(node in near[peer] for peer in hood)   # a pairwise mask needs both ends
+
+
+def test_neighbourhoods_follow_a_random_ring():
+    cohort = list(range(40))
+    first, second = (secagg.neighbourhoods(cohort, 4, random.Random(s)) for s in (1, 2))
+    assert first != second
+    # not the cohort's own order: device 0 is not simply joined to 1, 2, 38 and 39
+    assert any(first[n] != sorted({(n + d) % 40 for d in range(-2, 3)}) for n in cohort)
+
+
+@pytest.mark.parametrize("degree", [1, 3, -2, True, 2.0])
+def test_a_neighbour_count_that_cannot_make_a_ring_is_named(degree):
+    with pytest.raises(ConfigError, match="secure-aggregation-neighbours must be 0"):
+        secagg.neighbourhoods([1, 2, 3, 4], degree, random.Random(0))

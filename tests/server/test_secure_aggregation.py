@@ -271,7 +271,26 @@ def test_a_device_silent_at_setup_is_left_out_of_the_keys(tmp_path):
     assert row["clients-used"] == 2 and row["clients-failed"] == 1
 
 
+def test_with_neighbourhoods_each_device_masks_with_its_neighbours_and_the_sum_is_exact(tmp_path):
+    # Prepare: ten devices, each with 4 neighbours (SecAgg+); one goes silent after sharing keys and
+    # one after sending its masked input
+    devices = {n: SecureDevice(n, (1.0, 0.5, 0.25)[n % 3], 3, 0.01 * n) for n in range(1, 9)}
+    devices[9] = SecureDevice(9, 1.0, 3, 0.5, fail_at="train")
+    devices[10] = SecureDevice(10, 1.0, 3, 0.07, fail_at="unmask")
+    # Execute
+    run, grid, row = _run(tmp_path, devices, **{"secure-aggregation-neighbours": 4, "min-clients": 10})
+    # Assert: the mean of the nine that delivered, t a share of the 5-device neighbourhoods
+    _assert_model(run, _expected(_initial_model(run), [devices[n] for n in range(1, 9)] + [devices[10]], run))
+    assert row["clients-used"] == 9 and row["secagg-dropped"] == 1 and row["secagg-threshold"] == 3
+    # each device sent ciphertexts to its 4 neighbours only, and they to it: a symmetric graph
+    dsts = {r.metadata.src_node_id: r.content[keys.SECAGG][keys.SECAGG_DSTS] for r in grid.received
+            if keys.SECAGG in r.content and keys.SECAGG_DSTS in r.content[keys.SECAGG]}
+    assert sorted(dsts) == list(range(1, 11)) and all(len(d) == 4 for d in dsts.values())
+    assert all(n in dsts[peer] for n, d in dsts.items() for peer in d)
+
+
 @pytest.mark.parametrize("extra, message", [
+    ({"secure-aggregation-neighbours": 3}, "even number >= 2"),
     ({"aggregation": "trimmed-mean"}, "reveals only their sum"),
     ({"min-clients": 1}, "min-clients >= 2"),
     ({"secure-aggregation-threshold": 0.5}, "above one half"),
