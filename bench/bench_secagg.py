@@ -8,7 +8,10 @@ weight of the small model over the frozen encoders; "heads": the heads alone), o
 - **secure**: ``fedser.server.secure_round.SecureRound``'s four stages with the devices' real
   protocol code (``fedser.client.secure``: P-384 keys, Shamir shares, masks); the server rebuilds
   the masks and aggregates the sum;
-- **secure, 10 % drop out** after sharing keys: the server also rebuilds their mask keys.
+- **secure, 10 % drop out** after sharing keys: the server also rebuilds their mask keys;
+
+each secure round with every device masking with every other (SecAgg) and with 16 neighbours on
+SecAgg+'s random ring, where the cohort has more than 17 devices.
 
 Devices are mixed (widths 1.0 / 0.5 / 0.25, heads both / emotion / kws, in turn) and answer in
 this one process, one after the other; the table gives the devices' protocol work per device
@@ -16,7 +19,7 @@ this one process, one after the other; the table gives the devices' protocol wor
 Training and Flower's transport are the same in both and not counted; in a deployment each
 secure round also starts the ClientApp three more times per device (see the README).
 
-    python bench/bench_secagg.py [--cohorts 10 50 100] [--scopes all heads]
+    python bench/bench_secagg.py [--cohorts 10 50 100] [--scopes all heads] [--neighbours 0 16]
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ class Grid:
         return [r for r in replies if r is not None]
 
 
-def one_round(m: int, scope: str, mode: str) -> dict:
+def one_round(m: int, scope: str, mode: str, neighbours: int = 0) -> dict:
     spec = spec_for("speech-embedding,egemaps")
     config = ModelConfig(encoder="tcn", n_features=spec.n_features())
     secured = mode != "plain"
@@ -129,7 +132,7 @@ def one_round(m: int, scope: str, mode: str) -> dict:
     t0 = time.perf_counter()
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     if secured:
-        new, _ = SecureRound(strategy, 0.6, timeout=60).run(grid, 1, instructions)
+        new, _ = SecureRound(strategy, 0.6, timeout=60, neighbours=neighbours).run(grid, 1, instructions)
     else:
         new, _ = strategy.aggregate_train(1, grid.send_and_receive(instructions))
     wall = time.perf_counter() - t0
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cohorts", type=int, nargs="+", default=[10, 50, 100])
     ap.add_argument("--scopes", nargs="+", default=["heads", "all"], choices=keys.TRAIN_SCOPES)
+    ap.add_argument("--neighbours", type=int, nargs="+", default=[0, 16],
+                    help="secure rounds with each device masking with every other (0) or with k neighbours")
     args = ap.parse_args(argv)
     # Messages built outside a running ServerApp need the identity Flower's runtime sets.
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
@@ -156,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     for scope in args.scopes:
         for m in args.cohorts:
             plain = None
-            for mode in ("plain", "secure", "secure, 10% drop out"):
-                r = one_round(m, scope, mode)
+            runs = [("plain", 0)] + [(mode, k) for k in args.neighbours if k == 0 or k < m - 1
+                                     for mode in ("secure", "secure, 10% drop out")]
+            for mode, k in runs:
+                r = one_round(m, scope, mode, k)
                 plain = plain or r
-                rows.append([scope, f"{r['weights']:,}", m, mode, f"{r['device_s']:.3f}", f"{r['server_s']:.2f}",
+                rows.append([scope, f"{r['weights']:,}", m, mode, "—" if mode == "plain" else k or "all",
+                             f"{r['device_s']:.3f}", f"{r['server_s']:.2f}",
                              "—" if r is plain else
                              f"{r['device_s'] + r['server_s'] / m - plain['device_s'] - plain['server_s'] / m:+.2f}",
                              f"{r['received'] / 1024:.0f}", f"{r['received'] / plain['received']:.2f}x",
@@ -167,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(" | ".join(map(str, rows[-1])), flush=True)
     after = load_average()
     report.add()
-    report.add(md_table(["scope", "trained weights", "devices m", "round", "protocol s per device", "server s",
+    report.add(md_table(["scope", "trained weights", "devices m", "round", "neighbours", "protocol s per device",
+                         "server s",
                          "added s per device (its own + server / m)", "KiB up per device", "vs plain",
                          "KiB down per device"], rows))
     report.add()
-    report.add("Plain rounds send every array of a device's slice (untrained ones as zeros); a masked input holds "
+    report.add("Neighbours: the devices each one masks with and holds shares for (all: SecAgg's complete graph; "
+               "k: SecAgg+'s random ring, threshold 0.6 of k + 1). Plain rounds send every array of a device's slice (untrained ones as zeros); a masked input holds "
                "only the trained weights, at their global shapes, as 8-byte words.")
     report.add()
     report.add(load_note(before, after))

@@ -1,9 +1,11 @@
 """Secure aggregation: the server learns the sum of a cohort's updates, never one of them.
 
 The protocol is SecAgg (Bonawitz et al. 2017, "Practical Secure Aggregation for
-Privacy-Preserving Machine Learning") over the whole cohort, built from Flower's own primitives
-(``flwr.common.secure_aggregation``: Shamir sharing, ECDH + HKDF + Fernet, stochastic
-quantization; ``flwr.supercore.primitives.asymmetric``: P-384 keys). One round, device u:
+Privacy-Preserving Machine Learning") over the whole cohort or, with a neighbour count k, SecAgg+
+(Bell et al. 2020) over each device's k neighbours on a random ring (``neighbourhoods``), built
+from Flower's own primitives (``flwr.common.secure_aggregation``: Shamir sharing, ECDH + HKDF +
+Fernet, stochastic quantization; ``flwr.supercore.primitives.asymmetric``: P-384 keys). One
+round, device u ("other devices" are u's neighbours; t-of-n counts within u's neighbourhood):
 
 1. **setup**: two key pairs, one to encrypt what it sends other devices through the server, one
    to agree a pairwise mask seed ``s_uv`` with each other device v;
