@@ -6,7 +6,8 @@ noise) and the server's aggregation, once per privacy setting and user-level noi
 settings over 20 rounds x 5 local epochs (long enough for the no-DP model to learn). Each final
 model is attacked:
 
-* attribute (gender) inference from updates every speaker sends from that global model;
+* attribute (gender) inference from updates every speaker sends from that global model, and from
+  what secure aggregation would show instead: per-round sums over random cohorts, disaggregated;
 * membership, sample level: training utterances of member speakers vs their held-back ones;
 * membership, speaker level: member speakers' held-back utterances vs speakers never trained on.
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         speaker_parts,
     )
     from fedser.tools.audit.report import roc_png
-    from fedser.tools.audit.runner import attribute_audit
+    from fedser.tools.audit.runner import SUM_ROUNDS_PER_SPEAKER, attribute_audit
     from fedser.common.cache import FeatureCache
     from fedser.tools.commands.args import default_cache_dir
     from fedser.common.corpora import load_corpora
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             "attacks. Membership from updates (the curious server's view): each attribute-inference update scores "
             "every utterance of its speaker by the cosine between the update and the utterance's negative loss "
             "gradient at the global model; members are the utterances it trained on, non-members the speaker's "
-            "others.")
+            f"others. Attribute inference from sums (the view secure aggregation leaves the server): "
+            f"{SUM_ROUNDS_PER_SPEAKER * len(attack_speakers)} rounds, each the sum of the updates of a random half "
+            "of the speakers (each sending its attack updates in turn, the model held at the final one: the "
+            "attacker's best case), disaggregated by least squares over the known cohorts into one estimated "
+            "update per speaker, then the same classifier.")
     rep.add("")
 
     pool = concat([members, held, non_members])
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         mi, utility = membership(arrays, ref_fed)
         ai, _, update_mi = attribute_audit(arrays, mc, spec, attack_speakers, genders, protocol, updates_per_speaker=k,
                                 seed=args.seed, progress=True,
-                                chance_permutations=n_perm if protocol.setting == "no DP" else 0)
+                                chance_permutations=n_perm if protocol.setting == "no DP" else 0,
+                                sum_rounds=SUM_ROUNDS_PER_SPEAKER * len(attack_speakers))
         mi["update/alignment"] = update_mi
         out = {"label": label, "eps": protocol.epsilons(n_med), "utility": utility, "ai": ai, "mi": mi,
                "seconds": time.perf_counter() - t}
@@ -234,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{mi['sample/loss'].auc:.3f}", f"{mi['sample/calibrated'].auc:.3f}",
                       f"{mi['sample/calibrated'].tpr_at_low_fpr:.3f}", f"{mi['speaker/loss'].auc:.3f}",
                       f"{mi['speaker/calibrated'].auc:.3f}",
-                      f"{mi['update/alignment'].auc:.3f}" if "update/alignment" in mi else "—", f"{r['seconds']:.0f}"])
+                      f"{mi['update/alignment'].auc:.3f}" if "update/alignment" in mi else "—",
+                      f"{ai.from_sums.uar:.3f}" if ai else "—", f"{r['seconds']:.0f}"])
     table = [row for row in table if not row[0].startswith("curve")]
     chance_uar = by_label["no DP"]["ai"].chance_uar
     spk = by_label["no DP"]["mi"]["speaker/calibrated"]
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                       "attribute UAR (clients)", "attribute AUC (clients)", "attribute UAR (updates)",
                       "membership AUC, loss", "membership AUC, calibrated", "TPR@1%FPR, calibrated",
                       "speaker-level AUC, loss", "speaker-level AUC, calibrated",
-                      "membership AUC from updates (gradient alignment)", "seconds"], table))
+                      "membership AUC from updates (gradient alignment)",
+                      "attribute UAR (clients) from per-round sums", "seconds"], table))
     rep.add("")
     rep.add(f"Chance bands (95th percentile of what luck gives): attribute UAR over {len(attack_speakers)} clients "
             f"{chance_uar:.3f} ({n_perm} runs of the no-DP attack with the speakers' genders shuffled); "
@@ -441,7 +449,8 @@ def _row_in_worker(job):
 
 
 CURVE_Z = (0.0, 0.3, 1.0, 3.0)
-COLUMNS = {"utility": 3, "attribute": 4, "attribute AUC": 5, "loss": 7, "calibrated": 8, "speaker": 11, "update": 12}
+COLUMNS = {"utility": 3, "attribute": 4, "attribute AUC": 5, "loss": 7, "calibrated": 8, "speaker": 11, "update": 12,
+           "sums": 13}
 
 
 def targets(table: list[list[str]], uar_bar: float = 0.75, speaker_bar: float = 0.60,
@@ -476,8 +485,13 @@ def targets(table: list[list[str]], uar_bar: float = 0.75, speaker_bar: float = 
         "speaker", lambda v: v >= speaker_bar)
     add(f"no DP: membership AUC from updates clearly above 0.5 (>= {update_bar:.3f})", "no DP", "update",
         lambda v: v >= update_bar)
+    add(f"no DP, secure aggregation: attribute UAR from per-round sums above its luck band ({uar_band:.3f}; "
+        "the attack on sums works)", "no DP", "sums", lambda v: v > uar_band)
     add(f"defaults (both): attribute UAR <= 0.60 and inside its luck band ({uar_band:.3f})", "both", "attribute",
         lambda v: v <= min(0.60, uar_band))
+    add(f"user-level DP, distributed noise (what secure aggregation is for): attribute UAR from per-round sums "
+        f"inside its luck band ({uar_band:.3f})", "user-level DP, distributed noise", "sums",
+        lambda v: v <= uar_band)
     add("defaults (both): membership AUC (loss) <= 0.55", "both", "loss", lambda v: v <= 0.55)
     add("defaults (both): membership AUC (calibrated) <= 0.55", "both", "calibrated", lambda v: v <= 0.55)
     add("defaults (both): speaker-level membership AUC (calibrated) <= 0.55", "both", "speaker",

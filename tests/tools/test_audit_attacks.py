@@ -13,7 +13,9 @@ from fedser.tools.audit.attacks import (
     calibrated_attack,
     chance_band,
     chance_uars,
+    disaggregate,
     loss_attack,
+    observed_sums,
     roc_summary,
     speaker_scores,
 )
@@ -276,3 +278,42 @@ def test_simulated_federation_samples_m_devices_per_round_as_the_server_does(mon
     proto.simulate_federation(mc, spec, clients, dataclasses.replace(p, rounds=1, expected_clients=9), seed=1,
                               init=init)
     assert cohorts == [6]
+
+
+def _device_updates(n=12, per_device=3, dim=50, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, (n, dim))        # what each device's updates share
+    return base, [[b + rng.normal(0, 0.05, dim) for _ in range(per_device)] for b in base]
+
+
+def test_sums_over_random_cohorts_disaggregate_into_each_devices_update():
+    # Prepare: 12 devices, 36 rounds over random halves; each device's updates vary a little
+    base, updates = _device_updates()
+    cohorts, sums = observed_sums(updates, 36, 0.5, np.random.default_rng(1))
+    # Assert: each round sums exactly the 6 updates of its cohort
+    assert cohorts.shape == (36, 12) and (cohorts.sum(axis=1) == 6).all() and sums.shape == (36, 50)
+    # Execute: the server's least squares over the cohorts it knows
+    est = disaggregate(cohorts, sums)
+    # Assert: every device's update comes back, far closer to its own than to any other's
+    dist = np.linalg.norm(est[:, None, :] - base[None, :, :], axis=2)
+    assert (dist.argmin(axis=1) == np.arange(12)).all()
+    assert np.max(np.diag(dist)) < 0.2 * np.linalg.norm(base, axis=1).min()
+
+
+def test_noise_in_the_sums_hides_the_devices_and_full_cohorts_reveal_nothing_of_one():
+    base, updates = _device_updates()
+    rng = np.random.default_rng(2)
+    cohorts, sums = observed_sums(updates, 36, 0.5, rng)
+    est = disaggregate(cohorts, sums + rng.normal(0, 50.0, sums.shape))   # noise of the sum, as z*C would be
+    assert np.mean(np.linalg.norm(est - base, axis=1)) > 2 * np.mean(np.linalg.norm(base, axis=1))
+    # every device in every round: one sum repeated, and the estimates are all alike
+    cohorts, sums = observed_sums(updates, 36, 1.0, rng)
+    est = disaggregate(cohorts, sums)
+    assert np.allclose(est, est[0], atol=0.1)
+
+
+def test_sums_need_devices_and_rounds_and_matching_shapes():
+    with pytest.raises(AuditInputError, match="sums need"):
+        observed_sums([[np.zeros(3)]], 5, 0.5, np.random.default_rng(0))
+    with pytest.raises(AuditInputError, match="do not describe the same rounds"):
+        disaggregate(np.ones((4, 2)), np.ones((5, 3)))

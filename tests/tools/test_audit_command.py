@@ -118,6 +118,10 @@ def test_fedser_audit_writes_the_table_as_json_rows_a_script_can_check(audit_out
     assert set(gender) == {"no-dp", "both", "defaults"}
     assert gender["defaults"]["value"] == gender["both"]["value"]
     assert all(r["luck_band"] is not None for r in gender.values())  # measured by shuffling genders
+    # the same attack on what secure aggregation shows: per-round sums, disaggregated
+    sums = {r["setting"]: r for r in rows if r["attack"] == "attribute-gender-sums"}
+    assert set(sums) == {"no-dp", "both", "defaults"} and all(0 <= r["value"] <= 1 for r in sums.values())
+    assert "from per-round sums (secure aggregation)" in text and "disaggregated by least squares" in text
     membership = [r for r in rows if r["attack"] == "membership" and r["metric"] == "auc"]
     assert {r["setting"] for r in membership} == {"no-dp", "both", "defaults", "sample-level"}
     assert all(r["luck_band"] is not None for r in membership)

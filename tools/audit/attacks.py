@@ -17,6 +17,12 @@
   saturates at 0 for every well-fitted example, member or not, while the log-odds keep growing
   the more a model has memorised an example.
 * :func:`speaker_scores`: speaker-level membership, the mean score of a speaker's utterances.
+* :func:`observed_sums` / :func:`disaggregate`: what a server sees under secure aggregation (one
+  sum per round over a cohort it chose) and how it undoes the sum: with random cohorts and more
+  rounds than devices, least squares over the known cohorts estimates each device's update,
+  which the attribute attack then reads (gradient disaggregation, Lam et al., ICML 2021;
+  client-specific property inference against secure aggregation, Kerkouche et al., 2023). Noise
+  in the sums is what defeats it.
 * :func:`gradient_alignment`: membership from one update (the curious server's view): an
   update is the sum of the steps a device took down its own examples' loss gradients, so it
   points along the negative gradient of an example it trained on more than along that of one it
@@ -79,6 +85,7 @@ class AttributeResult:
     roc: RocSummary | None = None
     chance_uar: float | None = None  # 95th percentile of the UAR with shuffled labels (chance_band)
     chance_uars: list[float] | None = None  # each shuffled run's UAR (chance_uars)
+    from_sums: "AttributeResult | None" = None  # the same attack on updates estimated from per-round sums
 
 
 def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
@@ -254,6 +261,37 @@ def gradient_alignment(update: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         raise AuditInputError(f"gradients {g.shape} do not fit an update of {u.shape[0]} values")
     norms = np.linalg.norm(g, axis=1) * np.linalg.norm(u)
     return -(g @ u) / np.where(norms > 0, norms, 1.0)
+
+
+def observed_sums(updates: Sequence[Sequence[np.ndarray]], rounds: int, cohort_share: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-round sums a server sees under secure aggregation: ``rounds`` rounds, each over a random
+    cohort of ``cohort_share`` of the devices; device i sends its updates ``updates[i]`` in turn
+    (vectors of one length), as a device sends a fresh update each round it is drawn.
+    -> (cohorts (rounds, devices) of 0/1, sums (rounds, P))."""
+    n = len(updates)
+    m = min(n, max(1, int(round(cohort_share * n))))
+    if n < 2 or rounds < 1 or any(len(u) == 0 for u in updates):
+        raise AuditInputError(f"sums need >= 2 devices with updates and >= 1 round; got {n} devices, {rounds} rounds")
+    cohorts = np.zeros((rounds, n))
+    sums = np.zeros((rounds, np.asarray(updates[0][0]).size))
+    used = [0] * n
+    for r in range(rounds):
+        for i in rng.choice(n, size=m, replace=False).tolist():
+            cohorts[r, i] = 1.0
+            sums[r] += np.ravel(updates[i][used[i] % len(updates[i])])
+            used[i] += 1
+    return cohorts, sums
+
+
+def disaggregate(cohorts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Least-squares estimate of each device's update (rows, shape (devices, P)) from per-round
+    ``sums`` over known ``cohorts`` (0/1, shape (rounds, devices)): exact when the cohorts have
+    full column rank and each device's update is the same in every round it joined."""
+    a, b = np.asarray(cohorts, dtype=np.float64), np.asarray(sums, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise AuditInputError(f"cohorts {a.shape} and sums {b.shape} do not describe the same rounds")
+    return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def speaker_scores(scores: Sequence[float], speakers: Sequence[str]) -> dict[str, float]:

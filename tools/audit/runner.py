@@ -21,9 +21,11 @@ from .attacks import (
     auc_chance_band,
     calibrated_attack,
     chance_uars,
+    disaggregate,
     gradient_alignment,
     luck_band,
     loss_attack,
+    observed_sums,
     roc_summary,
     speaker_scores,
 )
@@ -51,6 +53,8 @@ from .report import JSON_FILE, REPORT_FILE, SETTING_KEYS, Row, json_rows, render
 MIN_SPEAKERS_PER_GENDER = 2
 MIN_UTTERANCES = 4          # a speaker with fewer emotion utterances cannot make several distinct updates
 PAIRS_KEPT = 16             # (local, sent) update pairs kept per setting for the DP checks
+SUM_COHORT_SHARE = 0.5      # the attack on sums: each round's cohort is a random half of the speakers
+SUM_ROUNDS_PER_SPEAKER = 3  # and it sees 3 rounds per speaker: more rounds than unknowns
 
 
 @dataclass
@@ -86,7 +90,8 @@ class AuditResult:
 def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec, speakers: dict[str, TaskData],
                     genders: dict[str, str], protocol: Protocol, *, updates_per_speaker: int = 4,
                     subset_share: float = 0.5, seed: int = 0, progress: bool = False,
-                    populations: dict[str, str] | None = None, chance_permutations: int = 0):
+                    populations: dict[str, str] | None = None, chance_permutations: int = 0,
+                    sum_rounds: int = 0):
     """Updates of every speaker under ``protocol`` -> (AttributeResult, kept (local, sent) pairs,
     RocSummary of membership from updates or None).
 
@@ -96,6 +101,11 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     speaker's others (None when ``subset_share`` leaves none out).
     ``populations`` maps a speaker to its corpus (default: the prefix of a merged id, ``emodb:03``).
     ``chance_permutations`` > 0 also measures the chance band (``chance_band``) on these updates.
+    ``sum_rounds`` > 0 also attacks what secure aggregation shows (``result.from_sums``): that many
+    rounds of sums over random cohorts of half the speakers, each speaker sending its updates in
+    turn, disaggregated by least squares into one estimated update per speaker. The model is held
+    at ``global_arrays`` throughout, the attacker's best case (a converged model, or a server that
+    sends the same one again).
     """
     # Each protocol draws its own subsets and noise: with shared draws, settings whose noise
     # swamps the update would all give the same (lucky or unlucky) figure.
@@ -105,6 +115,7 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     at_global = build_model(model_config)
     arrays_to_state(global_arrays, at_global)
     feats, labels, clients, pairs = [], [], [], []
+    vectors: dict[str, list[np.ndarray]] = {}
     mi_scores, mi_labels = [], []
     grads, grads_of = None, None
     jobs = [(s, k) for s in speakers for k in range(updates_per_speaker)]
@@ -116,6 +127,8 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         up = device_update(global_arrays, model_config, spec, subset(data, idx), protocol,
                            seed=seed * 100_003 + j, rng=rng)
         feats.append(update_features(up.sent, first))
+        if sum_rounds > 0:
+            vectors.setdefault(spk, []).append(np.concatenate([np.ravel(up.sent[name]) for name in names]))
         labels.append(int(genders[spk] == MALE))
         clients.append(spk)
         if len(pairs) < PAIRS_KEPT:
@@ -132,6 +145,16 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         result.chance_uars = chance_uars(X, labels, clients, populations=pop_list,
                                          permutations=chance_permutations, seed=seed)
         result.chance_uar = luck_band(result.chance_uars)
+    if sum_rounds > 0:
+        order = list(vectors)
+        cohorts, sums = observed_sums([vectors[s] for s in order], sum_rounds, SUM_COHORT_SHARE, rng)
+        shapes = [np.shape(global_arrays[name]) for name in names]
+        cuts = np.cumsum([int(np.prod(sh)) for sh in shapes])[:-1]
+        estimates = [dict(zip(names, (part.reshape(sh) for part, sh in zip(np.split(row, cuts), shapes))))
+                     for row in disaggregate(cohorts, sums)]
+        result.from_sums = attribute_inference(np.stack([update_features(e, first) for e in estimates]),
+                                               [int(genders[s] == MALE) for s in order], order,
+                                               populations=[pops[s] for s in order], seed=seed)
     update_mi = roc_summary(np.concatenate(mi_labels), np.concatenate(mi_scores)) if mi_scores else None
     return result, pairs, update_mi
 
@@ -253,7 +276,8 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                                                        updates_per_speaker=opt.updates_per_speaker,
                                                        subset_share=opt.subset_share, seed=opt.seed,
                                                        progress=opt.progress, populations=populations,
-                                                       chance_permutations=opt.chance_permutations)
+                                                       chance_permutations=opt.chance_permutations,
+                                                       sum_rounds=SUM_ROUNDS_PER_SPEAKER * len(speakers))
             key = SETTING_KEYS[setting]
             res.rows.append(Row("attribute inference (gender) from updates", label,
                                 f"UAR over {result.n_clients} target clients", result.uar,
@@ -263,6 +287,12 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
             res.rows.append(Row("attribute inference (gender) from updates", label,
                                 f"UAR per update ({result.n_updates})", result.uar_per_update, 0.5,
                                 attack_key="attribute-gender", setting_key=key, metric_key="uar-per-update"))
+            sums = result.from_sums
+            res.rows.append(Row("attribute inference (gender) from per-round sums (secure aggregation)", label,
+                                f"UAR over {sums.n_clients} target clients", sums.uar,
+                                0.5 if result.chance_uar is None else result.chance_uar,
+                                attack_key="attribute-gender-sums", setting_key=key, metric_key="uar",
+                                luck_band=result.chance_uar))
             if update_mi is not None:
                 band = auc_chance_band(update_mi.n_pos, update_mi.n_neg, seed=opt.seed)
                 res.rows.append(Row("membership (sample level, emotion) from updates, gradient alignment", label,
@@ -283,6 +313,10 @@ def run_audit(run_dir: str | Path, data: Sequence[str], out: str | Path, options
                          "per-array statistics, centred per corpus on the shadow updates' mean; logistic "
                          "regression (balanced classes); "
                          "grouped cross-validation so no speaker is shadow and target at once; soft vote per client. "
+                         f"The attack on sums sees what secure aggregation shows: {SUM_ROUNDS_PER_SPEAKER} rounds "
+                         "per speaker, each the sum over a random half of the speakers (each sending its updates "
+                         "in turn, from the same final model: the attacker's best case), disaggregated by least "
+                         "squares over the known cohorts into one update per speaker, then the same classifier. "
                          "Membership from updates scores each of the speaker's utterances by the cosine between "
                          "the update and the utterance's negative loss gradient at the global model; members are "
                          "the utterances the update trained on, non-members the speaker's others. "
