@@ -317,3 +317,18 @@ def test_sums_need_devices_and_rounds_and_matching_shapes():
         observed_sums([[np.zeros(3)]], 5, 0.5, np.random.default_rng(0))
     with pytest.raises(AuditInputError, match="do not describe the same rounds"):
         disaggregate(np.ones((4, 2)), np.ones((5, 3)))
+
+
+def test_attribute_inference_trains_on_shadow_updates_and_scores_other_views_of_the_targets():
+    X, y, g = _updates(planted=1.0, seed=3)
+    clients = sorted(set(g), key=g.index)
+    rng = np.random.default_rng(4)
+    # a view of each client that keeps its attribute (the mean of its updates, as sums give away) ...
+    means = np.stack([X[np.asarray(g) == c].mean(axis=0) for c in clients])
+    res = attribute_inference(X, y, g, seed=0, targets=means, target_clients=clients)
+    assert res.n_clients == 32 and res.n_updates == 32 and res.uar >= 0.85
+    # ... and one that lost it
+    res = attribute_inference(X, y, g, seed=0, targets=rng.normal(0, 1, means.shape), target_clients=clients)
+    assert res.uar < 0.75
+    with pytest.raises(AuditInputError, match="do not match"):
+        attribute_inference(X, y, g, targets=means[:, :10], target_clients=clients)

@@ -90,7 +90,8 @@ class AttributeResult:
 
 def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
                         populations: Sequence[str] | None = None, n_splits: int = 5, seed: int = 0,
-                        C: float = 0.05) -> AttributeResult:
+                        C: float = 0.05, targets: np.ndarray | None = None,
+                        target_clients: Sequence[str] | None = None) -> AttributeResult:
     """Cross-validated attribute inference from updates.
 
     Args:
@@ -102,6 +103,10 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         n_splits: folds (lowered to the number of clients of the rarer class).
         C: inverse L2 strength of the logistic regression (strong regularisation: few shadow
             clients, many features).
+        targets, target_clients: other views of the clients to score in place of their rows of
+            ``features`` (e.g. updates estimated from sums, ``disaggregate``): each fold still trains
+            on the shadow clients' ``features``, which an attacker that simulates its shadow devices
+            has, and scores the fold's target clients' ``targets`` rows.
 
     Raises AuditInputError when a client carries both labels or a class has fewer than 2 clients.
     """
@@ -131,6 +136,13 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
     pop = np.zeros(len(y), dtype=int) if populations is None else np.asarray(populations)
     if pop.shape != y.shape:
         raise AuditInputError(f"populations {pop.shape} do not match {y.shape[0]} updates")
+    if targets is not None:
+        T = np.nan_to_num(np.asarray(targets, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        tg = np.asarray(target_clients)
+        if T.ndim != 2 or T.shape[1] != X.shape[1] or tg.shape != (T.shape[0],) or not set(tg) <= set(client_label):
+            raise AuditInputError(f"targets {T.shape} of clients {tg.shape} do not match features {X.shape}")
+        tpop = {c: p for c, p in zip(g.tolist(), pop.tolist())}
+        tprob = np.full(T.shape[0], np.nan)
     for train, test in cv.split(X, y, g):
         if len(set(y[train].tolist())) < 2:
             continue
@@ -146,6 +158,13 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
         clf.fit(Xc[train], y[train])
         prob[test] = clf.predict_proba(Xc[test])[:, 1]
+        if targets is not None:
+            rows = np.flatnonzero(np.isin(tg, g[test]))
+            Tc = T[rows] - np.stack([X[train[pop[train] == tpop[c]]].mean(axis=0)
+                                     if (pop[train] == tpop[c]).any() else np.zeros(X.shape[1]) for c in tg[rows]])
+            tprob[rows] = clf.predict_proba(Tc)[:, 1]
+    if targets is not None:   # the targets' own rows are what is scored
+        prob, g, y = tprob, tg, np.array([client_label[c] for c in tg.tolist()])
     done = ~np.isnan(prob)
     client_prob = {c: float(np.mean(prob[(g == c) & done])) for c in client_label if ((g == c) & done).any()}
     names = sorted(client_prob)

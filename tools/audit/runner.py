@@ -152,9 +152,11 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         cuts = np.cumsum([int(np.prod(sh)) for sh in shapes])[:-1]
         estimates = [dict(zip(names, (part.reshape(sh) for part, sh in zip(np.split(row, cuts), shapes))))
                      for row in disaggregate(cohorts, sums)]
-        result.from_sums = attribute_inference(np.stack([update_features(e, first) for e in estimates]),
-                                               [int(genders[s] == MALE) for s in order], order,
-                                               populations=[pops[s] for s in order], seed=seed)
+        # The attacker trains on its shadow devices' own updates (it simulates them) and reads each
+        # target from the update the sums give away.
+        result.from_sums = attribute_inference(X, labels, clients, populations=pop_list, seed=seed,
+                                               targets=np.stack([update_features(e, first) for e in estimates]),
+                                               target_clients=order)
     update_mi = roc_summary(np.concatenate(mi_labels), np.concatenate(mi_scores)) if mi_scores else None
     return result, pairs, update_mi
 
