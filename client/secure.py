@@ -78,8 +78,8 @@ def _setup(cfg: Mapping, state: RecordDict, node: int, server_round: int) -> Con
         raise SecAggError(f"{keys.SECAGG_CLIP_RANGE} must be a finite number > 0, got {clip_range}")
     enc, mask = KeyPair.new(), KeyPair.new()
     state[STATE] = ConfigRecord({"round": server_round, "stage": "setup", "threshold": threshold,
-                                 "clip-range": clip_range, "cohort": cohort, "enc-sk": enc.private, "enc-pk": enc.public,
-                                 "mask-sk": mask.private, "mask-pk": mask.public})
+                                 "clip-range": clip_range, "cohort": cohort, "enc-sk": enc.private,
+                                 "enc-pk": enc.public, "mask-sk": mask.private, "mask-pk": mask.public})
     return ConfigRecord({keys.SECAGG_ENC_KEYS: enc.public, keys.SECAGG_MASK_KEYS: mask.public})
 
 
