@@ -39,12 +39,15 @@ def test_simulate_runs_virtual_clients_partitioned_by_speaker(tmp_path, corpus_p
 
     # Execute: 2 rounds on the Simulation Engine, every virtual client training each round,
     # two of them on half-width sub-models, with distributed noise under secure aggregation (the
-    # virtual devices keep their keys and shares in their Context between the round's messages).
+    # virtual devices keep their keys and shares in their Context between the round's messages),
+    # each device masking with its 2 neighbours on SecAgg+'s ring (the complete graph runs over
+    # gRPC in tests/e2e/test_federation.py).
     t0 = time.monotonic()
     proc = processes.start("simulate", [fedser, "simulate", "--partitions", str(parts), "--rounds", str(ROUNDS),
                                         "--out", str(run_dir), "--config", "partition-tiers=1.0,1.0,0.5",
                                         "--config", "fraction-evaluate=0.5", "--config", "noise-mode=distributed",
-                                        "--config", "secure-aggregation=true"])
+                                        "--config", "secure-aggregation=true",
+                                        "--config", "secure-aggregation-neighbours=2"])
     try:
         rc = proc.wait(timeout=240)
     except subprocess.TimeoutExpired:
@@ -60,6 +63,8 @@ def test_simulate_runs_virtual_clients_partitioned_by_speaker(tmp_path, corpus_p
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert all(r["clients-used"] == N_CLIENTS and r["clients-rejected"] == 0 for r in rows), rows
     assert all(r["secagg-aborted"] == "" and r["secagg-dropped"] == 0 for r in rows), rows
+    # t is 0.6 of a 3-device neighbourhood (2), not of the 6-device cohort (4)
+    assert all(r["secagg-threshold"] == 2 for r in rows), rows
     assert metrics["summary"]["user-total_clients"] == N_CLIENTS
     assert rows[-1]["user-epsilon"] > rows[0]["user-epsilon"] > 0
     assert "server-kws-accuracy" in rows[-1] and "server-emotion-uar" in rows[-1]
