@@ -141,7 +141,8 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         tg = np.asarray(target_clients)
         if T.ndim != 2 or T.shape[1] != X.shape[1] or tg.shape != (T.shape[0],) or not set(tg) <= set(client_label):
             raise AuditInputError(f"targets {T.shape} of clients {tg.shape} do not match features {X.shape}")
-        tpop = {c: p for c, p in zip(g.tolist(), pop.tolist())}
+        of_client = dict(zip(g.tolist(), pop.tolist()))
+        tpop = np.array([of_client[c] for c in tg.tolist()])
         tprob = np.full(T.shape[0], np.nan)
     for train, test in cv.split(X, y, g):
         if len(set(y[train].tolist())) < 2:
@@ -149,10 +150,9 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         # Centre on the shadow updates of each population only: a mean over all updates would carry
         # the target fold's class balance into every score (in high dimensions, a large bias).
         Xc = X.copy()
-        for name in np.unique(pop):
-            shadow = train[pop[train] == name]
-            if shadow.size:
-                Xc[pop == name] -= X[shadow].mean(axis=0)
+        shadow_means = {name: X[train[pop[train] == name]].mean(axis=0) for name in np.unique(pop[train])}
+        for name, mean in shadow_means.items():
+            Xc[pop == name] -= mean
         # Balanced classes: otherwise a fold's class imbalance tilts the prediction against the
         # target's own class.
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
@@ -160,8 +160,9 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         prob[test] = clf.predict_proba(Xc[test])[:, 1]
         if targets is not None:
             rows = np.flatnonzero(np.isin(tg, g[test]))
-            Tc = T[rows] - np.stack([X[train[pop[train] == tpop[c]]].mean(axis=0)
-                                     if (pop[train] == tpop[c]).any() else np.zeros(X.shape[1]) for c in tg[rows]])
+            Tc = T[rows].copy()
+            for name, mean in shadow_means.items():
+                Tc[tpop[rows] == name] -= mean
             tprob[rows] = clf.predict_proba(Tc)[:, 1]
     if targets is not None:   # the targets' own rows are what is scored
         prob, g, y = tprob, tg, np.array([client_label[c] for c in tg.tolist()])

@@ -16,6 +16,7 @@ from fedser.common.data import TaskData, build_task_data
 from fedser.common.features import FeatureSpec
 from fedser.common.models import ModelConfig, build_model
 from fedser.common.params import arrays_to_state
+from fedser.common.secagg import Layout
 from .attacks import (
     attribute_inference,
     auc_chance_band,
@@ -112,6 +113,7 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     rng = np.random.default_rng([seed, zlib.crc32(repr(protocol).encode())])
     first = first_layer_name(global_arrays)
     names = list(global_arrays)
+    layout = Layout.of({name: np.shape(global_arrays[name]) for name in names}, set(names), with_bit=False)
     at_global = build_model(model_config)
     arrays_to_state(global_arrays, at_global)
     feats, labels, clients, pairs = [], [], [], []
@@ -127,8 +129,9 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         up = device_update(global_arrays, model_config, spec, subset(data, idx), protocol,
                            seed=seed * 100_003 + j, rng=rng)
         feats.append(update_features(up.sent, first))
+        flat = layout.flatten(up.sent, None)
         if sum_rounds > 0:
-            vectors.setdefault(spk, []).append(np.concatenate([np.ravel(up.sent[name]) for name in names]))
+            vectors.setdefault(spk, []).append(flat)
         labels.append(int(genders[spk] == MALE))
         clients.append(spk)
         if len(pairs) < PAIRS_KEPT:
@@ -136,7 +139,7 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         if len(idx) < len(data):
             if grads_of != spk:   # jobs run speaker by speaker: one speaker's gradients at a time
                 grads, grads_of = example_gradients(at_global, data, names), spk
-            mi_scores.append(gradient_alignment(np.concatenate([np.ravel(up.sent[name]) for name in names]), grads))
+            mi_scores.append(gradient_alignment(flat, grads))
             mi_labels.append(np.isin(np.arange(len(data)), idx).astype(int))
     pops = populations or {s: population_of(s) for s in speakers}
     X, pop_list = np.stack(feats), [pops[c] for c in clients]
@@ -148,10 +151,7 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
     if sum_rounds > 0:
         order = list(vectors)
         cohorts, sums = observed_sums([vectors[s] for s in order], sum_rounds, SUM_COHORT_SHARE, rng)
-        shapes = [np.shape(global_arrays[name]) for name in names]
-        cuts = np.cumsum([int(np.prod(sh)) for sh in shapes])[:-1]
-        estimates = [dict(zip(names, (part.reshape(sh) for part, sh in zip(np.split(row, cuts), shapes))))
-                     for row in disaggregate(cohorts, sums)]
+        estimates = [layout.unflatten(row)[0] for row in disaggregate(cohorts, sums)]
         # The attacker trains on its shadow devices' own updates (it simulates them) and reads each
         # target from the update the sums give away.
         result.from_sums = attribute_inference(X, labels, clients, populations=pop_list, seed=seed,
