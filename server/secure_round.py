@@ -197,10 +197,11 @@ class SecureRound:
         if len(delivered) < t:
             return self._abort(server_round, f"{len(delivered)} masked input(s) arrived, fewer than the threshold {t}")
 
-        # 4. unmask
+        # 4. unmask: each device is told which of its own neighbours delivered or dropped out
+        delivered_set, dropped_set = set(delivered), set(dropped)
         unmasked = self._ask(grid, server_round, "unmask", {
-            n: {keys.SECAGG_ACTIVE: [k for k in delivered if k in near[n]],
-                **({keys.SECAGG_DEAD: dead} if (dead := [k for k in dropped if k in near[n]]) else {})}
+            n: {keys.SECAGG_ACTIVE: [k for k in near[n] if k in delivered_set],
+                **({keys.SECAGG_DEAD: dead} if (dead := [k for k in near[n] if k in dropped_set]) else {})}
             for n in delivered})
         seed_shares: dict[int, list[bytes]] = {n: [] for n in delivered}
         key_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
@@ -227,7 +228,7 @@ class SecureRound:
             for node in delivered:
                 total += s.masked[node] - secagg.prg(seeds[node], size)
             for gone, key in mask_keys.items():
-                for node in (k for k in delivered if k in near[gone]):   # those that masked with it
+                for node in (k for k in near[gone] if k in delivered_set):   # those that masked with it
                     total -= secagg.pairwise_mask(node, gone, secagg.mask_seed(key, mask[node]), size)
         s.masked = {}
         s.outcome.secure_seconds = time.perf_counter() - t0
