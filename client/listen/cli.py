@@ -48,8 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recurrent", choices=RECURRENT_MODES, default="window",
                    help="window (default): run every window scored whole; crnn bundles only, with sliding "
                         "decisions: state = carry the GRU state within voiced segments, reset at their end; "
-                        "carry = never reset (only "
-                        "to measure what the reset is worth)")
+                        "carry = never reset (only to measure what the reset is worth)")
     p.add_argument("--vad", choices=VAD_KINDS, default=VADConfig().kind,
                    help="voice-activity detector: Silero's neural VAD (default), or energy over a noise floor")
     p.add_argument("--no-emotion", action="store_true", help="do not classify the emotion of segments")
