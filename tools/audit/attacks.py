@@ -88,6 +88,14 @@ class AttributeResult:
     from_sums: "AttributeResult | None" = None  # the same attack on updates estimated from per-round sums
 
 
+def _centred(rows: np.ndarray, populations: np.ndarray, means: dict) -> np.ndarray:
+    """A copy of ``rows`` with each population's mean (``means[name]``) subtracted from its rows."""
+    out = rows.copy()
+    for name, mean in means.items():
+        out[populations == name] -= mean
+    return out
+
+
 def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Sequence[str], *,
                         populations: Sequence[str] | None = None, n_splits: int = 5, seed: int = 0,
                         C: float = 0.05, targets: np.ndarray | None = None,
@@ -149,10 +157,8 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
             continue
         # Centre on the shadow updates of each population only: a mean over all updates would carry
         # the target fold's class balance into every score (in high dimensions, a large bias).
-        Xc = X.copy()
         shadow_means = {name: X[train[pop[train] == name]].mean(axis=0) for name in np.unique(pop[train])}
-        for name, mean in shadow_means.items():
-            Xc[pop == name] -= mean
+        Xc = _centred(X, pop, shadow_means)
         # Balanced classes: otherwise a fold's class imbalance tilts the prediction against the
         # target's own class.
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, class_weight="balanced"))
@@ -160,10 +166,7 @@ def attribute_inference(features: np.ndarray, labels: Sequence[int], clients: Se
         prob[test] = clf.predict_proba(Xc[test])[:, 1]
         if targets is not None:
             rows = np.flatnonzero(np.isin(tg, g[test]))
-            Tc = T[rows].copy()
-            for name, mean in shadow_means.items():
-                Tc[tpop[rows] == name] -= mean
-            tprob[rows] = clf.predict_proba(Tc)[:, 1]
+            tprob[rows] = clf.predict_proba(_centred(T[rows], tpop[rows], shadow_means))[:, 1]
     if targets is not None:   # the targets' own rows are what is scored
         prob, g, y = tprob, tg, np.array([client_label[c] for c in tg.tolist()])
     done = ~np.isnan(prob)
