@@ -280,7 +280,7 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
             # another language, other speakers), then DP-SGD on the private data.
             variants.append((f"default, pretrained on all of {other} (public; {PUBLIC_EPOCHS} epochs, no DP)",
                              f"/public-{other}", corpora.task_data(other, spec, "all"), None, None, {}))
-        fine_tunings = []
+        fine_tunings, tuning_names = [], {}
         if name == "kws":
             # Without a public command corpus, synthesized speech is one: no person's voice, so it
             # needs no privacy. Fine-tuning from it, the lower learning rate keeps what it taught;
@@ -289,9 +289,11 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
             synth = corpora.synthesized_commands(spec)
             synth_label = f"default, pretrained on synthesized commands ({SYNTH_VOICES} espeak-ng voices, public; " \
                 f"{PUBLIC_EPOCHS} epochs, no DP)"
-            fine_tunings = [(f"{synth_label}, {how}", key, synth, None, lr, tuning) for how, key, lr, tuning in (
-                ("fine-tuning learning rate 3e-3", "/public-synth-lr", 3e-3, {}),
-                ("fine-tuning batch 1024 and clip 0.1", "/public-synth-large", 1e-2, {"batch_size": 1024, "clip": 0.1}))]
+            tunings = (("fine-tuning learning rate 3e-3", "/public-synth-lr", 3e-3, {}),
+                       ("fine-tuning batch 1024 and clip 0.1", "/public-synth-large", 1e-2,
+                        {"batch_size": 1024, "clip": 0.1}))
+            fine_tunings = [(f"{synth_label}, {how}", key, synth, None, lr, tuning) for how, key, lr, tuning in tunings]
+            tuning_names = {key: how for how, key, _, _ in tunings}
             variants += [(synth_label, "/public-synth", synth, None, None, {}), *fine_tunings]
 
         def add_row(label: str, runs: list) -> None:
@@ -316,7 +318,7 @@ def dp(corpora: Corpora, args, epochs: int, rows: list, figures: dict) -> None:
             chosen = max(fine_tunings, key=lambda v: statistics.mean(r["val_uar"] for r in figures[f"dp/{name}{v[1]}"]))
             figures[f"dp/{name}/chosen"] = figures[f"dp/{name}{chosen[1]}"]
             add_row(f"of the two fine-tunings above, the one with the higher validation UAR "
-                    f"({chosen[0].removeprefix(synth_label + ', ')})",
+                    f"({tuning_names[chosen[1]]})",
                     figures[f"dp/{name}{chosen[1]}"])
     # Time of one epoch, same head and data, batch 64, without and with DP-SGD: the median of nine
     # alternating runs of 6 epochs each, so that a passing load spike moves neither side alone (with

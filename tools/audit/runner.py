@@ -129,14 +129,16 @@ def attribute_audit(global_arrays, model_config: ModelConfig, spec: FeatureSpec,
         up = device_update(global_arrays, model_config, spec, subset(data, idx), protocol,
                            seed=seed * 100_003 + j, rng=rng)
         feats.append(update_features(up.sent, first))
-        flat = layout.flatten(up.sent, None)
+        held_back = len(idx) < len(data)
+        # One flat vector per update, made only when the sums or membership from updates read it.
+        flat = layout.flatten(up.sent, None) if sum_rounds > 0 or held_back else None
         if sum_rounds > 0:
             vectors.setdefault(spk, []).append(flat)
         labels.append(int(genders[spk] == MALE))
         clients.append(spk)
         if len(pairs) < PAIRS_KEPT:
             pairs.append((up.local_delta, up.sent))
-        if len(idx) < len(data):
+        if held_back:
             if grads_of != spk:   # jobs run speaker by speaker: one speaker's gradients at a time
                 grads, grads_of = example_gradients(at_global, data, names), spk
             mi_scores.append(gradient_alignment(flat, grads))
