@@ -29,11 +29,14 @@ from .models import encoder_params_in_scope, head_of
 from .privacy import SpendRecord
 
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 # DP-SGD wants large batches (its noise on the mean gradient is z*C/B) but per-sample gradients
 # cost memory per example: larger logical batches are computed in physical chunks of this size
 # (Opacus' batch splitting; the same step, the same privacy accounting).
 MAX_PHYSICAL_BATCH = 64
+# Ghost clipping keeps no per-example gradients (two T x T Gram matrices per example and layer
+# instead), so its chunks can be larger: fewer, larger matrix products.
+MAX_PHYSICAL_BATCH_GHOST = 256
 
 
 def resolve_grad_sample_mode(mode: str, model: nn.Module, scope: str = "all") -> str:
@@ -62,7 +65,8 @@ class TrainConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    # Opacus per-sample gradients: "hooks", "functorch", "ew", or "auto" (the encoder's fastest).
+    # Opacus per-sample gradients: "hooks", "functorch", "ew", "ghost" (norms only, then a second
+    # backward pass; ``fedser.common.dp_norms``), or "auto" (the encoder's fastest).
     grad_sample_mode: str = "auto"
     # Which encoder weights train with the head (``keys.TRAIN_SCOPES``): "all", "norms" (the
     # normalisation layers' scale and shift) or "heads" (none). On a device whose encoder was
@@ -117,6 +121,16 @@ class TrainResult:
     noise_multiplier: float | None = None
     loss: float = float("nan")          # mean training loss of the last epoch
     seconds: float = 0.0
+
+
+def _empty_dp_batch(params: Sequence[nn.Parameter]) -> None:
+    """Zero gradients for an empty Poisson batch, so that the DP optimizer's step adds its noise
+    to them (per-example gradients for Opacus' optimizer, the summed gradient for ghost
+    clipping's). Without them Opacus would skip the noise, and a step that leaves the model
+    unchanged would tell that no example was drawn."""
+    for p in params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+        p.grad = torch.zeros_like(p)
 
 
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -241,18 +255,25 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
         z = cfg.noise_multiplier
         if z is None:
             z = noise_for_budget(cfg.target_epsilon, cfg.delta, sample_rate, cfg.epochs * len(loader))
+        mode = resolve_grad_sample_mode(cfg.grad_sample_mode, model, cfg.scope)
+        if mode == "ghost":
+            from . import dp_norms  # noqa: F401  (registers the Conv1d norm sampler with Opacus)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
-                grad_sample_mode=resolve_grad_sample_mode(cfg.grad_sample_mode, model, cfg.scope))
+            private = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=z, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, grad_sample_mode=mode)
+        if mode == "ghost":   # ghost clipping also wraps the loss: its backward() runs both passes
+            net, optimizer, criterion, loader = private
+        else:
+            net, optimizer, loader = private
         result.noise_multiplier = float(z)
         logical_steps = len(loader)
-        if batch_size > MAX_PHYSICAL_BATCH:
+        physical = MAX_PHYSICAL_BATCH_GHOST if mode == "ghost" else MAX_PHYSICAL_BATCH
+        if batch_size > physical:
             from opacus.utils.batch_memory_manager import wrap_data_loader
 
-            loader = wrap_data_loader(data_loader=loader, max_batch_size=MAX_PHYSICAL_BATCH, optimizer=optimizer)
+            loader = wrap_data_loader(data_loader=loader, max_batch_size=physical, optimizer=optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     best_state = copy.deepcopy(model.state_dict())
     best = -1.0
@@ -269,6 +290,8 @@ def train_task(model: nn.Module, task: str, train: TaskData, val: TaskData | Non
                 steps += 1
                 if xb.shape[0] == 0:  # Poisson sampling can draw an empty batch; it still counts as a step
                     optimizer.zero_grad()
+                    if cfg.dp:
+                        _empty_dp_batch(trainable)
                     optimizer.step()
                     continue
                 if use_waves:

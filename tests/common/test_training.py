@@ -154,15 +154,22 @@ def _clipped_gradient(model, mode: str, x, y) -> dict[str, torch.Tensor]:
 
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("heads.emotion"))
+    import fedser.common.dp_norms  # noqa: F401  (the Conv1d norm sampler ghost clipping needs)
+
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    criterion = torch.nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")
-        net, optimizer, _ = engine.make_private(
+        private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)),
-            noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False, grad_sample_mode=mode)
+            criterion=criterion, noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False,
+            grad_sample_mode=mode)
+        net, optimizer = private[:2]
+        if mode == "ghost":
+            criterion = private[2]
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(x, "kws"), y).backward()
+        criterion(net(x, "kws"), y).backward()
         optimizer.pre_step()  # per-sample clipping and aggregation, without the (zero) noise step
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     if hasattr(net, "_close"):
@@ -189,6 +196,72 @@ def test_auto_grad_sample_mode_gives_the_same_clipped_gradients_as_hooks(encoder
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("encoder", ["tcn", "cnn"])
+def test_ghost_clipping_gives_the_same_clipped_gradients_as_per_example_gradients(encoder):
+    cfg = ModelConfig(encoder=encoder, n_features=8, width=0.5)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8, 40), torch.tensor([0, 1, 2, 3, 4, 5])
+    torch.manual_seed(1)
+    reference = _clipped_gradient(build_model(cfg), "hooks", x, y)
+    torch.manual_seed(1)
+    ghost = _clipped_gradient(build_model(cfg), "ghost", x, y)
+    assert reference.keys() == ghost.keys() and reference
+    for name in reference:
+        torch.testing.assert_close(ghost[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("conv", [dict(), dict(stride=2), dict(dilation=2, padding=2), dict(padding=0, bias=True),
+                                  dict(groups=2), dict(padding="same")])
+def test_conv1d_ghost_norms_are_the_norms_of_each_examples_own_gradient(conv):
+    from fedser.common.dp_norms import conv1d_norm_sample
+
+    torch.manual_seed(0)
+    options = dict(kernel_size=3, padding=1, bias=False) | conv
+    layer = torch.nn.Conv1d(4, 6, **options)
+    x = torch.randn(5, 4, 11)
+    g = torch.randn_like(layer(x))
+    expected = {p: [] for p in layer.parameters()}
+    for i in range(len(x)):
+        layer.zero_grad()
+        layer(x[i:i + 1]).backward(g[i:i + 1])
+        for p in layer.parameters():
+            expected[p].append(p.grad.norm())
+    norms = conv1d_norm_sample(layer, [x], g)
+    assert set(norms) == set(layer.parameters())
+    for p, values in expected.items():
+        torch.testing.assert_close(norms[p], torch.stack(values), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
+def test_an_empty_poisson_batch_still_gets_its_noise(mode):
+    # A step that left the model unchanged would tell that no example was drawn.
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import fedser.common.dp_norms  # noqa: F401
+    from fedser.common.training import _empty_dp_batch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_features=8, width=0.25))
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("heads.emotion"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    data = DataLoader(TensorDataset(torch.randn(4, 8, 20), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=torch.optim.SGD(trainable, lr=1.0), data_loader=data,
+            criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    optimizer = private[1]
+    optimizer.zero_grad()
+    _empty_dp_batch(trainable)
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(trainable, before)), "every trained weight carries noise"
+
+
 def test_explicit_grad_sample_mode_passes_through_and_unknown_is_named():
     from fedser.common.training import resolve_grad_sample_mode
 
@@ -197,17 +270,19 @@ def test_explicit_grad_sample_mode_passes_through_and_unknown_is_named():
         TrainConfig(dp=True, noise_multiplier=1.0, grad_sample_mode="fast").validate()
 
 
-def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monkeypatch):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_large_dp_batches_computed_in_chunks_give_the_same_model_and_spend(monkeypatch, mode):
     import fedser.common.training as training
 
     data = separable(n=64)
 
     def run(max_physical: int):
         monkeypatch.setattr(training, "MAX_PHYSICAL_BATCH", max_physical)
+        monkeypatch.setattr(training, "MAX_PHYSICAL_BATCH_GHOST", max_physical)
         torch.manual_seed(0)
         model = build_model(ModelConfig(n_features=N_FEATURES, width=0.25, dropout=0.0))
         cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, dp=True, noise_multiplier=0.0, max_grad_norm=0.5,
-                          seed=3, grad_sample_mode="hooks")
+                          seed=3, grad_sample_mode=mode)
         result = train_task(model, "kws", data, None, cfg, SPEC, progress=False)
         return model.state_dict(), result
 
