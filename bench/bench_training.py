@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="cnn", help=argparse.SUPPRESS)
     p.add_argument("--dp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="hooks", help=argparse.SUPPRESS)
-    p.add_argument("--modes", nargs="+", default=["hooks", "functorch", "ew"], choices=("hooks", "functorch", "ew"),
+    p.add_argument("--modes", nargs="+", default=["hooks", "functorch", "ew"],
+                   choices=("hooks", "functorch", "ew", "ghost"),
                    help="Opacus grad-sample modes to measure for DP-SGD")
     args = p.parse_args(argv)
     if args.child:
