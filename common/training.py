@@ -124,10 +124,10 @@ class TrainResult:
 
 
 def _empty_dp_batch(params: Sequence[nn.Parameter]) -> None:
-    """Zero gradients for an empty Poisson batch, so that the DP optimizer's step adds its noise
-    to them (per-example gradients for Opacus' optimizer, the summed gradient for ghost
-    clipping's). Without them Opacus would skip the noise, and a step that leaves the model
-    unchanged would tell that no example was drawn."""
+    """Zero gradients for an empty Poisson batch (per-example ones for Opacus' optimizer, the
+    summed one for ghost clipping's), so that its step is the noise alone, as DP-SGD's is. Without
+    them Opacus' optimizers raise on the missing gradients; and a step skipped instead would tell
+    that no example was drawn."""
     for p in params:
         p.grad_sample = p.new_zeros((0, *p.shape))
         p.grad = torch.zeros_like(p)
