@@ -57,8 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--grad-sample-mode", choices=GRAD_SAMPLE_MODES, default=TrainConfig.grad_sample_mode,
-                   help="with --dp: how Opacus computes per-sample gradients (same result, different speed; "
-                        "auto: the encoder's fastest)")
+                   help="with --dp: how Opacus clips each example's gradient (same result, different speed; "
+                        "ghost: from gradient norms, with a second backward pass; auto: the encoder's fastest)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
