@@ -79,3 +79,19 @@ def test_bad_invocations_exit_2_with_a_reason(argv, match, capsys, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_train_defaults_differ_under_dp_and_given_values_win():
+    import argparse
+
+    from fedser.tools.commands.train import DP_EPOCHS, PLAIN_EPOCHS, add_arguments, training_defaults
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--task", "kws", "--data", ".", "--out", "X"]
+    plain = training_defaults(p.parse_args(base))
+    dp = training_defaults(p.parse_args(base + ["--dp", "--target-epsilon", "8"]))
+    assert plain[0] == PLAIN_EPOCHS and dp[0] == DP_EPOCHS > PLAIN_EPOCHS
+    assert dp[1] > plain[1], "DP-SGD trains larger batches"
+    given = training_defaults(p.parse_args(base + ["--dp", "--epochs", "7", "--batch-size", "5", "--lr", "0.1"]))
+    assert given == (7, 5, 0.1)
